@@ -1,0 +1,246 @@
+//! The command line: `serve`, `explain`, `check-config`, `certs`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::mapping::{Decision, Table};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "image-mirror-webhook",
+    version,
+    about = "Rewrites Pod images to a mirror"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Explain what each image reference would become, and why.
+    Explain(ExplainArgs),
+    /// Validate a mapping table and summarise it.
+    CheckConfig {
+        /// The table to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// Mapping table (default: the embedded table).
+    #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// Image references, as written in a Pod spec.
+    #[arg(required = true)]
+    pub images: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+/// Runs a command and maps its outcome to the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Explain(args) => explain(&args),
+        Command::CheckConfig { file } => check_config(&file),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads `--config`, or the embedded table when none is given.
+pub fn load_table(path: Option<&std::path::Path>) -> anyhow::Result<Table> {
+    match path {
+        None => Ok(Table::embedded_default()?),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+            Ok(Table::parse(&p.display().to_string(), &text)?)
+        }
+    }
+}
+
+/// One `explain` result; the JSON field names are part of the CLI's contract.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Explanation {
+    pub input: String,
+    pub valid: bool,
+    pub error: Option<String>,
+    pub normalized: Option<String>,
+    pub registry: Option<String>,
+    pub repository: Option<String>,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+    pub familiar: Option<String>,
+    pub target: Option<String>,
+    pub mirror: Option<String>,
+    pub matched: Option<String>,
+    pub reason: Option<String>,
+}
+
+impl Explanation {
+    pub fn new(input: &str, table: &Table) -> Self {
+        let decision = table.decide(input);
+        let source = decision.source();
+        let mut e = Explanation {
+            input: input.to_string(),
+            valid: source.is_some(),
+            error: None,
+            normalized: source.map(ToString::to_string),
+            registry: source.map(|s| s.registry().to_string()),
+            repository: source.map(|s| s.path().to_string()),
+            tag: source.and_then(|s| s.tag()).map(str::to_string),
+            digest: source.and_then(|s| s.digest()).map(str::to_string),
+            familiar: source.map(|s| s.familiar()),
+            target: None,
+            mirror: None,
+            matched: None,
+            reason: None,
+        };
+        match &decision {
+            Decision::Rewrite(rw) => {
+                e.target = Some(rw.target.to_string());
+                e.mirror = rw.mirror.map(|m| m.name.clone());
+                e.matched = Some(rw.matched.to_string());
+                let swap = match rw.policy.swap {
+                    crate::mapping::SwapPolicy::Always => "always",
+                    crate::mapping::SwapPolicy::IfPresent => "if the mirror has the image",
+                };
+                e.reason = Some(format!("matched {}; rewritten {swap}", rw.matched));
+            }
+            Decision::Keep(keep) => {
+                if let crate::mapping::KeepReason::Unparsable(err) = &keep.reason {
+                    e.error = Some(err.to_string());
+                }
+                e.reason = Some(keep.reason.to_string());
+            }
+        }
+        e
+    }
+}
+
+fn explain(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
+    let table = load_table(args.config.as_deref())?;
+    let mut out = std::io::stdout().lock();
+    for image in &args.images {
+        let e = Explanation::new(image, &table);
+        match args.output {
+            OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(&e)?)?,
+            OutputFormat::Text => {
+                writeln!(out, "{}", e.input)?;
+                match &e.normalized {
+                    Some(n) => writeln!(out, "  normalized: {n}")?,
+                    None => writeln!(out, "  invalid:    {}", e.error.as_deref().unwrap_or(""))?,
+                }
+                match (&e.target, &e.mirror) {
+                    (Some(t), m) => {
+                        writeln!(out, "  target:     {t}")?;
+                        if let Some(m) = m {
+                            writeln!(out, "  mirror:     {m}")?;
+                        }
+                    }
+                    (None, _) => writeln!(out, "  target:     (unchanged)")?,
+                }
+                writeln!(out, "  why:        {}", e.reason.as_deref().unwrap_or(""))?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    match Table::parse(&file.display().to_string(), &text) {
+        Ok(table) => {
+            print!("{}", summary(&table));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err) => {
+            for p in &err.problems {
+                eprintln!("{p}");
+            }
+            eprintln!("{}: {} problem(s)", file.display(), err.problems.len());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// The one-screen summary `check-config` prints for a valid table.
+pub fn summary(table: &Table) -> String {
+    use crate::mapping::MirrorKind;
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "{}: OK", table.source_name());
+    let _ = writeln!(s, "mirrors ({}):", table.mirrors().len());
+    for m in table.mirrors() {
+        let secret = m.pull_secret.as_deref().unwrap_or("none");
+        match &m.kind {
+            MirrorKind::Repository { prefix, naming } => {
+                let _ = writeln!(
+                    s,
+                    "  {:<12} repository    {}/{prefix} naming={naming} pullSecret={secret}",
+                    m.name, m.registry
+                );
+            }
+            MirrorKind::PullThrough { upstreams } => {
+                let ups: Vec<String> = upstreams.iter().map(|(u, c)| format!("{u}→{c}")).collect();
+                let _ = writeln!(
+                    s,
+                    "  {:<12} pull-through  {} [{}] pullSecret={secret}",
+                    m.name,
+                    m.registry,
+                    ups.join(", ")
+                );
+            }
+        }
+    }
+    let _ = writeln!(s, "exact entries: {}", table.entries().len());
+    let _ = writeln!(s, "rules ({}):", table.rules().len());
+    for r in table.rules() {
+        let _ = writeln!(
+            s,
+            "  {:<16} {} → {}{}",
+            r.name,
+            r.matches.join(", "),
+            table
+                .mirrors()
+                .get(r.mirror_index())
+                .map_or("?", |m| m.name.as_str()),
+            if r.excludes.is_empty() {
+                String::new()
+            } else {
+                format!(" (except {})", r.excludes.join(", "))
+            }
+        );
+    }
+    let mut ns: Vec<&str> = table.excluded_namespaces().collect();
+    ns.sort_unstable();
+    let _ = writeln!(s, "excluded namespaces: {}", ns.join(", "));
+    let c = table.checks();
+    let _ = writeln!(
+        s,
+        "checks: presentTtl={:?} absentTtl={:?} timeout={:?}; copies: concurrency={}",
+        c.present_ttl,
+        c.absent_ttl,
+        c.timeout,
+        table.copies().concurrency
+    );
+    s
+}

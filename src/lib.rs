@@ -1,0 +1,13 @@
+//! image-mirror-webhook: a Kubernetes mutating admission webhook that rewrites container images
+//! to a mirror.
+//!
+//! The pure core ([`reference`], [`mapping`], [`patch`]) does no I/O; [`admission`] turns a
+//! review into a response; [`server`], [`tls`], [`metrics`] and [`config`] are the shell around
+//! them.
+
+pub mod cli;
+pub mod mapping;
+pub mod reference;
+
+pub use mapping::{Decision, Table};
+pub use reference::Reference;

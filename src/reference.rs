@@ -1,0 +1,534 @@
+//! Docker image references: parsing and normalisation.
+//!
+//! A port of `ParseNormalizedNamed` from the distribution `reference` package (the grammar Docker
+//! and containerd use), written by hand so that it allocates little and can say precisely what is
+//! wrong. Pure: no I/O.
+//!
+//! ```text
+//! reference        := name [ ":" tag ] [ "@" digest ]
+//! name             := [domain '/'] path-component ['/' path-component]*
+//! domain           := host [':' port-number]
+//! host             := domain-name | '[' ipv6 ']'
+//! path-component   := alpha-numeric [separator alpha-numeric]*
+//! separator        := /[_.]|__|[-]+/
+//! tag              := /[\w][\w.-]{0,127}/
+//! digest           := algorithm ':' hex    (sha256, sha384, sha512; lowercase hex of exact length)
+//! ```
+
+use std::fmt;
+
+/// The registry Docker uses when a reference names none.
+pub const DOCKER_HUB: &str = "docker.io";
+/// The legacy spelling of Docker Hub that distribution rewrites to [`DOCKER_HUB`].
+const LEGACY_DOCKER_HUB: &str = "index.docker.io";
+/// The repository namespace of Docker Hub's official images.
+const OFFICIAL_PREFIX: &str = "library/";
+/// Upper bound on the repository path, as in distribution.
+pub const MAX_PATH_LEN: usize = 255;
+const MAX_TAG_LEN: usize = 128;
+
+/// Why a string is not an image reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceError {
+    #[error("empty image reference")]
+    Empty,
+    #[error("a 64-character hexadecimal string is an image ID, not a reference")]
+    ImageId,
+    #[error("uppercase letter in repository path {0:?}")]
+    UppercasePath(String),
+    #[error("invalid registry host {0:?}")]
+    InvalidDomain(String),
+    #[error("invalid repository path component {component:?} in {path:?}")]
+    InvalidPathComponent { component: String, path: String },
+    #[error("empty repository path component in {0:?}")]
+    EmptyPathComponent(String),
+    #[error("repository path longer than {MAX_PATH_LEN} characters ({0})")]
+    PathTooLong(usize),
+    #[error(
+        "invalid tag {0:?}: a tag is 1 to 128 of [A-Za-z0-9_.-], not starting with '.' or '-'"
+    )]
+    InvalidTag(String),
+    #[error("invalid digest {0:?}: expected algorithm:hex")]
+    InvalidDigestFormat(String),
+    #[error("unsupported digest algorithm {0:?}: expected sha256, sha384 or sha512")]
+    UnsupportedDigest(String),
+    #[error("invalid digest {0:?}: wrong length or not lowercase hexadecimal")]
+    InvalidDigestHex(String),
+}
+
+/// A parsed, normalised image reference.
+///
+/// `registry` is empty only in the rare case distribution also allows: a first component that
+/// looked like a host (it has a `.`) but is not a valid one, yet is a valid path component
+/// (`foo_bar.com/x`). Such a name has no registry and is never rewritten.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Reference {
+    registry: String,
+    path: String,
+    tag: Option<String>,
+    digest: Option<String>,
+}
+
+impl Reference {
+    /// Parses `input` with `ParseNormalizedNamed` semantics: implicit `docker.io`, `library/`
+    /// for single-component Docker Hub names, `index.docker.io` as `docker.io`.
+    pub fn parse(input: &str) -> Result<Self, ReferenceError> {
+        if input.is_empty() {
+            return Err(ReferenceError::Empty);
+        }
+        if input.len() == 64
+            && input
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(ReferenceError::ImageId);
+        }
+        let (domain, remainder) = split_docker_domain(input);
+        let mut remainder = std::borrow::Cow::Borrowed(remainder);
+        if domain == DOCKER_HUB && !remainder.contains('/') {
+            remainder = std::borrow::Cow::Owned(format!("{OFFICIAL_PREFIX}{remainder}"));
+        }
+        // distribution checks case on everything before the first ':' of the remainder.
+        let remote = remainder.split(':').next().unwrap_or_default();
+        if remote.bytes().any(|b| b.is_ascii_uppercase()) {
+            let path = remote.split('@').next().unwrap_or(remote);
+            return Err(ReferenceError::UppercasePath(path.to_string()));
+        }
+
+        let (name_and_tag, digest) = match remainder.split_once('@') {
+            Some((left, digest)) => (left, Some(digest)),
+            None => (remainder.as_ref(), None),
+        };
+        let (path, tag) = match name_and_tag.split_once(':') {
+            Some((path, tag)) => (path, Some(tag)),
+            None => (name_and_tag, None),
+        };
+        validate_path(path)?;
+        if let Some(tag) = tag {
+            validate_tag(tag)?;
+        }
+        if let Some(digest) = digest {
+            validate_digest(digest)?;
+        }
+
+        // The grammar's optional domain group is tried first; when the first component is not a
+        // valid host, distribution falls back to reading it as part of the path.
+        let (registry, path) = if valid_domain(domain) {
+            (domain.to_string(), path.to_string())
+        } else if valid_path_component(domain) {
+            (String::new(), format!("{domain}/{path}"))
+        } else {
+            return Err(ReferenceError::InvalidDomain(domain.to_string()));
+        };
+        if path.len() > MAX_PATH_LEN {
+            return Err(ReferenceError::PathTooLong(path.len()));
+        }
+        Ok(Reference {
+            registry,
+            path,
+            tag: tag.map(str::to_string),
+            digest: digest.map(str::to_string),
+        })
+    }
+
+    /// Builds a reference from parts that the caller has already validated (the mapping table
+    /// composes targets from parsed pieces). Re-validated through [`Reference::parse`] so that a
+    /// composition can never yield something the grammar rejects.
+    pub fn from_parts(
+        registry: &str,
+        path: &str,
+        tag: Option<&str>,
+        digest: Option<&str>,
+    ) -> Result<Self, ReferenceError> {
+        let mut s = String::with_capacity(registry.len() + path.len() + 80);
+        s.push_str(registry);
+        s.push('/');
+        s.push_str(path);
+        if let Some(tag) = tag {
+            s.push(':');
+            s.push_str(tag);
+        }
+        if let Some(digest) = digest {
+            s.push('@');
+            s.push_str(digest);
+        }
+        Reference::parse(&s)
+    }
+
+    /// The registry host (with port), e.g. `docker.io`, `localhost:5000`, `[::1]:5000`.
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+    /// The repository path, e.g. `library/nginx`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    pub fn tag(&self) -> Option<&str> {
+        self.tag.as_deref()
+    }
+    pub fn digest(&self) -> Option<&str> {
+        self.digest.as_deref()
+    }
+    /// `registry/path`, without tag or digest: what rules match on.
+    pub fn name(&self) -> String {
+        if self.registry.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{}/{}", self.registry, self.path)
+        }
+    }
+    /// The tag a pull would use: the given one, or `latest` when neither tag nor digest is given.
+    pub fn effective_tag(&self) -> Option<&str> {
+        match (&self.tag, &self.digest) {
+            (Some(tag), _) => Some(tag),
+            (None, None) => Some("latest"),
+            (None, Some(_)) => None,
+        }
+    }
+    /// The familiar short form Docker prints: `nginx:1.27`, `grafana/loki`, `quay.io/x/y`.
+    pub fn familiar(&self) -> String {
+        let mut name = if self.registry == DOCKER_HUB {
+            match self.path.strip_prefix(OFFICIAL_PREFIX) {
+                Some(rest) if !rest.contains('/') => rest.to_string(),
+                _ => self.path.clone(),
+            }
+        } else {
+            self.name()
+        };
+        push_tag_digest(&mut name, self.tag(), self.digest());
+        name
+    }
+    /// Whether this is a Docker Hub reference (also under the `registry-1.docker.io` spelling
+    /// that containerd configurations use).
+    pub fn is_docker_hub(&self) -> bool {
+        is_docker_hub_host(&self.registry)
+    }
+}
+
+/// The canonical string: `registry/path[:tag][@digest]`, tag and digest as given.
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.registry.is_empty() {
+            write!(f, "{}/", self.registry)?;
+        }
+        f.write_str(&self.path)?;
+        if let Some(tag) = &self.tag {
+            write!(f, ":{tag}")?;
+        }
+        if let Some(digest) = &self.digest {
+            write!(f, "@{digest}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Reference {
+    type Err = ReferenceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Reference::parse(s)
+    }
+}
+
+/// Docker Hub's host spellings: the canonical one, the legacy index and the registry endpoint.
+pub fn is_docker_hub_host(host: &str) -> bool {
+    matches!(
+        host,
+        DOCKER_HUB | LEGACY_DOCKER_HUB | "registry-1.docker.io"
+    )
+}
+
+pub(crate) fn push_tag_digest(s: &mut String, tag: Option<&str>, digest: Option<&str>) {
+    if let Some(tag) = tag {
+        s.push(':');
+        s.push_str(tag);
+    }
+    if let Some(digest) = digest {
+        s.push('@');
+        s.push_str(digest);
+    }
+}
+
+/// distribution's `splitDockerDomain`: the first component is a registry only if it contains
+/// `.` or `:`, is `localhost`, or has an uppercase letter.
+fn split_docker_domain(name: &str) -> (&str, &str) {
+    let (domain, remainder) = match name.split_once('/') {
+        Some((first, rest))
+            if first.contains(['.', ':'])
+                || first == "localhost"
+                || first.bytes().any(|b| b.is_ascii_uppercase()) =>
+        {
+            (first, rest)
+        }
+        _ => (DOCKER_HUB, name),
+    };
+    if domain == LEGACY_DOCKER_HUB {
+        (DOCKER_HUB, remainder)
+    } else {
+        (domain, remainder)
+    }
+}
+
+fn validate_path(path: &str) -> Result<(), ReferenceError> {
+    for component in path.split('/') {
+        if component.is_empty() {
+            return Err(ReferenceError::EmptyPathComponent(path.to_string()));
+        }
+        if !valid_path_component(component) {
+            return Err(ReferenceError::InvalidPathComponent {
+                component: component.to_string(),
+                path: path.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*`
+pub(crate) fn valid_path_component(s: &str) -> bool {
+    let b = s.as_bytes();
+    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &b[start..i];
+        let ok = matches!(sep, b"." | b"_" | b"__") || sep.iter().all(|&c| c == b'-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// `host[:port]` where host is a dotted domain name or a bracketed IPv6 address.
+fn valid_domain(domain: &str) -> bool {
+    let (host, port) = if let Some(rest) = domain.strip_prefix('[') {
+        let Some(end) = rest.find(']') else {
+            return false;
+        };
+        let addr = &rest[..end];
+        if addr.is_empty() || !addr.bytes().all(|b| b.is_ascii_hexdigit() || b == b':') {
+            return false;
+        }
+        (None, &rest[end + 1..])
+    } else {
+        match domain.find(':') {
+            Some(i) => (Some(&domain[..i]), &domain[i..]),
+            None => (Some(domain), ""),
+        }
+    };
+    if let Some(host) = host {
+        if !host.split('.').all(valid_domain_component) {
+            return false;
+        }
+    }
+    match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(digits) => !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()),
+    }
+}
+
+/// `[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]`
+fn valid_domain_component(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'-')
+}
+
+fn validate_tag(tag: &str) -> Result<(), ReferenceError> {
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let b = tag.as_bytes();
+    let ok = !b.is_empty()
+        && b.len() <= MAX_TAG_LEN
+        && word(b[0])
+        && b.iter().all(|&c| word(c) || c == b'.' || c == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ReferenceError::InvalidTag(tag.to_string()))
+    }
+}
+
+/// The reference grammar's digest pattern, then go-digest's check of the algorithm and length.
+fn validate_digest(digest: &str) -> Result<(), ReferenceError> {
+    let format_err = || ReferenceError::InvalidDigestFormat(digest.to_string());
+    let (algorithm, hex) = digest.split_once(':').ok_or_else(format_err)?;
+    let algorithm_ok = !algorithm.is_empty()
+        && algorithm.split(['-', '_', '+', '.']).all(|part| {
+            let b = part.as_bytes();
+            !b.is_empty() && b[0].is_ascii_alphabetic() && b.iter().all(u8::is_ascii_alphanumeric)
+        });
+    if !algorithm_ok || hex.len() < 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format_err());
+    }
+    let expected_len = match algorithm {
+        "sha256" => 64,
+        "sha384" => 96,
+        "sha512" => 128,
+        _ => return Err(ReferenceError::UnsupportedDigest(algorithm.to_string())),
+    };
+    if hex.len() != expected_len || hex.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(ReferenceError::InvalidDigestHex(digest.to_string()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:86e0e091d0da6bde2456dbb48306f3956bbeb2eae1b5b9a43045843f69fe4aaa";
+
+    fn norm(s: &str) -> Result<String, ReferenceError> {
+        Reference::parse(s).map(|r| r.to_string())
+    }
+
+    #[test]
+    fn normalises_like_distribution() {
+        let cases = [
+            ("nginx", "docker.io/library/nginx"),
+            ("nginx:1.27", "docker.io/library/nginx:1.27"),
+            ("docker.io/nginx", "docker.io/library/nginx"),
+            ("index.docker.io/nginx", "docker.io/library/nginx"),
+            ("index.docker.io/library/nginx:1", "docker.io/library/nginx:1"),
+            ("grafana/loki:3.5.7", "docker.io/grafana/loki:3.5.7"),
+            ("localhost/foo", "localhost/foo"),
+            ("localhost:5000/foo/bar:v1", "localhost:5000/foo/bar:v1"),
+            ("127.0.0.1:5000/library/debian", "127.0.0.1:5000/library/debian"),
+            ("192.168.0.1", "docker.io/library/192.168.0.1"),
+            ("192.168.0.1:80", "docker.io/library/192.168.0.1:80"),
+            ("[fc00::1]:5000/docker/docker", "[fc00::1]:5000/docker/docker"),
+            ("[fc00::1]/docker", "[fc00::1]/docker"),
+            ("Docker/docker", "Docker/docker"),
+            ("registry-1.docker.io/library/nginx", "registry-1.docker.io/library/nginx"),
+            ("foo_bar.com/baz", "foo_bar.com/baz"),
+            ("a__b/c---d/e.f_g", "docker.io/a__b/c---d/e.f_g"),
+            (
+                "docker.io/1a3f5e7d9c1b3a5f7e9d1c3b5a7f9e1d3c5b7a9f1e3d5d7c9b1a3f5e7d9c1b3a",
+                "docker.io/library/1a3f5e7d9c1b3a5f7e9d1c3b5a7f9e1d3c5b7a9f1e3d5d7c9b1a3f5e7d9c1b3a",
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(norm(input).as_deref(), Ok(want), "{input}");
+        }
+        let with_digest = format!("busybox:1.36@{D}");
+        assert_eq!(
+            norm(&with_digest).unwrap(),
+            format!("docker.io/library/busybox:1.36@{D}")
+        );
+        assert_eq!(
+            norm(&format!("busybox@{D}")).unwrap(),
+            format!("docker.io/library/busybox@{D}")
+        );
+    }
+
+    #[test]
+    fn rejects_what_distribution_rejects() {
+        let invalid = [
+            "",
+            "https://github.com/docker/docker",
+            "docker/Docker",
+            "-docker",
+            "-docker/docker",
+            "-docker.io/docker/docker",
+            "docker///docker",
+            "docker.io/docker/Docker",
+            "docker.io/docker///docker",
+            "[fc00::1]",
+            "[fc00::1]:5000",
+            "fc00::1:5000/debian",
+            "1a3f5e7d9c1b3a5f7e9d1c3b5a7f9e1d3c5b7a9f1e3d5d7c9b1a3f5e7d9c1b3a",
+            "docker/",
+            "dock_.er/docker",
+            "dock-.er/docker",
+            "____/____",
+            "a..b",
+            "a___b",
+            "a-_b",
+            "foo:",
+            "foo:-tag",
+            "foo:.tag",
+            "foo@sha256:abc",
+            "foo@md5:86e0e091d0da6bde2456dbb48306f395",
+            "foo:a:b",
+            "foo@sha256:86E0E091D0DA6BDE2456DBB48306F3956BBEB2EAE1B5B9A43045843F69FE4AAA",
+            "localhost:/foo",
+            "example.com:80a/foo",
+        ];
+        for input in invalid {
+            assert!(
+                norm(input).is_err(),
+                "{input} should be invalid: {:?}",
+                norm(input)
+            );
+        }
+        let long_tag = format!("foo:{}", "a".repeat(129));
+        assert!(norm(&long_tag).is_err());
+        assert!(norm(&format!("foo:{}", "a".repeat(128))).is_ok());
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        assert_eq!(
+            Reference::parse("docker/Docker").unwrap_err().to_string(),
+            "uppercase letter in repository path \"docker/Docker\""
+        );
+        let long = format!("{}/docker", "a".repeat(260));
+        assert!(Reference::parse(&long)
+            .unwrap_err()
+            .to_string()
+            .starts_with("repository path longer than 255 characters"));
+        assert!(matches!(
+            Reference::parse("foo@sha1:86e0e091d0da6bde2456dbb48306f3956bbeb2ea"),
+            Err(ReferenceError::UnsupportedDigest(_))
+        ));
+    }
+
+    #[test]
+    fn path_limit_counts_the_path_not_the_host() {
+        let path = "a".repeat(255);
+        assert!(Reference::parse(&format!("example.com/{path}")).is_ok());
+        assert!(Reference::parse(&format!("example.com/{path}a")).is_err());
+        // Docker Hub's implicit `library/` counts towards the limit, as in distribution.
+        assert!(Reference::parse(&"a".repeat(248)).is_err());
+        assert!(Reference::parse(&"a".repeat(247)).is_ok());
+    }
+
+    #[test]
+    fn familiar_form() {
+        let cases = [
+            ("docker.io/library/nginx:1.27", "nginx:1.27"),
+            ("docker.io/grafana/loki", "grafana/loki"),
+            ("docker.io/library/foo/bar", "library/foo/bar"),
+            ("quay.io/minio/minio:latest", "quay.io/minio/minio:latest"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(Reference::parse(input).unwrap().familiar(), want);
+        }
+    }
+
+    #[test]
+    fn parts() {
+        let r = Reference::parse(&format!("localhost:5000/a/b:v1@{D}")).unwrap();
+        assert_eq!(r.registry(), "localhost:5000");
+        assert_eq!(r.path(), "a/b");
+        assert_eq!(r.tag(), Some("v1"));
+        assert_eq!(r.digest(), Some(D));
+        assert_eq!(r.name(), "localhost:5000/a/b");
+        assert_eq!(
+            Reference::parse("nginx").unwrap().effective_tag(),
+            Some("latest")
+        );
+    }
+}
