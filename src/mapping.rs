@@ -1,14 +1,16 @@
 //! The mapping table: mirrors, exact entries and rules, and the decision for one image.
 //!
 //! Pure: the table is built from YAML text and then never changes; [`Table::decide`] does no I/O.
-//! Exact entries are found through a hash map keyed by the normalised name, and all rule globs
-//! are compiled into one [`GlobSet`], so the cost of a decision does not grow with the table.
+//! Exact entries are found through a hash map keyed by the normalised name, and rule globs are
+//! indexed by the registry they name, so the cost of a decision does not grow with the table.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
-use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use ahash::{AHashMap, AHashSet};
+use globset::{GlobBuilder, GlobMatcher};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
@@ -266,11 +268,102 @@ pub struct Rule {
     pub index: usize,
     pub matches: Vec<String>,
     pub excludes: Vec<String>,
-    exclude_set: GlobSet,
+    exclude_matchers: Vec<NameMatcher>,
     mirror: usize,
     swap: Option<SwapPolicy>,
     copy: Option<CopyPolicy>,
     platforms: Option<Vec<Platform>>,
+}
+
+/// One compiled glob on a normalised name, with fast paths for the common shapes.
+#[derive(Debug, Clone)]
+enum NameMatcher {
+    /// No wildcard: the name itself.
+    Exact(String),
+    /// `prefix/**`: every name under `prefix/`.
+    Under(String),
+    Glob(GlobMatcher),
+}
+
+fn has_glob_meta(s: &str) -> bool {
+    s.contains(['*', '?', '[', '{', '\\'])
+}
+
+impl NameMatcher {
+    fn new(glob: &str) -> Result<Self, globset::Error> {
+        // `*` stays within one path component; `**` crosses them.
+        let compiled = GlobBuilder::new(glob).literal_separator(true).build()?;
+        if !has_glob_meta(glob) {
+            return Ok(NameMatcher::Exact(glob.to_string()));
+        }
+        match glob.strip_suffix("/**") {
+            Some(prefix) if !has_glob_meta(prefix) => Ok(NameMatcher::Under(format!("{prefix}/"))),
+            _ => Ok(NameMatcher::Glob(compiled.compile_matcher())),
+        }
+    }
+
+    fn is_match(&self, name: &str) -> bool {
+        match self {
+            NameMatcher::Exact(e) => e == name,
+            NameMatcher::Under(prefix) => {
+                name.len() > prefix.len() && name.starts_with(prefix.as_str())
+            }
+            NameMatcher::Glob(g) => g.is_match(name),
+        }
+    }
+}
+
+/// Rule globs indexed by their literal leading components (`quay.io/org5` for
+/// `quay.io/org5/*`): a name is tested only against globs whose literal prefix it starts with.
+#[derive(Debug, Clone, Default)]
+struct RuleIndex {
+    /// Every glob with the rule it belongs to, in rule order.
+    globs: Vec<(usize, NameMatcher)>,
+    by_prefix: AHashMap<String, Vec<usize>>,
+    /// Globs whose first component has a wildcard: tried for every name.
+    unanchored: Vec<usize>,
+}
+
+impl RuleIndex {
+    fn add(&mut self, rule: usize, glob: &str, matcher: NameMatcher) {
+        let position = self.globs.len();
+        self.globs.push((rule, matcher));
+        let literal = glob
+            .split('/')
+            .take_while(|c| !has_glob_meta(c))
+            .map(str::len)
+            .fold(None, |end: Option<usize>, len| {
+                Some(end.map_or(len, |e| e + 1 + len))
+            });
+        match literal {
+            Some(end) => self
+                .by_prefix
+                .entry(glob[..end].to_string())
+                .or_default()
+                .push(position),
+            None => self.unanchored.push(position),
+        }
+    }
+
+    /// The rules with a glob matching `name`, in rule order (a rule may repeat).
+    fn matching(&self, name: &str) -> impl Iterator<Item = usize> + '_ {
+        let mut candidates: Vec<usize> = self.unanchored.clone();
+        let boundaries = name
+            .match_indices('/')
+            .map(|(i, _)| i)
+            .chain(std::iter::once(name.len()));
+        for end in boundaries {
+            if let Some(list) = self.by_prefix.get(&name[..end]) {
+                candidates.extend_from_slice(list);
+            }
+        }
+        candidates.sort_unstable();
+        let name = name.to_string();
+        candidates.into_iter().filter_map(move |g| {
+            let (rule, matcher) = &self.globs[g];
+            matcher.is_match(&name).then_some(*rule)
+        })
+    }
 }
 
 /// Per-registry access for checks and copies (used by the registry module).
@@ -320,8 +413,8 @@ impl Default for CopySettings {
 /// The entries of one source name, indexed by how they match.
 #[derive(Debug, Default, Clone)]
 struct NameEntries {
-    by_tag: HashMap<String, usize>,
-    by_digest: HashMap<String, usize>,
+    by_tag: AHashMap<String, usize>,
+    by_digest: AHashMap<String, usize>,
     globs: Vec<usize>,
     any: Option<usize>,
 }
@@ -332,15 +425,13 @@ pub struct Table {
     source: String,
     mirrors: Vec<Mirror>,
     entries: Vec<Entry>,
-    entry_index: HashMap<String, NameEntries>,
+    entry_index: AHashMap<String, NameEntries>,
     rules: Vec<Rule>,
-    rule_globs: GlobSet,
-    /// For each glob in `rule_globs`, the rule it belongs to.
-    rule_of_glob: Vec<usize>,
+    rule_index: RuleIndex,
     /// `registry/prefix/` roots of every mirror, with the mirror's index.
     roots: Vec<(String, usize)>,
     /// Names of exact-entry targets that lie under no mirror root.
-    loose_targets: HashSet<String>,
+    loose_targets: AHashSet<String>,
     excluded_namespaces: HashSet<String>,
     registries: BTreeMap<String, RegistryAccess>,
     checks: CheckSettings,
@@ -528,37 +619,47 @@ impl Table {
         if source.registry().is_empty() {
             return keep(Some(source), KeepReason::NoMatch);
         }
-        let name = match_name(&source);
-
-        if let Some(mirror) = self.mirror_owning(&name) {
-            return keep(Some(source), KeepReason::AlreadyMirrored(Some(mirror)));
+        // Look up with the name borrowed from `source`, then build the decision from indices.
+        enum Found<'t> {
+            Mirrored(Option<&'t Mirror>),
+            Entry(&'t Entry, Option<String>),
+            Rule(&'t Rule),
+            Excluded(&'t Rule),
+            Nothing,
         }
-        if self.loose_targets.contains(&name) {
-            return keep(Some(source), KeepReason::AlreadyMirrored(None));
-        }
-
-        if let Some((entry, glob_text)) = self.find_entry(&name, &source) {
-            return self.rewrite_by_entry(source, entry, glob_text);
-        }
-
-        let mut excluded_by = None;
-        let mut candidates = Vec::new();
-        self.rule_globs.matches_into(name.as_str(), &mut candidates);
-        let mut rule_indices: Vec<usize> =
-            candidates.iter().map(|&g| self.rule_of_glob[g]).collect();
-        rule_indices.sort_unstable();
-        rule_indices.dedup();
-        for i in rule_indices {
-            let rule = &self.rules[i];
-            if rule.exclude_set.is_match(name.as_str()) {
-                excluded_by.get_or_insert(rule);
-                continue;
+        let found = {
+            let name = match_name(&source);
+            if let Some(mirror) = self.mirror_owning(&name) {
+                Found::Mirrored(Some(mirror))
+            } else if self.loose_targets.contains(name.as_ref()) {
+                Found::Mirrored(None)
+            } else if let Some((entry, glob_text)) = self.find_entry(&name, &source) {
+                Found::Entry(entry, glob_text)
+            } else {
+                let mut excluded_by = None;
+                let mut chosen = None;
+                for i in self.rule_index.matching(&name) {
+                    let rule = &self.rules[i];
+                    if rule.exclude_matchers.iter().any(|m| m.is_match(&name)) {
+                        excluded_by.get_or_insert(rule);
+                        continue;
+                    }
+                    chosen = Some(rule);
+                    break;
+                }
+                match (chosen, excluded_by) {
+                    (Some(rule), _) => Found::Rule(rule),
+                    (None, Some(rule)) => Found::Excluded(rule),
+                    (None, None) => Found::Nothing,
+                }
             }
-            return self.rewrite_by_rule(source, rule);
-        }
-        match excluded_by {
-            Some(rule) => keep(Some(source), KeepReason::Excluded(rule)),
-            None => keep(Some(source), KeepReason::NoMatch),
+        };
+        match found {
+            Found::Mirrored(m) => keep(Some(source), KeepReason::AlreadyMirrored(m)),
+            Found::Entry(entry, glob_text) => self.rewrite_by_entry(source, entry, glob_text),
+            Found::Rule(rule) => self.rewrite_by_rule(source, rule),
+            Found::Excluded(rule) => keep(Some(source), KeepReason::Excluded(rule)),
+            Found::Nothing => keep(Some(source), KeepReason::NoMatch),
         }
     }
 
@@ -633,7 +734,13 @@ impl Table {
 
     fn rewrite_by_rule<'t>(&'t self, source: Reference, rule: &'t Rule) -> Decision<'t> {
         let mirror = &self.mirrors[rule.mirror];
-        let target_name = match mirror.target_name(&source) {
+        // Name the copy after the canonical Docker Hub spelling, whatever the Pod wrote.
+        let canonical = if source.is_docker_hub() && source.registry() != DOCKER_HUB {
+            Reference::parse(&match_name(&source)).ok()
+        } else {
+            None
+        };
+        let target_name = match mirror.target_name(canonical.as_ref().unwrap_or(&source)) {
             Ok(name) => name,
             Err(_) => {
                 return Decision::Keep(Keep {
@@ -745,16 +852,16 @@ impl Table {
 }
 
 /// The name rules and entries match on: Docker Hub's other spellings count as `docker.io`.
-fn match_name(source: &Reference) -> String {
+fn match_name(source: &Reference) -> Cow<'_, str> {
     if source.registry() != DOCKER_HUB && source.is_docker_hub() {
         let path = source.path();
         if path.contains('/') {
-            format!("{DOCKER_HUB}/{path}")
+            Cow::Owned(format!("{DOCKER_HUB}/{path}"))
         } else {
-            format!("{DOCKER_HUB}/library/{path}")
+            Cow::Owned(format!("{DOCKER_HUB}/library/{path}"))
         }
     } else {
-        source.name()
+        Cow::Borrowed(source.name())
     }
 }
 
@@ -886,12 +993,15 @@ impl Problems<'_> {
 impl Table {
     /// Parses and validates a table. `file` names it in every problem reported.
     pub fn parse(file: &str, yaml: &str) -> Result<Table, TableError> {
-        let raw: RawTable = if yaml.trim().is_empty() {
-            serde_saphyr::from_str("{}")
-        } else {
-            serde_saphyr::from_str(yaml)
-        }
-        .map_err(|e| yaml_error(file, yaml, &e))?;
+        // The parser's default budget (250,000 nodes) is below a table of 100,000 entries.
+        let mut budget = serde_saphyr::Budget::default();
+        budget.max_nodes = 20_000_000;
+        budget.max_events = 40_000_000;
+        let mut options = serde_saphyr::Options::default();
+        options.budget = Some(budget);
+        let text = if yaml.trim().is_empty() { "{}" } else { yaml };
+        let raw: RawTable = serde_saphyr::from_str_with_options(text, options)
+            .map_err(|e| yaml_error(file, yaml, &e))?;
         let mut problems = Problems {
             file,
             list: Vec::new(),
@@ -921,7 +1031,7 @@ fn build(file: &str, raw: RawTable, problems: &mut Problems) -> Table {
         .flat_map(|(i, m)| m.roots().into_iter().map(move |r| (r, i)))
         .collect();
     // The longest root owns a name, so a mirror nested in another's prefix is found first.
-    roots.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    roots.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
 
     let mut entries = Vec::new();
     for (i, spanned) in raw.images.iter().enumerate() {
@@ -933,8 +1043,7 @@ fn build(file: &str, raw: RawTable, problems: &mut Problems) -> Table {
     check_entry_clashes(&entries, &raw.images, problems);
 
     let mut rules = Vec::new();
-    let mut set = GlobSetBuilder::new();
-    let mut rule_of_glob = Vec::new();
+    let mut rule_index = RuleIndex::default();
     for (i, spanned) in raw.rules.iter().enumerate() {
         let field = format!("rules[{i}]");
         let rule = &spanned.value;
@@ -955,16 +1064,16 @@ fn build(file: &str, raw: RawTable, problems: &mut Problems) -> Table {
         }
         let mut globs = Vec::new();
         for (j, m) in rule.matches.iter().enumerate() {
-            if let Some(glob) = compile_glob(m, &format!("{field}.match[{j}]"), problems) {
-                globs.push(glob);
+            if let Some(matcher) = compile_glob(m, &format!("{field}.match[{j}]"), problems) {
+                globs.push((canonical_glob(&m.value), matcher));
             }
         }
-        let mut excludes = GlobSetBuilder::new();
-        for (j, m) in rule.exclude.iter().enumerate() {
-            if let Some(glob) = compile_glob(m, &format!("{field}.exclude[{j}]"), problems) {
-                excludes.add(glob);
-            }
-        }
+        let exclude_matchers = rule
+            .exclude
+            .iter()
+            .enumerate()
+            .filter_map(|(j, m)| compile_glob(m, &format!("{field}.exclude[{j}]"), problems))
+            .collect();
         let built = Rule {
             name: rule.name.clone().unwrap_or_else(|| format!("rule-{i}")),
             index: i,
@@ -978,20 +1087,18 @@ fn build(file: &str, raw: RawTable, problems: &mut Problems) -> Table {
                 .iter()
                 .map(|m| canonical_glob(&m.value))
                 .collect(),
-            exclude_set: excludes.build().unwrap_or_else(|_| GlobSet::empty()),
+            exclude_matchers,
             mirror,
             swap: rule.swap,
             copy: rule.copy,
             platforms: build_platforms(&rule.platforms, &format!("{field}.platforms"), problems),
         };
         check_rule_clashes(&built, &mirrors[mirror], spanned, &entries, problems);
-        for glob in globs {
-            set.add(glob);
-            rule_of_glob.push(rules.len());
+        for (glob, matcher) in globs {
+            rule_index.add(rules.len(), &glob, matcher);
         }
         rules.push(built);
     }
-    let rule_globs = set.build().unwrap_or_else(|_| GlobSet::empty());
 
     let loose_targets = entries
         .iter()
@@ -1044,8 +1151,7 @@ fn build(file: &str, raw: RawTable, problems: &mut Problems) -> Table {
         entries,
         entry_index,
         rules,
-        rule_globs,
-        rule_of_glob,
+        rule_index,
         roots,
         loose_targets,
         excluded_namespaces: raw
@@ -1277,9 +1383,9 @@ fn build_entry(
         source: raw.source.value.clone(),
         target: raw.target.value.clone(),
         index: i,
-        source_name: match_name(&source_ref),
+        source_name: match_name(&source_ref).into_owned(),
         tag,
-        target_name,
+        target_name: target_name.to_string(),
         target_tag,
         mirror,
         swap: raw.swap,
@@ -1292,8 +1398,8 @@ fn index_entries(
     entries: &[Entry],
     raw: &[Spanned<RawImage>],
     problems: &mut Problems,
-) -> HashMap<String, NameEntries> {
-    let mut index: HashMap<String, NameEntries> = HashMap::with_capacity(entries.len());
+) -> AHashMap<String, NameEntries> {
+    let mut index: AHashMap<String, NameEntries> = AHashMap::with_capacity(entries.len());
     for (pos, e) in entries.iter().enumerate() {
         let slot = index.entry(e.source_name.clone()).or_default();
         let previous = match &e.tag {
@@ -1427,17 +1533,11 @@ fn check_rule_clashes(
         return;
     }
     // A rule's flattened name may also equal an exact entry's target from another source.
-    let Ok(set) = rule
+    let Ok(matchers) = rule
         .matches
         .iter()
-        .map(|g| Glob::new(g))
-        .try_fold(GlobSetBuilder::new(), |mut b, g| {
-            g.map(|g| {
-                b.add(g);
-                b
-            })
-        })
-        .and_then(|b| b.build())
+        .map(|g| NameMatcher::new(g))
+        .collect::<Result<Vec<_>, _>>()
     else {
         return;
     };
@@ -1456,7 +1556,10 @@ fn check_rule_clashes(
                     Err(_) => continue,
                 })
                 .is_ok_and(|t| t == e.target_name);
-            if same_target && set.is_match(&candidate) && candidate != e.source_name {
+            if same_target
+                && matchers.iter().any(|m| m.is_match(&candidate))
+                && candidate != e.source_name
+            {
                 problems.add(
                     spanned,
                     format!("rules[{}].match", rule.index),
@@ -1493,7 +1596,7 @@ fn canonical_glob(glob: &str) -> String {
     }
 }
 
-fn compile_glob(at: &Spanned<String>, field: &str, problems: &mut Problems) -> Option<Glob> {
+fn compile_glob(at: &Spanned<String>, field: &str, problems: &mut Problems) -> Option<NameMatcher> {
     let glob = canonical_glob(&at.value);
     if glob.is_empty() {
         problems.add(at, field, "empty glob");
@@ -1510,9 +1613,8 @@ fn compile_glob(at: &Spanned<String>, field: &str, problems: &mut Problems) -> O
         );
         return None;
     }
-    // `*` stays within one path component; `**` crosses them.
-    match GlobBuilder::new(&glob).literal_separator(true).build() {
-        Ok(g) => Some(g),
+    match NameMatcher::new(&glob) {
+        Ok(m) => Some(m),
         Err(e) => {
             problems.add(
                 at,

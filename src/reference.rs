@@ -58,15 +58,26 @@ pub enum ReferenceError {
 
 /// A parsed, normalised image reference.
 ///
+/// Held as its canonical string with offsets, so that the parts and the name are borrowed
+/// slices: a reference costs one allocation.
+///
 /// `registry` is empty only in the rare case distribution also allows: a first component that
 /// looked like a host (it has a `.`) but is not a valid one, yet is a valid path component
 /// (`foo_bar.com/x`). Such a name has no registry and is never rewritten.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Reference {
-    registry: String,
-    path: String,
-    tag: Option<String>,
-    digest: Option<String>,
+    /// `registry/path[:tag][@digest]`
+    canonical: String,
+    /// Where the path starts: 0 when there is no registry.
+    path_start: usize,
+    /// End of the path (start of `:tag`, `@digest` or the end).
+    path_end: usize,
+    /// End of `:tag` (start of `@digest` or the end); equals `path_end` when there is no tag.
+    tag_end: usize,
+}
+
+fn find_byte(s: &str, byte: u8) -> Option<usize> {
+    s.bytes().position(|b| b == byte)
 }
 
 impl Reference {
@@ -84,55 +95,59 @@ impl Reference {
             return Err(ReferenceError::ImageId);
         }
         let (domain, remainder) = split_docker_domain(input);
-        let mut remainder = std::borrow::Cow::Borrowed(remainder);
-        if domain == DOCKER_HUB && !remainder.contains('/') {
-            remainder = std::borrow::Cow::Owned(format!("{OFFICIAL_PREFIX}{remainder}"));
+        let official = domain == DOCKER_HUB && find_byte(remainder, b'/').is_none();
+        let mut canonical = String::with_capacity(domain.len() + 9 + remainder.len());
+        canonical.push_str(domain);
+        canonical.push('/');
+        if official {
+            canonical.push_str(OFFICIAL_PREFIX);
         }
+        canonical.push_str(remainder);
+        let rem_start = domain.len() + 1;
+        let rem = &canonical[rem_start..];
+
         // distribution checks case on everything before the first ':' of the remainder.
-        let remote = remainder.split(':').next().unwrap_or_default();
+        let remote = &rem[..find_byte(rem, b':').unwrap_or(rem.len())];
         if remote.bytes().any(|b| b.is_ascii_uppercase()) {
-            let path = remote.split('@').next().unwrap_or(remote);
+            let path = &remote[..find_byte(remote, b'@').unwrap_or(remote.len())];
             return Err(ReferenceError::UppercasePath(path.to_string()));
         }
 
-        let (name_and_tag, digest) = match remainder.split_once('@') {
-            Some((left, digest)) => (left, Some(digest)),
-            None => (remainder.as_ref(), None),
-        };
-        let (path, tag) = match name_and_tag.split_once(':') {
-            Some((path, tag)) => (path, Some(tag)),
-            None => (name_and_tag, None),
-        };
+        let at = find_byte(rem, b'@');
+        let name_and_tag = &rem[..at.unwrap_or(rem.len())];
+        let colon = find_byte(name_and_tag, b':');
+        let path = &name_and_tag[..colon.unwrap_or(name_and_tag.len())];
         validate_path(path)?;
-        if let Some(tag) = tag {
-            validate_tag(tag)?;
+        if let Some(c) = colon {
+            validate_tag(&name_and_tag[c + 1..])?;
         }
-        if let Some(digest) = digest {
-            validate_digest(digest)?;
+        if let Some(a) = at {
+            validate_digest(&rem[a + 1..])?;
         }
+        let path_end = rem_start + path.len();
+        let tag_end = rem_start + name_and_tag.len();
 
         // The grammar's optional domain group is tried first; when the first component is not a
         // valid host, distribution falls back to reading it as part of the path.
-        let (registry, path) = if valid_domain(domain) {
-            (domain.to_string(), path.to_string())
+        let path_start = if valid_domain(domain) {
+            rem_start
         } else if valid_path_component(domain) {
-            (String::new(), format!("{domain}/{path}"))
+            0
         } else {
             return Err(ReferenceError::InvalidDomain(domain.to_string()));
         };
-        if path.len() > MAX_PATH_LEN {
-            return Err(ReferenceError::PathTooLong(path.len()));
+        if path_end - path_start > MAX_PATH_LEN {
+            return Err(ReferenceError::PathTooLong(path_end - path_start));
         }
         Ok(Reference {
-            registry,
-            path,
-            tag: tag.map(str::to_string),
-            digest: digest.map(str::to_string),
+            canonical,
+            path_start,
+            path_end,
+            tag_end,
         })
     }
 
-    /// Builds a reference from parts that the caller has already validated (the mapping table
-    /// composes targets from parsed pieces). Re-validated through [`Reference::parse`] so that a
+    /// Builds a reference from parts, validated through [`Reference::parse`] so that a
     /// composition can never yield something the grammar rejects.
     pub fn from_parts(
         registry: &str,
@@ -144,42 +159,39 @@ impl Reference {
         s.push_str(registry);
         s.push('/');
         s.push_str(path);
-        if let Some(tag) = tag {
-            s.push(':');
-            s.push_str(tag);
-        }
-        if let Some(digest) = digest {
-            s.push('@');
-            s.push_str(digest);
-        }
+        push_tag_digest(&mut s, tag, digest);
         Reference::parse(&s)
     }
 
     /// The registry host (with port), e.g. `docker.io`, `localhost:5000`, `[::1]:5000`.
     pub fn registry(&self) -> &str {
-        &self.registry
+        if self.path_start == 0 {
+            ""
+        } else {
+            &self.canonical[..self.path_start - 1]
+        }
     }
     /// The repository path, e.g. `library/nginx`.
     pub fn path(&self) -> &str {
-        &self.path
+        &self.canonical[self.path_start..self.path_end]
     }
     pub fn tag(&self) -> Option<&str> {
-        self.tag.as_deref()
+        (self.tag_end > self.path_end).then(|| &self.canonical[self.path_end + 1..self.tag_end])
     }
     pub fn digest(&self) -> Option<&str> {
-        self.digest.as_deref()
+        (self.canonical.len() > self.tag_end).then(|| &self.canonical[self.tag_end + 1..])
     }
     /// `registry/path`, without tag or digest: what rules match on.
-    pub fn name(&self) -> String {
-        if self.registry.is_empty() {
-            self.path.clone()
-        } else {
-            format!("{}/{}", self.registry, self.path)
-        }
+    pub fn name(&self) -> &str {
+        &self.canonical[..self.path_end]
+    }
+    /// The canonical string, as [`fmt::Display`] writes it.
+    pub fn as_str(&self) -> &str {
+        &self.canonical
     }
     /// The tag a pull would use: the given one, or `latest` when neither tag nor digest is given.
     pub fn effective_tag(&self) -> Option<&str> {
-        match (&self.tag, &self.digest) {
+        match (self.tag(), self.digest()) {
             (Some(tag), _) => Some(tag),
             (None, None) => Some("latest"),
             (None, Some(_)) => None,
@@ -187,38 +199,27 @@ impl Reference {
     }
     /// The familiar short form Docker prints: `nginx:1.27`, `grafana/loki`, `quay.io/x/y`.
     pub fn familiar(&self) -> String {
-        let mut name = if self.registry == DOCKER_HUB {
-            match self.path.strip_prefix(OFFICIAL_PREFIX) {
-                Some(rest) if !rest.contains('/') => rest.to_string(),
-                _ => self.path.clone(),
+        let name = if self.registry() == DOCKER_HUB {
+            match self.path().strip_prefix(OFFICIAL_PREFIX) {
+                Some(rest) if !rest.contains('/') => rest,
+                _ => self.path(),
             }
         } else {
             self.name()
         };
-        push_tag_digest(&mut name, self.tag(), self.digest());
-        name
+        format!("{name}{}", &self.canonical[self.path_end..])
     }
     /// Whether this is a Docker Hub reference (also under the `registry-1.docker.io` spelling
     /// that containerd configurations use).
     pub fn is_docker_hub(&self) -> bool {
-        is_docker_hub_host(&self.registry)
+        is_docker_hub_host(self.registry())
     }
 }
 
 /// The canonical string: `registry/path[:tag][@digest]`, tag and digest as given.
 impl fmt::Display for Reference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !self.registry.is_empty() {
-            write!(f, "{}/", self.registry)?;
-        }
-        f.write_str(&self.path)?;
-        if let Some(tag) = &self.tag {
-            write!(f, ":{tag}")?;
-        }
-        if let Some(digest) = &self.digest {
-            write!(f, "@{digest}")?;
-        }
-        Ok(())
+        f.write_str(&self.canonical)
     }
 }
 
@@ -251,9 +252,10 @@ pub(crate) fn push_tag_digest(s: &mut String, tag: Option<&str>, digest: Option<
 /// distribution's `splitDockerDomain`: the first component is a registry only if it contains
 /// `.` or `:`, is `localhost`, or has an uppercase letter.
 fn split_docker_domain(name: &str) -> (&str, &str) {
-    let (domain, remainder) = match name.split_once('/') {
+    let slash = find_byte(name, b'/');
+    let (domain, remainder) = match slash.map(|i| (&name[..i], &name[i + 1..])) {
         Some((first, rest))
-            if first.contains(['.', ':'])
+            if first.bytes().any(|b| b == b'.' || b == b':')
                 || first == "localhost"
                 || first.bytes().any(|b| b.is_ascii_uppercase()) =>
         {

@@ -1,0 +1,619 @@
+//! The pure rewrite core against the seeds' tables, the public grammar and generated input.
+
+use image_mirror_webhook::mapping::{
+    CopyPolicy, Decision, KeepReasonKind, Matched, SwapPolicy, Table,
+};
+use image_mirror_webhook::Reference;
+use proptest::prelude::*;
+use serde::Deserialize;
+
+const DIGEST: &str = "sha256:86e0e091d0da6bde2456dbb48306f3956bbeb2eae1b5b9a43045843f69fe4aaa";
+
+fn table_file(name: &str) -> Table {
+    let path = format!("{}/deploy/config/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    Table::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn target(table: &Table, image: &str) -> String {
+    match table.decide(image) {
+        Decision::Rewrite(rw) => rw.target.to_string(),
+        Decision::Keep(k) => panic!("{image} kept: {}", k.reason),
+    }
+}
+
+fn kept(table: &Table, image: &str) -> KeepReasonKind {
+    match table.decide(image) {
+        Decision::Keep(k) => k.reason.kind(),
+        Decision::Rewrite(rw) => panic!("{image} rewritten to {}", rw.target),
+    }
+}
+
+fn parse_err(yaml: &str) -> String {
+    Table::parse("table.yaml", yaml).unwrap_err().to_string()
+}
+
+// --- the grammar ------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct Vectors {
+    cases: Vec<Vector>,
+}
+#[derive(Deserialize)]
+struct Vector {
+    input: String,
+    valid: bool,
+    normalized: Option<String>,
+}
+
+fn check_vectors(file: &str) -> usize {
+    let path = format!("{}/tests/data/{file}", env!("CARGO_MANIFEST_DIR"));
+    let vectors: Vectors = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for case in &vectors.cases {
+        let got = Reference::parse(&case.input);
+        assert_eq!(got.is_ok(), case.valid, "{:?}: {got:?}", case.input);
+        if let (Ok(r), Some(want)) = (&got, &case.normalized) {
+            assert_eq!(&r.to_string(), want, "{:?}", case.input);
+        }
+    }
+    vectors.cases.len()
+}
+
+#[test]
+fn shared_grammar_sample() {
+    assert!(check_vectors("reference_vectors.json") >= 24);
+    // CI lays shared/ beside the clone; when it is there, hold to its current copy too.
+    let shared = format!(
+        "{}/../shared/testdata/reference_vectors.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    if let Ok(text) = std::fs::read_to_string(shared) {
+        let vectors: Vectors = serde_json::from_str(&text).unwrap();
+        for case in vectors.cases {
+            let got = Reference::parse(&case.input);
+            assert_eq!(got.is_ok(), case.valid, "{:?}", case.input);
+            if let (Ok(r), Some(want)) = (got, case.normalized) {
+                assert_eq!(r.to_string(), want);
+            }
+        }
+    }
+}
+
+#[test]
+fn distribution_grammar_cases() {
+    assert!(check_vectors("reference_vectors_distribution.json") >= 70);
+}
+
+// --- seed 000: the embedded default table -----------------------------------------------------
+
+const SEED_000: &[(&str, &str)] = &[
+    ("temporalio/server:1.29.1", "temporalio-server:1.29.1"),
+    ("temporalio/ui:2.42.1", "temporalio-ui:2.42.1"),
+    ("grafana/grafana:12.1.0", "grafana:12.1.0"),
+    ("grafana/loki:3.5.7", "loki:3.5.7"),
+    ("grafana/alloy:v1.11.3", "alloy:v1.11.3"),
+    ("grafana/tempo:latest", "tempo:latest"),
+    (
+        "envoyproxy/envoy:distroless-v1.33.0",
+        "envoy:distroless-v1.33.0",
+    ),
+    ("envoyproxy/gateway:v1.3.0", "envoy-gateway:v1.3.0"),
+    ("redis:7.2.5", "redis:7.2.5"),
+    ("redis:7.4.1", "redis:7.4.1"),
+    (
+        "clickhouse/clickhouse-server:25.10.2-alpine",
+        "clickhouse-server:25.10.2-alpine",
+    ),
+    (
+        "altinity/clickhouse-operator:0.25.5",
+        "clickhouse-operator:0.25.5",
+    ),
+    (
+        "altinity/metrics-exporter:0.25.5",
+        "clickhouse-metrics-exporter:0.25.5",
+    ),
+    ("hashicorp/vault:1.21.0", "vault:1.21.0"),
+    ("hashicorp/vault-k8s:1.4.1", "vault-k8s:1.4.1"),
+    ("langfuse/langfuse:3.120.0", "langfuse:3.120.0"),
+    (
+        "langfuse/langfuse-worker:3.120.0",
+        "langfuse-worker:3.120.0",
+    ),
+    ("plausible/analytics:v2.0.0", "plausible-analytics:v2.0.0"),
+    ("postgres:16", "postgres:16"),
+    ("library/busybox:1.36.1", "busybox:1.36.1"),
+    ("curlimages/curl:8.9.1", "curl:8.9.1"),
+    (
+        "nginxinc/nginx-unprivileged:1.29-alpine",
+        "nginx-unprivileged:1.29-alpine",
+    ),
+    ("bitnami/os-shell:latest", "bitnami-os-shell:latest"),
+    ("bitnami/kubectl:latest", "bitnami-kubectl:latest"),
+    ("kiwigrid/k8s-sidecar:1.30.10", "k8s-sidecar:1.30.10"),
+    ("dpage/pgadmin4:8.7", "pgadmin4:8.7"),
+    (
+        "otel/opentelemetry-collector-contrib:0.91.0",
+        "otel-collector-contrib:0.91.0",
+    ),
+];
+
+#[test]
+fn every_seed_000_row_through_the_default_table() {
+    let table = Table::embedded_default().unwrap();
+    assert_eq!(table.entries().len(), 28);
+    for (source, short) in SEED_000 {
+        // Every spelling of the source reaches the same entry.
+        let explicit = Reference::parse(source).unwrap().to_string();
+        for spelling in [
+            source.to_string(),
+            explicit.clone(),
+            explicit.replacen("docker.io", "index.docker.io", 1),
+        ] {
+            let Decision::Rewrite(rw) = table.decide(&spelling) else {
+                panic!("{spelling} not rewritten");
+            };
+            assert_eq!(
+                rw.target.to_string(),
+                format!("ghcr.io/ameideio/mirror/{short}")
+            );
+            assert_eq!(rw.pull_secret(), Some("ghcr-pull"));
+            assert_eq!(rw.mirror_name(), "ghcr");
+            assert_eq!(rw.policy.swap, SwapPolicy::Always);
+            assert!(matches!(rw.matched, Matched::Entry(_)));
+        }
+    }
+    // The tag-glob row carries the matched text over.
+    for suffix in ["tctl", "alpine", "tctl-1.2"] {
+        assert_eq!(
+            target(&table, &format!("temporalio/admin-tools:1.29.1-{suffix}")),
+            format!("ghcr.io/ameideio/mirror/temporalio-admin-tools:1.29.1-{suffix}")
+        );
+    }
+}
+
+#[test]
+fn default_table_catch_all_is_if_present_with_on_demand_copies() {
+    let table = Table::embedded_default().unwrap();
+    let Decision::Rewrite(rw) = table.decide("nginx:1.27") else {
+        panic!("nginx not rewritten");
+    };
+    assert_eq!(
+        rw.target.to_string(),
+        "ghcr.io/ameideio/mirror/docker.io/library/nginx:1.27"
+    );
+    assert_eq!(rw.policy.swap, SwapPolicy::IfPresent);
+    assert_eq!(rw.policy.copy, CopyPolicy::OnDemand);
+    // An entry's tag that does not match falls through to the rule.
+    let Decision::Rewrite(rw) = table.decide("grafana/loki:9.9.9") else {
+        panic!();
+    };
+    assert_eq!(rw.policy.swap, SwapPolicy::IfPresent);
+    assert_eq!(
+        kept(&table, "quay.io/minio/minio:latest"),
+        KeepReasonKind::NoMatch
+    );
+    assert!(table.namespace_excluded("kube-system"));
+    assert!(table.namespace_excluded("image-mirror-system"));
+    assert!(!table.namespace_excluded("default"));
+}
+
+#[test]
+fn tag_and_digest_are_both_kept() {
+    let table = Table::embedded_default().unwrap();
+    assert_eq!(
+        target(&table, &format!("redis:7.2.5@{DIGEST}")),
+        format!("ghcr.io/ameideio/mirror/redis:7.2.5@{DIGEST}")
+    );
+    assert_eq!(
+        target(&table, &format!("nginx@{DIGEST}")),
+        format!("ghcr.io/ameideio/mirror/docker.io/library/nginx@{DIGEST}")
+    );
+    // No `:latest` is added to an image that named no tag.
+    assert_eq!(
+        target(&table, "grafana/tempo"),
+        "ghcr.io/ameideio/mirror/tempo"
+    );
+    assert_eq!(
+        target(&table, "nginx"),
+        "ghcr.io/ameideio/mirror/docker.io/library/nginx"
+    );
+}
+
+#[test]
+fn rewriting_is_idempotent_on_the_default_table() {
+    let table = Table::embedded_default().unwrap();
+    for (source, _) in SEED_000 {
+        let once = target(&table, source);
+        assert_eq!(
+            kept(&table, &once),
+            KeepReasonKind::AlreadyMirrored,
+            "{once}"
+        );
+    }
+    let once = target(&table, "bitnami/redis:7");
+    assert_eq!(kept(&table, &once), KeepReasonKind::AlreadyMirrored);
+}
+
+#[test]
+fn unparsable_images_are_kept_with_the_reason() {
+    let table = Table::embedded_default().unwrap();
+    let Decision::Keep(k) = table.decide("docker/Docker") else {
+        panic!()
+    };
+    assert_eq!(k.reason.kind(), KeepReasonKind::Unparsable);
+    assert!(k.reason.to_string().contains("uppercase"));
+    assert_eq!(kept(&table, ""), KeepReasonKind::Unparsable);
+}
+
+// --- seed 001: ECR pull-through cache -----------------------------------------------------------
+
+#[test]
+fn seed_001_ecr_pull_through() {
+    let table = table_file("ecr-pull-through.yaml");
+    let ecr = "123456789012.dkr.ecr.ca-central-1.amazonaws.com";
+    let cases = [
+        (
+            "ghcr.io/amerintlxperts/my-app:v1.0.0",
+            format!("{ecr}/ghcr/amerintlxperts/my-app:v1.0.0"),
+        ),
+        ("nginx:1.27", format!("{ecr}/docker-hub/library/nginx:1.27")),
+        (
+            "docker.io/library/nginx:1.27",
+            format!("{ecr}/docker-hub/library/nginx:1.27"),
+        ),
+        (
+            "bitnami/redis:7",
+            format!("{ecr}/docker-hub/bitnami/redis:7"),
+        ),
+        (
+            "quay.io/minio/minio:latest",
+            format!("{ecr}/quay/minio/minio:latest"),
+        ),
+        (
+            "registry.k8s.io/pause:3.10",
+            format!("{ecr}/kubernetes/pause:3.10"),
+        ),
+    ];
+    for (source, want) in &cases {
+        let Decision::Rewrite(rw) = table.decide(source) else {
+            panic!("{source}")
+        };
+        assert_eq!(&rw.target.to_string(), want);
+        assert_eq!(rw.policy.swap, SwapPolicy::Always);
+        assert_eq!(rw.policy.copy, CopyPolicy::Off);
+        assert_eq!(rw.pull_secret(), None);
+        assert_eq!(kept(&table, want), KeepReasonKind::AlreadyMirrored);
+    }
+    assert_eq!(
+        kept(&table, "gcr.io/distroless/static"),
+        KeepReasonKind::NoMatch
+    );
+}
+
+#[test]
+fn pull_through_upstream_without_cache_prefix_is_not_rewritten() {
+    let table = Table::parse(
+        "t.yaml",
+        "mirrors:\n  ecr:\n    type: pull-through\n    registry: 1.dkr.ecr.us-east-1.amazonaws.com\n    upstreams: {docker.io: docker-hub}\nrules:\n  - match: [\"**\"]\n    mirror: ecr\n",
+    )
+    .unwrap();
+    assert_eq!(kept(&table, "quay.io/a/b"), KeepReasonKind::NoCachePrefix);
+    assert_eq!(
+        target(&table, "nginx"),
+        "1.dkr.ecr.us-east-1.amazonaws.com/docker-hub/library/nginx"
+    );
+}
+
+// --- seed 004: rancher naming -------------------------------------------------------------------
+
+#[test]
+fn seed_004_rancher_naming() {
+    let table = table_file("rancher.yaml");
+    assert_eq!(
+        target(&table, "banzaicloud/logging-operator:3.7.0"),
+        "registry.example.com/rancher/mirrored-banzaicloud-logging-operator:3.7.0"
+    );
+    let Decision::Rewrite(rw) = table.decide("banzaicloud/logging-operator") else {
+        panic!()
+    };
+    assert_eq!(rw.policy.platforms.len(), 2);
+    assert_eq!(rw.pull_secret(), Some("rancher-pull"));
+    // Official images live under library/, which the rule's */* covers.
+    assert_eq!(
+        target(&table, "nginx:1.27"),
+        "registry.example.com/rancher/mirrored-library-nginx:1.27"
+    );
+}
+
+// --- naming schemes and clashes -------------------------------------------------------------
+
+fn one_mirror(naming: &str, glob: &str) -> Result<Table, String> {
+    let yaml = format!(
+        "mirrors:\n  m:\n    type: repository\n    registry: reg.example.com\n    prefix: mirror\n    naming: {naming}\nrules:\n  - name: r\n    match: [\"{glob}\"]\n    mirror: m\n"
+    );
+    Table::parse("t.yaml", &yaml).map_err(|e| e.to_string())
+}
+
+#[test]
+fn naming_schemes() {
+    let cases = [
+        (
+            "flatten",
+            "docker.io/grafana/*",
+            "grafana/loki:3",
+            "reg.example.com/mirror/loki:3",
+        ),
+        (
+            "preserve",
+            "docker.io/**",
+            "grafana/loki:3",
+            "reg.example.com/mirror/docker.io/grafana/loki:3",
+        ),
+        (
+            "rancher",
+            "docker.io/grafana/*",
+            "grafana/loki:3",
+            "reg.example.com/mirror/mirrored-grafana-loki:3",
+        ),
+        (
+            "preserve",
+            "**",
+            "localhost:5000/a/b",
+            "reg.example.com/mirror/localhost_5000/a/b",
+        ),
+        (
+            "preserve",
+            "quay.io/**",
+            "quay.io/a/b/c:1",
+            "reg.example.com/mirror/quay.io/a/b/c:1",
+        ),
+        (
+            "rancher",
+            "docker.io/library/*",
+            "nginx",
+            "reg.example.com/mirror/mirrored-library-nginx",
+        ),
+    ];
+    for (naming, glob, source, want) in cases {
+        let table = one_mirror(naming, glob).unwrap();
+        assert_eq!(target(&table, source), want, "{naming} {source}");
+        assert_eq!(kept(&table, want), KeepReasonKind::AlreadyMirrored);
+    }
+}
+
+#[test]
+fn clashing_namings_are_check_errors() {
+    for (naming, glob) in [
+        ("flatten", "docker.io/**"),
+        ("flatten", "docker.io/*/loki"),
+        ("rancher", "**"),
+    ] {
+        let err = one_mirror(naming, glob).unwrap_err();
+        assert!(err.contains("naming clash"), "{naming} {glob}: {err}");
+        assert!(err.starts_with("t.yaml:8: rules[0].match:"), "{err}");
+    }
+    for (naming, glob) in [
+        ("preserve", "**"),
+        ("flatten", "docker.io/grafana/*"),
+        ("rancher", "docker.io/*/*"),
+    ] {
+        assert!(one_mirror(naming, glob).is_ok(), "{naming} {glob}");
+    }
+}
+
+#[test]
+fn two_entries_to_one_target_are_a_clash() {
+    let err = parse_err(
+        "images:\n  - source: a/x:1\n    target: reg.io/m/x:1\n  - source: b/x:1\n    target: reg.io/m/x:1\n",
+    );
+    assert!(err.contains("naming clash"), "{err}");
+    assert!(err.starts_with("table.yaml:5: images[1].target:"), "{err}");
+    // Any-tag entries overlap every tag of the same target name.
+    let err = parse_err(
+        "images:\n  - source: a/x\n    target: reg.io/m/x\n  - source: b/x:1\n    target: reg.io/m/x:1\n",
+    );
+    assert!(err.contains("naming clash"), "{err}");
+    // Same target name, different tags: fine.
+    assert!(Table::parse(
+        "t",
+        "images:\n  - source: a/x:1\n    target: reg.io/m/x:1\n  - source: b/x:2\n    target: reg.io/m/x:2\n"
+    )
+    .is_ok());
+}
+
+#[test]
+fn flatten_rule_meeting_an_entry_target_is_a_clash() {
+    let err = parse_err(
+        "mirrors:\n  m:\n    type: repository\n    registry: reg.io\n    prefix: m\n    naming: flatten\nimages:\n  - source: grafana/loki\n    target: reg.io/m/loki\nrules:\n  - match: [\"docker.io/bitnami/*\"]\n    mirror: m\n",
+    );
+    assert!(err.contains("naming clash"), "{err}");
+}
+
+// --- configuration errors name file, line and field -------------------------------------------
+
+#[test]
+fn errors_name_file_line_and_field() {
+    let cases = [
+        ("mirrors:\n  m:\n    type: repository\n    registry: r.io\n    colour: red\n", "table.yaml:5: mirrors.m.colour: unknown field `colour`"),
+        ("rules:\n  - match: [\"docker.io/**\"]\n    mirror: nope\n", "table.yaml:3: rules[0].mirror: unknown mirror \"nope\""),
+        ("mirrors:\n  m: {type: repository, registry: r.io}\nrules:\n  - match: [\"docker.io/[\"]\n    mirror: m\n", "table.yaml:4: rules[0].match[0]: invalid glob"),
+        ("images:\n  - source: Foo/Bar\n    target: r.io/x\n", "table.yaml:2: images[0].source: uppercase letter"),
+        ("images:\n  - source: a:1-*\n    target: r.io/x:1\n", "table.yaml:3: images[0].target: the source tag is a glob"),
+        ("checks:\n  presentTtl: forever\n", "table.yaml:2: checks.presentTtl: invalid duration"),
+        ("mirrors:\n  m:\n    type: mirror-ish\n    registry: r.io\n", "table.yaml:3: mirrors.m.type: unknown variant"),
+        ("rules:\n  - match: [\"docker.io/**\"]\n    mirror: m\n    swap: sometimes\n", "table.yaml:4: rules[0].swap: unknown variant `sometimes`"),
+        ("copies: {concurrency: 0}\n", "table.yaml:1: copies.concurrency: must be between 1 and 64"),
+        ("mirrors:\n  e:\n    type: pull-through\n    registry: r.io\n", "table.yaml:3: mirrors.e.upstreams: a pull-through mirror needs upstreams"),
+        ("registries:\n  docker.io: {usernameEnv: U}\n", "table.yaml:2: registries.docker.io: usernameEnv and passwordEnv go together"),
+        ("images:\n  - source: a:1\n    target: r.io/a:1\n  - source: docker.io/library/a:1\n    target: r.io/b:1\n", "table.yaml:4: images[1].source: duplicate source"),
+    ];
+    for (yaml, want) in cases {
+        let err = parse_err(yaml);
+        assert!(err.starts_with(want), "got {err:?}\nwant {want:?}");
+    }
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let err = Table::parse(
+        "t.yaml",
+        "rules:\n  - match: [\"a\"]\n    mirror: x\n  - match: [\"b\"]\n    mirror: y\n",
+    )
+    .unwrap_err();
+    assert_eq!(err.problems.len(), 2);
+}
+
+#[test]
+fn docker_hub_spellings_in_rules_and_images() {
+    let table = Table::parse(
+        "t.yaml",
+        "mirrors:\n  m: {type: repository, registry: r.io, prefix: m, naming: preserve}\nrules:\n  - match: [\"registry-1.docker.io/**\"]\n    mirror: m\n",
+    )
+    .unwrap();
+    assert_eq!(target(&table, "nginx"), "r.io/m/docker.io/library/nginx");
+    assert_eq!(
+        target(&table, "index.docker.io/a/b"),
+        "r.io/m/docker.io/a/b"
+    );
+    // containerd's endpoint spelling counts as Docker Hub too.
+    assert_eq!(
+        target(&table, "registry-1.docker.io/a/b"),
+        "r.io/m/docker.io/a/b"
+    );
+}
+
+#[test]
+fn excludes_and_first_match_wins() {
+    let table = Table::parse(
+        "t.yaml",
+        "mirrors:\n  a: {type: repository, registry: a.io, naming: preserve}\n  b: {type: repository, registry: b.io, naming: preserve}\nrules:\n  - name: first\n    match: [\"docker.io/**\"]\n    exclude: [\"docker.io/library/busybox\"]\n    mirror: a\n  - name: second\n    match: [\"docker.io/library/*\"]\n    mirror: b\n  - name: third\n    match: [\"docker.io/**\"]\n    mirror: b\n",
+    )
+    .unwrap();
+    assert_eq!(target(&table, "nginx"), "a.io/docker.io/library/nginx");
+    // Excluded by the first rule, picked up by the second.
+    assert_eq!(target(&table, "busybox"), "b.io/docker.io/library/busybox");
+    let only = Table::parse(
+        "t.yaml",
+        "mirrors:\n  a: {type: repository, registry: a.io, naming: preserve}\nrules:\n  - match: [\"docker.io/**\"]\n    exclude: [\"docker.io/library/busybox\"]\n    mirror: a\n",
+    )
+    .unwrap();
+    assert_eq!(kept(&only, "busybox:1.36"), KeepReasonKind::Excluded);
+}
+
+#[test]
+fn single_star_stays_within_a_component() {
+    let table = one_mirror("preserve", "docker.io/grafana/*").unwrap();
+    assert_eq!(kept(&table, "grafana/a/b"), KeepReasonKind::NoMatch);
+    assert!(table.decide("grafana/a").rewrite().is_some());
+}
+
+#[test]
+fn entry_policies_come_from_the_entry_then_the_mirror() {
+    let table = Table::parse(
+        "t.yaml",
+        "mirrors:\n  m: {type: repository, registry: r.io, prefix: m, swap: if-present, pullSecret: s}\nimages:\n  - source: a:1\n    target: r.io/m/a:1\n  - source: b:1\n    target: r.io/m/b:1\n    swap: always\n  - source: c:1\n    target: other.io/c:1\n",
+    )
+    .unwrap();
+    let policy = |img| table.decide(img).rewrite().unwrap().policy.swap;
+    assert_eq!(policy("a:1"), SwapPolicy::IfPresent);
+    assert_eq!(policy("b:1"), SwapPolicy::Always);
+    assert_eq!(policy("c:1"), SwapPolicy::Always);
+    assert_eq!(table.decide("c:1").rewrite().unwrap().pull_secret(), None);
+    assert_eq!(
+        table.decide("a:1").rewrite().unwrap().pull_secret(),
+        Some("s")
+    );
+    // A target outside every mirror is still recognised as already mirrored.
+    assert_eq!(
+        kept(&table, "other.io/c:1"),
+        KeepReasonKind::AlreadyMirrored
+    );
+}
+
+#[test]
+fn the_example_tables_load() {
+    for name in ["ghcr.yaml", "ecr-pull-through.yaml", "rancher.yaml"] {
+        table_file(name);
+    }
+}
+
+// --- properties ---------------------------------------------------------------------------------
+
+fn reference_strategy() -> impl Strategy<Value = String> {
+    let component = "[a-z0-9]{1,8}([._-][a-z0-9]{1,6}){0,2}";
+    let host = prop_oneof![
+        Just(String::new()),
+        Just("docker.io/".to_string()),
+        Just("index.docker.io/".to_string()),
+        Just("quay.io/".to_string()),
+        Just("localhost:5000/".to_string()),
+        Just("[::1]:5000/".to_string()),
+        Just("ghcr.io/ameideio/mirror/".to_string()),
+        "[a-z]{1,6}\\.[a-z]{2,3}(:[0-9]{2,5})?/",
+    ];
+    let path = prop::collection::vec(component, 1..4).prop_map(|c| c.join("/"));
+    let tag = prop::option::of("[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}");
+    let digest = prop::option::of("[a-f0-9]{64}");
+    (host, path, tag, digest).prop_map(|(h, p, t, d)| {
+        let mut s = format!("{h}{p}");
+        if let Some(t) = t {
+            s.push(':');
+            s.push_str(&t);
+        }
+        if let Some(d) = d {
+            s.push_str("@sha256:");
+            s.push_str(&d);
+        }
+        s
+    })
+}
+
+fn default_table() -> &'static Table {
+    static TABLE: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| Table::embedded_default().unwrap())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn decide_never_panics(s in "\\PC{0,300}") {
+        let _ = default_table().decide(&s);
+    }
+
+    #[test]
+    fn decide_never_panics_on_near_references(s in "[a-zA-Z0-9:/@._\\[\\]-]{0,80}") {
+        let _ = default_table().decide(&s);
+    }
+
+    #[test]
+    fn canonical_strings_reparse_to_themselves(s in reference_strategy()) {
+        if let Ok(r) = Reference::parse(&s) {
+            let canonical = r.to_string();
+            let again = Reference::parse(&canonical).unwrap();
+            prop_assert_eq!(&again, &r);
+            prop_assert_eq!(again.to_string(), canonical);
+            // The familiar form normalises back to the same reference, except where (as in
+            // distribution) dropping `docker.io/` leaves a first component that looks like a host.
+            let familiar = r.familiar();
+            let first = familiar.split('/').next().unwrap_or_default();
+            if !(familiar.contains('/') && (first.contains(['.', ':']) || first == "localhost")) || !r.is_docker_hub() {
+                prop_assert_eq!(Reference::parse(&familiar).unwrap(), r);
+            }
+        }
+    }
+
+    #[test]
+    fn rewriting_is_idempotent(s in reference_strategy()) {
+        static TABLES: std::sync::OnceLock<Vec<Table>> = std::sync::OnceLock::new();
+        let tables = TABLES.get_or_init(|| vec![Table::embedded_default().unwrap(), table_file("ecr-pull-through.yaml"), table_file("rancher.yaml")]);
+        for table in tables {
+            if let Decision::Rewrite(rw) = table.decide(&s) {
+                let target = rw.target.to_string();
+                prop_assert!(table.decide(&target).rewrite().is_none(), "{} -> {} rewrites again", s, target);
+                prop_assert_eq!(rw.target.tag(), rw.source.tag().or(rw.target.tag()));
+                prop_assert_eq!(rw.target.digest(), rw.source.digest());
+            }
+        }
+    }
+}
