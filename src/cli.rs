@@ -1,4 +1,6 @@
 //! The command line: `serve`, `explain`, `check-config`, `certs`.
+//!
+//! Every `serve` flag also reads an environment variable, so the Deployment can set either.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -22,6 +24,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the admission webhook over TLS, with metrics on a separate port.
+    Serve(ServeArgs),
+    /// Write a development CA and serving certificate, and print the caBundle.
+    Certs(CertsArgs),
     /// Explain what each image reference would become, and why.
     Explain(ExplainArgs),
     /// Validate a mapping table and summarise it.
@@ -29,6 +35,60 @@ pub enum Command {
         /// The table to check.
         file: PathBuf,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address of the HTTPS admission endpoint.
+    #[arg(long, env = "IMAGE_MIRROR_LISTEN", default_value = crate::server::DEFAULT_LISTEN)]
+    pub listen: std::net::SocketAddr,
+    /// Address of the plain-HTTP metrics endpoint (/metrics, /healthz, /readyz).
+    #[arg(long, env = "IMAGE_MIRROR_METRICS_LISTEN", default_value = crate::server::DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: std::net::SocketAddr,
+    /// Serving certificate (PEM). Default: certs/tls.crt, generated when absent.
+    #[arg(long, env = "IMAGE_MIRROR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Serving key (PEM). Default: certs/tls.key, generated when absent.
+    #[arg(long, env = "IMAGE_MIRROR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mapping table (YAML). Default: the embedded table.
+    #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "IMAGE_MIRROR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Time budget of one review; past it the Pod is admitted unchanged.
+    #[arg(long, env = "IMAGE_MIRROR_ADMISSION_BUDGET", default_value = "2s", value_parser = duration)]
+    pub admission_budget: std::time::Duration,
+    /// On SIGTERM, how long /readyz reports unready before draining starts.
+    #[arg(long, env = "IMAGE_MIRROR_SHUTDOWN_DELAY", default_value = "5s", value_parser = duration)]
+    pub shutdown_delay: std::time::Duration,
+    /// How long in-flight requests may take to finish while draining.
+    #[arg(long, env = "IMAGE_MIRROR_DRAIN_TIMEOUT", default_value = "20s", value_parser = duration)]
+    pub drain_timeout: std::time::Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CertsArgs {
+    /// Directory for ca.crt, tls.crt and tls.key.
+    #[arg(long, default_value = DEFAULT_CERT_DIR)]
+    pub out: PathBuf,
+    /// DNS names of the serving certificate (default: localhost and the in-cluster Service names).
+    #[arg(long)]
+    pub dns: Vec<String>,
+}
+
+/// Where `serve` looks for (and `certs` writes) development certificates.
+pub const DEFAULT_CERT_DIR: &str = "certs";
+
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::mapping::parse_duration(s)
 }
 
 #[derive(Debug, clap::Args)]
@@ -52,6 +112,8 @@ pub enum OutputFormat {
 /// Runs a command and maps its outcome to the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Certs(args) => certs(&args),
         Command::Explain(args) => explain(&args),
         Command::CheckConfig { file } => check_config(&file),
     };
@@ -133,6 +195,73 @@ impl Explanation {
         }
         e
     }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_tracing(args.log_format);
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => crate::tls::TlsFiles { cert, key },
+        _ => {
+            let dir = PathBuf::from(DEFAULT_CERT_DIR);
+            let files = crate::tls::TlsFiles {
+                cert: dir.join("tls.crt"),
+                key: dir.join("tls.key"),
+            };
+            if !files.cert.exists() || !files.key.exists() {
+                crate::certs::DevCerts::generate(&crate::certs::default_dns_names())?
+                    .write(&dir)?;
+                tracing::info!(dir = %dir.display(), "generated development certificates");
+            }
+            files
+        }
+    };
+    let opts = crate::server::ServeOptions {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        tls,
+        config: args.config,
+        budget: args.admission_budget,
+        shutdown_delay: args.shutdown_delay,
+        drain_timeout: args.drain_timeout,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let running = crate::server::start(opts, None).await?;
+        running.run_until_signal().await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
+    let dns = if args.dns.is_empty() {
+        crate::certs::default_dns_names()
+    } else {
+        args.dns.clone()
+    };
+    let certs = crate::certs::DevCerts::generate(&dns)?;
+    certs.write(&args.out)?;
+    eprintln!(
+        "wrote {0}/ca.crt, {0}/tls.crt and {0}/tls.key for {1}",
+        args.out.display(),
+        dns.join(", ")
+    );
+    eprintln!("caBundle for the MutatingWebhookConfiguration:");
+    println!("{}", certs.ca_bundle());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn explain(args: &ExplainArgs) -> anyhow::Result<ExitCode> {

@@ -5,9 +5,18 @@
 //! review into a response; [`server`], [`tls`], [`metrics`] and [`config`] are the shell around
 //! them.
 
+pub mod admission;
+pub mod certs;
 pub mod cli;
+pub mod config;
 pub mod mapping;
+pub mod metrics;
+pub mod patch;
 pub mod reference;
+pub mod server;
+pub mod tls;
+pub mod watch;
 
 pub use mapping::{Decision, Table};
 pub use reference::Reference;
+pub use server::router;

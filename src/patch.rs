@@ -1,0 +1,310 @@
+//! Pod JSON + image changes → a minimal RFC 6902 JSON Patch.
+//!
+//! Pure, and always on the raw JSON the API server sent: re-serialising a typed Pod would drop
+//! fields unknown to k8s-openapi. The patch must apply cleanly to what the API server holds — a
+//! patch that decodes but fails to apply rejects the Pod even with `failurePolicy: Ignore`:
+//! - `add` needs an existing parent, so a missing (or, as Go re-encodes it, empty) map or list
+//!   is added whole;
+//! - `add` on an existing member replaces it, so the merged pull-secret list is one `add`;
+//! - `replace` is used only where the value exists (a container's `image`).
+
+use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
+use jsonptr::PointerBuf;
+use serde_json::{Map, Value};
+
+/// The annotation recording each container's original image (JSON: container name → image).
+pub const ORIGINAL_IMAGES_ANNOTATION: &str = "image-mirror/original-images";
+
+/// The three container lists of a Pod spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ContainerList {
+    Containers,
+    InitContainers,
+    EphemeralContainers,
+}
+
+impl ContainerList {
+    /// The field name in `spec`.
+    pub fn field(self) -> &'static str {
+        match self {
+            ContainerList::Containers => "containers",
+            ContainerList::InitContainers => "initContainers",
+            ContainerList::EphemeralContainers => "ephemeralContainers",
+        }
+    }
+}
+
+/// A well-formed container: an object in one of the lists, with a string `image`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRef<'a> {
+    pub list: ContainerList,
+    pub index: usize,
+    /// The container's name; `containers[2]`-style when the Pod gave none.
+    pub name: String,
+    pub image: &'a str,
+}
+
+/// The well-formed containers of `lists` in `pod`; anything malformed is passed over.
+pub fn containers<'a>(pod: &'a Value, lists: &[ContainerList]) -> Vec<ContainerRef<'a>> {
+    let Some(spec) = pod.get("spec").and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for &list in lists {
+        let Some(items) = spec.get(list.field()).and_then(Value::as_array) else {
+            continue;
+        };
+        for (index, item) in items.iter().enumerate() {
+            let Some(image) = item.get("image").and_then(Value::as_str) else {
+                continue;
+            };
+            let name = match item.get("name").and_then(Value::as_str) {
+                Some(n) => n.to_string(),
+                None => format!("{}[{index}]", list.field()),
+            };
+            out.push(ContainerRef {
+                list,
+                index,
+                name,
+                image,
+            });
+        }
+    }
+    out
+}
+
+/// One container's image rewrite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageChange {
+    pub list: ContainerList,
+    pub index: usize,
+    pub container: String,
+    pub original: String,
+    pub image: String,
+}
+
+/// Builds the patch for `changes` and the pull secrets the new images need.
+/// Returns no operations when there is nothing to change.
+pub fn build_patch(
+    pod: &Value,
+    changes: &[ImageChange],
+    pull_secrets: &[&str],
+) -> Vec<PatchOperation> {
+    if changes.is_empty() {
+        return Vec::new();
+    }
+    let mut ops = Vec::with_capacity(changes.len() + 2);
+    for c in changes {
+        ops.push(PatchOperation::Replace(ReplaceOperation {
+            path: PointerBuf::from_tokens(["spec", c.list.field(), &c.index.to_string(), "image"]),
+            value: Value::String(c.image.clone()),
+        }));
+    }
+    if let Some(op) = pull_secrets_op(pod, pull_secrets) {
+        ops.push(op);
+    }
+    if let Some(op) = annotation_op(pod, changes) {
+        ops.push(op);
+    }
+    ops
+}
+
+/// The secret names a Pod already lists in `spec.imagePullSecrets`.
+pub fn existing_pull_secrets(pod: &Value) -> Vec<&str> {
+    pod.pointer("/spec/imagePullSecrets")
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(|s| s.get("name").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `add /spec/imagePullSecrets` with the Pod's list plus the missing secrets, or nothing when
+/// every secret is there already.
+fn pull_secrets_op(pod: &Value, wanted: &[&str]) -> Option<PatchOperation> {
+    let existing = existing_pull_secrets(pod);
+    let mut missing: Vec<&str> = Vec::new();
+    for &name in wanted {
+        if !existing.contains(&name) && !missing.contains(&name) {
+            missing.push(name);
+        }
+    }
+    if missing.is_empty() {
+        return None;
+    }
+    // Keep what the Pod had verbatim (even entries we do not understand), then append.
+    let mut merged: Vec<Value> = pod
+        .pointer("/spec/imagePullSecrets")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    merged.extend(
+        missing
+            .into_iter()
+            .map(|n| serde_json::json!({ "name": n })),
+    );
+    Some(PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(["spec", "imagePullSecrets"]),
+        value: Value::Array(merged),
+    }))
+}
+
+/// Records the original images, merged with a record an earlier invocation left.
+fn annotation_op(pod: &Value, changes: &[ImageChange]) -> Option<PatchOperation> {
+    let metadata = pod.get("metadata");
+    let annotations = metadata.and_then(|m| m.get("annotations"));
+    let mut record: Map<String, Value> = annotations
+        .and_then(|a| a.get(ORIGINAL_IMAGES_ANNOTATION))
+        .and_then(Value::as_str)
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default();
+    for c in changes {
+        // A re-invocation keeps the first original, not our own earlier rewrite.
+        record
+            .entry(c.container.clone())
+            .or_insert_with(|| Value::String(c.original.clone()));
+    }
+    let value = Value::String(Value::Object(record).to_string());
+    let op = match (metadata, annotations) {
+        (None, _) => AddOperation {
+            path: PointerBuf::from_tokens(["metadata"]),
+            value: serde_json::json!({ "annotations": { ORIGINAL_IMAGES_ANNOTATION: value } }),
+        },
+        (Some(m), _) if !m.is_object() => return None,
+        (Some(_), Some(Value::Object(map))) if !map.is_empty() => AddOperation {
+            path: PointerBuf::from_tokens(["metadata", "annotations", ORIGINAL_IMAGES_ANNOTATION]),
+            value,
+        },
+        // Missing, null or empty (Go omits an empty map when it re-encodes): add it whole.
+        (Some(_), None | Some(Value::Null)) | (Some(_), Some(Value::Object(_))) => AddOperation {
+            path: PointerBuf::from_tokens(["metadata", "annotations"]),
+            value: serde_json::json!({ ORIGINAL_IMAGES_ANNOTATION: value }),
+        },
+        (Some(_), Some(_)) => return None,
+    };
+    Some(PatchOperation::Add(op))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn change(list: ContainerList, index: usize, name: &str, from: &str, to: &str) -> ImageChange {
+        ImageChange {
+            list,
+            index,
+            container: name.into(),
+            original: from.into(),
+            image: to.into(),
+        }
+    }
+
+    fn apply(pod: &Value, ops: Vec<PatchOperation>) -> Value {
+        let mut doc = pod.clone();
+        json_patch::patch(&mut doc, &json_patch::Patch(ops)).expect("patch applies");
+        doc
+    }
+
+    #[test]
+    fn pointer_segments_are_escaped() {
+        let pod = json!({"metadata": {"annotations": {"a/b~c": "x"}}, "spec": {"containers": [{"name": "c", "image": "nginx"}]}});
+        let ops = build_patch(
+            &pod,
+            &[change(
+                ContainerList::Containers,
+                0,
+                "c",
+                "nginx",
+                "m/nginx",
+            )],
+            &[],
+        );
+        let text = serde_json::to_string(&ops).unwrap();
+        assert!(
+            text.contains("/metadata/annotations/image-mirror~1original-images"),
+            "{text}"
+        );
+        let out = apply(&pod, ops);
+        assert_eq!(out["metadata"]["annotations"]["a/b~c"], "x");
+        assert_eq!(
+            out["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION],
+            r#"{"c":"nginx"}"#
+        );
+    }
+
+    #[test]
+    fn shapes_of_annotations_and_secrets() {
+        let c = [change(ContainerList::Containers, 0, "c", "a", "b")];
+        for pod in [
+            json!({"metadata": {}, "spec": {"containers": [{"name": "c", "image": "a"}]}}),
+            json!({"metadata": {"annotations": null}, "spec": {"containers": [{"name": "c", "image": "a"}], "imagePullSecrets": null}}),
+            json!({"metadata": {"annotations": {}}, "spec": {"containers": [{"name": "c", "image": "a"}], "imagePullSecrets": []}}),
+            json!({"spec": {"containers": [{"name": "c", "image": "a"}]}}),
+        ] {
+            let out = apply(&pod, build_patch(&pod, &c, &["s"]));
+            assert_eq!(out["spec"]["containers"][0]["image"], "b");
+            assert_eq!(out["spec"]["imagePullSecrets"], json!([{"name": "s"}]));
+            assert!(out["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION].is_string());
+        }
+    }
+
+    #[test]
+    fn secrets_are_merged_without_duplicates() {
+        let pod = json!({"spec": {"containers": [{"name": "c", "image": "a"}], "imagePullSecrets": [{"name": "other"}, {"name": "s"}]}});
+        let c = [change(ContainerList::Containers, 0, "c", "a", "b")];
+        let ops = build_patch(&pod, &c, &["s", "s"]);
+        // The secret is there already: no secret operation at all.
+        assert_eq!(ops.len(), 2);
+        let out = apply(&pod, build_patch(&pod, &c, &["t", "s", "t"]));
+        assert_eq!(
+            out["spec"]["imagePullSecrets"],
+            json!([{"name": "other"}, {"name": "s"}, {"name": "t"}])
+        );
+    }
+
+    #[test]
+    fn earlier_record_is_kept_on_reinvocation() {
+        let pod = json!({"metadata": {"annotations": {ORIGINAL_IMAGES_ANNOTATION: r#"{"a":"nginx"}"#}},
+            "spec": {"containers": [{"name": "a", "image": "m/nginx"}, {"name": "b", "image": "redis"}]}});
+        let out = apply(
+            &pod,
+            build_patch(
+                &pod,
+                &[change(
+                    ContainerList::Containers,
+                    1,
+                    "b",
+                    "redis",
+                    "m/redis",
+                )],
+                &[],
+            ),
+        );
+        assert_eq!(
+            out["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION],
+            r#"{"a":"nginx","b":"redis"}"#
+        );
+    }
+
+    #[test]
+    fn malformed_containers_are_passed_over() {
+        let pod = json!({"spec": {"containers": [{"name": "a"}, 7, {"name": "b", "image": 3}, {"image": "x"}], "initContainers": null}});
+        let found = containers(
+            &pod,
+            &[ContainerList::Containers, ContainerList::InitContainers],
+        );
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].name, "containers[3]");
+        assert_eq!(found[0].index, 3);
+        assert!(containers(&json!({"spec": 1}), &[ContainerList::Containers]).is_empty());
+        assert!(containers(&json!({}), &[ContainerList::Containers]).is_empty());
+    }
+
+    #[test]
+    fn no_changes_no_patch() {
+        assert!(build_patch(&json!({}), &[], &["s"]).is_empty());
+    }
+}

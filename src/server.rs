@@ -1,0 +1,267 @@
+//! The HTTPS admission listener and the plain-HTTP metrics listener.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use prometheus_client::registry::Registry;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::admission::{Answer, MirrorAccess, Webhook};
+use crate::config::{self, TableHandle};
+use crate::metrics::Metrics;
+use crate::tls::TlsFiles;
+
+/// Request bodies above this are refused with 413 (a Pod review is far below it).
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// Where the admission endpoint listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
+/// Where `/metrics` listens unless told otherwise.
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
+/// The admission path the MutatingWebhookConfiguration calls.
+pub const MUTATE_PATH: &str = "/mutate";
+
+/// Readiness, shared by both listeners: false until serving, false again once draining.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    webhook: Arc<Webhook>,
+    ready: Readiness,
+}
+
+/// The admission router: `/mutate`, `/healthz`, `/readyz`. Exposed so tests can drive the HTTP
+/// surface without a socket.
+pub fn router(webhook: Arc<Webhook>, ready: Readiness) -> Router {
+    Router::new()
+        .route(MUTATE_PATH, post(mutate))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(AppState { webhook, ready })
+}
+
+async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
+    match state.webhook.review(&body).await {
+        Answer::Review(json) => {
+            ([(header::CONTENT_TYPE, "application/json")], json).into_response()
+        }
+        Answer::BadRequest(reason) => (StatusCode::BAD_REQUEST, reason).into_response(),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    ready_answer(&state.ready)
+}
+
+fn ready_answer(ready: &Readiness) -> Response {
+    if ready.get() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+#[derive(Clone)]
+struct MetricsState {
+    registry: Arc<Registry>,
+    ready: Readiness,
+}
+
+/// The metrics router: `/metrics` (Prometheus text, or OpenMetrics when asked), `/healthz`,
+/// `/readyz`.
+pub fn metrics_router(registry: Arc<Registry>, ready: Readiness) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .route("/healthz", get(healthz))
+        .route(
+            "/readyz",
+            get(|State(s): State<MetricsState>| async move { ready_answer(&s.ready) }),
+        )
+        .with_state(MetricsState { registry, ready })
+}
+
+async fn scrape(State(state): State<MetricsState>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    match crate::metrics::encode(&state.registry, openmetrics) {
+        Ok((body, content_type)) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics").into_response(),
+    }
+}
+
+/// What `serve` needs; every field has a flag.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub tls: TlsFiles,
+    pub config: Option<PathBuf>,
+    /// Time budget of one admission review.
+    pub budget: Duration,
+    /// How long `/readyz` reports unready before connections drain (endpoints must update).
+    pub shutdown_delay: Duration,
+    /// How long in-flight requests may take to finish once draining.
+    pub drain_timeout: Duration,
+}
+
+/// A server that is up: its addresses, and the means to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub metrics: Metrics,
+    pub registry: Arc<Registry>,
+    pub tables: TableHandle,
+    ready: Readiness,
+    handle: axum_server::Handle<SocketAddr>,
+    metrics_stop: Arc<Notify>,
+    tasks: Vec<JoinHandle<std::io::Result<()>>>,
+    _watchers: Vec<notify::RecommendedWatcher>,
+    shutdown_delay: Duration,
+    drain_timeout: Duration,
+}
+
+/// Loads the table and the certificate, binds both listeners and starts serving.
+pub async fn start(
+    opts: ServeOptions,
+    mirrors: Option<Arc<dyn MirrorAccess>>,
+) -> anyhow::Result<Running> {
+    let table = config::load(opts.config.as_deref())?;
+    let (metrics, registry) = Metrics::new();
+    let registry = Arc::new(registry);
+    let tables = TableHandle::new(table);
+    let mut watchers = Vec::new();
+    if let Some(path) = &opts.config {
+        watchers.push(
+            tables
+                .watch(path.clone(), metrics.clone())
+                .with_context(|| format!("cannot watch {}", path.display()))?,
+        );
+    }
+    let loaded = opts.tls.load()?;
+    if let Some(t) = loaded.not_after {
+        metrics.certificate_expiry.set(t);
+    }
+    let rustls = axum_server::tls_rustls::RustlsConfig::from_config(loaded.config);
+    watchers.extend(
+        opts.tls
+            .watch(rustls.clone(), metrics.clone())
+            .context("cannot watch the certificate directory")?,
+    );
+
+    let mut webhook = Webhook::new(tables.clone(), metrics.clone());
+    webhook.budget = opts.budget;
+    webhook.mirrors = mirrors;
+    let ready = Readiness::default();
+
+    let listener = std::net::TcpListener::bind(opts.listen)
+        .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let handle = axum_server::Handle::new();
+    let https = axum_server::from_tcp_rustls(listener, rustls)?
+        .handle(handle.clone())
+        .serve(router(Arc::new(webhook), ready.clone()).into_make_service());
+
+    let metrics_listener = tokio::net::TcpListener::bind(opts.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.metrics_listen))?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let metrics_stop = Arc::new(Notify::new());
+    let stop = metrics_stop.clone();
+    let plain = axum::serve(
+        metrics_listener,
+        metrics_router(registry.clone(), ready.clone()),
+    )
+    .with_graceful_shutdown(async move { stop.notified().await });
+
+    let tasks = vec![
+        tokio::spawn(https),
+        tokio::spawn(async move { plain.await }),
+    ];
+    ready.set(true);
+    tracing::info!(%addr, %metrics_addr, config = opts.config.as_ref().map_or("<embedded>".to_string(), |p| p.display().to_string()), "serving");
+    Ok(Running {
+        addr,
+        metrics_addr,
+        metrics,
+        registry,
+        tables,
+        ready,
+        handle,
+        metrics_stop,
+        tasks,
+        _watchers: watchers,
+        shutdown_delay: opts.shutdown_delay,
+        drain_timeout: opts.drain_timeout,
+    })
+}
+
+impl Running {
+    /// Graceful stop: unready first, then stop accepting and let in-flight requests finish.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.ready.set(false);
+        tracing::info!(delay = ?self.shutdown_delay, "shutting down: unready, then draining");
+        tokio::time::sleep(self.shutdown_delay).await;
+        self.handle.graceful_shutdown(Some(self.drain_timeout));
+        self.metrics_stop.notify_one();
+        for task in self.tasks {
+            task.await.context("server task failed")??;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// Serves until SIGTERM or SIGINT, then shuts down gracefully.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        shutdown_signal().await;
+        self.shutdown().await
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

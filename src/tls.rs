@@ -1,0 +1,141 @@
+//! The serving certificate: loading, and reloading when cert-manager rotates it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+
+use crate::metrics::{Metrics, ResultLabels};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path} holds no usable PEM private key")]
+    NoKey { path: PathBuf },
+    #[error("certificate {cert} and key {key} do not make a TLS configuration: {source}")]
+    Config {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+}
+
+/// Where the certificate and key live.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A TLS configuration ready to serve, and when its certificate expires (Unix seconds).
+pub struct Loaded {
+    pub config: Arc<ServerConfig>,
+    pub not_after: Option<i64>,
+}
+
+impl TlsFiles {
+    /// Reads both files and builds the server configuration (ALPN `h2`, `http/1.1`).
+    pub fn load(&self) -> Result<Loaded, TlsError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let cert_pem = read(&self.cert)?;
+        let key_pem = read(&self.key)?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+            .filter_map(Result::ok)
+            .collect();
+        if certs.is_empty() {
+            return Err(TlsError::NoCertificate {
+                path: self.cert.clone(),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey {
+            path: self.key.clone(),
+        })?;
+        let not_after = x509_parser::parse_x509_certificate(&certs[0])
+            .ok()
+            .map(|(_, c)| c.validity().not_after.timestamp());
+        let config_err = |source| TlsError::Config {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            source,
+        };
+        let mut config = ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(config_err)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(config_err)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Loaded {
+            config: Arc::new(config),
+            not_after,
+        })
+    }
+
+    /// Re-reads the files whenever their directories change, and swaps the new configuration
+    /// into `target` only when it is valid; open connections keep the old one.
+    pub fn watch(
+        &self,
+        target: axum_server::tls_rustls::RustlsConfig,
+        metrics: Metrics,
+    ) -> notify::Result<Vec<notify::RecommendedWatcher>> {
+        let mut dirs: Vec<PathBuf> = [&self.cert, &self.key]
+            .iter()
+            .map(|p| {
+                p.parent()
+                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+            })
+            .map(|d| {
+                if d.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    d
+                }
+            })
+            .collect();
+        dirs.dedup();
+        dirs.into_iter()
+            .map(|dir| {
+                let files = self.clone();
+                let target = target.clone();
+                let metrics = metrics.clone();
+                crate::watch::on_change(&dir, move || files.reload_into(&target, &metrics))
+            })
+            .collect()
+    }
+
+    fn reload_into(&self, target: &axum_server::tls_rustls::RustlsConfig, metrics: &Metrics) {
+        let result = match self.load() {
+            Ok(loaded) => {
+                target.reload_from_config(loaded.config);
+                if let Some(t) = loaded.not_after {
+                    metrics.certificate_expiry.set(t);
+                }
+                tracing::info!(cert = %self.cert.display(), "serving certificate reloaded");
+                "success"
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "serving certificate not reloaded; keeping the old one");
+                "failure"
+            }
+        };
+        metrics
+            .certificate_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+}
