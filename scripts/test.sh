@@ -1,5 +1,24 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what the tests need, then runs every test.
+# The whole test suite, from a fresh machine: installs what the tests need, then runs them all.
+#   promtool       (Debian: prometheus)       checks every /metrics scrape
+#   docker-registry, skopeo, htpasswd         real OCI registries for registry tests
+#   kubectl                                   renders deploy/ offline (already on the machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --all-targets --locked
+
+need=()
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
+command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
+command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --locked

@@ -525,9 +525,12 @@ impl Webhook {
         let mut known: HashMap<&Reference, Presence> = HashMap::new();
         let targets = plan.targets_to_check();
         if let (Some(mirrors), false) = (&self.mirrors, targets.is_empty()) {
-            let answers =
-                futures::future::join_all(targets.iter().map(|t| mirrors.presence(t))).await;
-            known.extend(targets.iter().copied().zip(answers));
+            // Leave a quarter of the budget for the rest: an unanswered check is `Unknown`,
+            // and the Pod's other rewrites still happen.
+            let lookups = futures::future::join_all(targets.iter().map(|t| mirrors.presence(t)));
+            if let Ok(answers) = tokio::time::timeout(self.budget * 3 / 4, lookups).await {
+                known.extend(targets.iter().copied().zip(answers));
+            }
         }
         let lookup = |t: &Reference| known.get(t).copied().unwrap_or(Presence::Unknown);
         catch(|| plan.finish(review.request.object.as_ref(), &lookup))
