@@ -1,0 +1,50 @@
+//! Review → response for a 3-container Pod. Target: ≤ 25 µs.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use image_mirror_webhook::admission::{plan, response_body, Presence, Review, Webhook};
+use image_mirror_webhook::config::TableHandle;
+use image_mirror_webhook::mapping::Table;
+use image_mirror_webhook::metrics::Metrics;
+
+// The same allocator as the binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn bench(c: &mut Criterion) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/admission");
+    let body = std::fs::read(format!("{dir}/pod_three_containers.json")).expect("fixture");
+    let yaml = std::fs::read_to_string(format!("{dir}/table.yaml")).expect("table");
+    let table = Table::parse("table.yaml", &yaml).expect("valid table");
+
+    c.bench_function("admission/parse_only", |b| {
+        b.iter(|| black_box(Review::parse(black_box(&body)).expect("review")))
+    });
+    let compact =
+        serde_json::to_vec(&serde_json::from_slice::<serde_json::Value>(&body).unwrap()).unwrap();
+    c.bench_function("admission/parse_only_compact", |b| {
+        b.iter(|| black_box(Review::parse(black_box(&compact)).expect("review")))
+    });
+    c.bench_function("admission/pure_3_containers", |b| {
+        b.iter(|| {
+            let review = Review::parse(black_box(&body)).expect("review");
+            let plan = plan(&review, &table);
+            let m = plan.finish(review.request.object.as_ref(), &|_| Presence::Unknown);
+            black_box(response_body(&review.api_version, &review.request.uid, &m))
+        })
+    });
+
+    let (metrics, _registry) = Metrics::new();
+    let webhook = Webhook::new(TableHandle::new(table.clone()), metrics);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    c.bench_function("admission/webhook_3_containers", |b| {
+        b.iter(|| black_box(rt.block_on(webhook.review(black_box(&body)))))
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

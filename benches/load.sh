@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Load on loopback only: h2load (Debian nghttp2-client) posts a 3-container Pod review to a
+# local release server, then requests the trivial /healthz of the same TLS stack, and prints
+# reviews/s, latency percentiles and the ratio between the two. Bounded by count and time.
+#   benches/load.sh [REQUESTS] [CLIENTS] [STREAMS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+requests=${1:-20000}
+clients=${2:-8}
+streams=${3:-4}
+command -v h2load >/dev/null || { echo "h2load missing: apt-get install nghttp2-client" >&2; exit 1; }
+
+cargo build --release --quiet
+work=$(mktemp -d)
+trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+./target/release/image-mirror-webhook certs --out "$work" --dns localhost >/dev/null 2>&1
+port=$(( 20000 + RANDOM % 20000 ))
+RUST_LOG=warn ./target/release/image-mirror-webhook serve --listen "127.0.0.1:$port" \
+  --metrics-listen "127.0.0.1:$((port + 1))" --tls-cert "$work/tls.crt" --tls-key "$work/tls.key" \
+  --config tests/data/admission/table.yaml --shutdown-delay 0s >"$work/server.log" 2>&1 &
+pid=$!
+for _ in $(seq 50); do
+  curl -sk "https://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2],"w"), separators=(",",":"))' \
+  tests/data/admission/pod_three_containers.json "$work/review.json"
+
+run() { # name, extra h2load args...
+  local name=$1; shift
+  timeout 120 h2load -n "$requests" -c "$clients" -m "$streams" --log-file="$work/$name.log" "$@" \
+    >"$work/$name.out" 2>&1 || true
+  local rps
+  rps=$(awk '/^finished in/ {print $4}' "$work/$name.out")
+  local ok
+  ok=$(awk '/^status codes:/ {print $3}' "$work/$name.out")
+  # Per-request log: start time (µs), status, elapsed (µs).
+  local pct
+  pct=$(awk '{print $3}' "$work/$name.log" | sort -n | awk '{a[NR]=$1} END {
+    if (NR == 0) {print "no samples"; exit}
+    printf "p50 %.2f ms  p90 %.2f ms  p99 %.2f ms  max %.2f ms", a[int(NR*0.5)]/1000, a[int(NR*0.9)]/1000, a[int(NR*0.99)]/1000, a[NR]/1000 }')
+  printf '%-8s %10s req/s  2xx %-7s %s\n' "$name" "$rps" "$ok" "$pct"
+  echo "$rps" >"$work/$name.rps"
+}
+echo "h2load: $requests requests, $clients clients x $streams streams, 127.0.0.1:$port"
+run review -d "$work/review.json" -H 'content-type: application/json' "https://127.0.0.1:$port/mutate"
+run healthz "https://127.0.0.1:$port/healthz"
+python3 - "$work" <<'PY'
+import sys
+w = sys.argv[1]
+r, h = (float(open(f"{w}/{n}.rps").read() or 0) for n in ("review", "healthz"))
+if r and h:
+    print(f"reviews run at {r / h:.2f}x the rate of the trivial TLS endpoint")
+PY
