@@ -17,7 +17,7 @@ use serde_saphyr::Spanned;
 use crate::reference::{is_docker_hub_host, Reference, ReferenceError, DOCKER_HUB};
 
 /// The table compiled into the binary: seed 000's GHCR mirror plus a Docker Hub catch-all.
-pub const DEFAULT_TABLE_YAML: &str = include_str!("../deploy/config/ghcr.yaml");
+pub const DEFAULT_TABLE_YAML: &str = include_str!("../deploy/components/ghcr/config.yaml");
 /// How the embedded table is named in messages.
 pub const DEFAULT_TABLE_NAME: &str = "<embedded default table>";
 

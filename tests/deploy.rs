@@ -1,0 +1,539 @@
+//! deploy/ rendered with the machine's `kubectl kustomize`, every object deserialised into
+//! k8s-openapi types with unknown fields treated as errors, and checked against the binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::Engine as _;
+use image_mirror_webhook::mapping::Table;
+use image_mirror_webhook::server::{DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, MUTATE_PATH};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn render(dir: &Path) -> Vec<Value> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("kubectl is on the machine");
+    assert!(
+        out.status.success(),
+        "kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut objects = serde_saphyr::from_multiple::<Value>(&text).unwrap();
+    for o in &mut objects {
+        unwrap_base64(o);
+    }
+    objects
+}
+
+/// kustomize wraps generated base64 at 70 columns; Go's decoder (the API server's) skips the
+/// newlines, k8s-openapi's does not, so join the lines before deserialising.
+fn unwrap_base64(o: &mut Value) {
+    let join = |v: &mut Value| {
+        if let Some(s) = v.as_str() {
+            *v = Value::from(s.split_whitespace().collect::<String>());
+        }
+    };
+    if o["kind"] == "Secret" {
+        if let Some(data) = o.get_mut("data").and_then(Value::as_object_mut) {
+            data.values_mut().for_each(join);
+        }
+    }
+    if let Some(hooks) = o.get_mut("webhooks").and_then(Value::as_array_mut) {
+        for h in hooks {
+            if let Some(b) = h.pointer_mut("/clientConfig/caBundle") {
+                join(b);
+            }
+        }
+    }
+}
+
+/// Deserialises into `T`, failing on any field `T` does not know.
+fn strict<T: DeserializeOwned>(v: &Value) -> T {
+    let mut unknown = Vec::new();
+    let t = serde_ignored::deserialize(v.clone(), |path| unknown.push(path.to_string()))
+        .unwrap_or_else(|e| panic!("{} {}: {e}", v["kind"], v["metadata"]["name"]));
+    assert!(
+        unknown.is_empty(),
+        "{} {}: unknown fields {unknown:?}",
+        v["kind"],
+        v["metadata"]["name"]
+    );
+    t
+}
+
+/// Every rendered object, checked by kind; returns the objects for further assertions.
+struct Rendered {
+    objects: Vec<Value>,
+}
+
+impl Rendered {
+    fn new(dir: &Path) -> Self {
+        let objects = render(dir);
+        for o in &objects {
+            match o["kind"].as_str().unwrap() {
+                "Namespace" => drop(strict::<Namespace>(o)),
+                "ServiceAccount" => drop(strict::<ServiceAccount>(o)),
+                "ConfigMap" => drop(strict::<ConfigMap>(o)),
+                "Secret" => drop(strict::<Secret>(o)),
+                "Service" => drop(strict::<Service>(o)),
+                "Deployment" => drop(strict::<Deployment>(o)),
+                "PodDisruptionBudget" => drop(strict::<PodDisruptionBudget>(o)),
+                "NetworkPolicy" => drop(strict::<NetworkPolicy>(o)),
+                "MutatingWebhookConfiguration" => drop(strict::<MutatingWebhookConfiguration>(o)),
+                "Issuer" | "Certificate" => assert_eq!(o["apiVersion"], "cert-manager.io/v1"),
+                "ServiceMonitor" | "PrometheusRule" => {
+                    assert_eq!(o["apiVersion"], "monitoring.coreos.com/v1")
+                }
+                other => panic!("unexpected kind {other} in {}", dir.display()),
+            }
+        }
+        Rendered { objects }
+    }
+
+    fn one<T: DeserializeOwned>(&self, kind: &str) -> T {
+        let found: Vec<&Value> = self.objects.iter().filter(|o| o["kind"] == kind).collect();
+        assert_eq!(found.len(), 1, "one {kind}");
+        strict(found[0])
+    }
+
+    fn has(&self, kind: &str) -> bool {
+        self.objects.iter().any(|o| o["kind"] == kind)
+    }
+}
+
+fn serve_help() -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn port_of(addr: &str) -> i32 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+fn check_common(r: &Rendered) -> Deployment {
+    // The MutatingWebhookConfiguration.
+    let mwc: MutatingWebhookConfiguration = r.one("MutatingWebhookConfiguration");
+    let hooks = mwc.webhooks.unwrap();
+    assert_eq!(hooks.len(), 1);
+    let w = &hooks[0];
+    assert_eq!(w.failure_policy.as_deref(), Some("Ignore"));
+    assert_eq!(w.side_effects, "NoneOnDryRun");
+    assert_eq!(w.reinvocation_policy.as_deref(), Some("IfNeeded"));
+    assert_eq!(w.timeout_seconds, Some(5));
+    assert_eq!(w.match_policy.as_deref(), Some("Equivalent"));
+    assert_eq!(w.admission_review_versions, ["v1"]);
+    let svc = w.client_config.service.as_ref().unwrap();
+    assert_eq!(svc.path.as_deref(), Some(MUTATE_PATH));
+    assert_eq!(
+        (svc.name.as_str(), svc.namespace.as_str(), svc.port),
+        ("image-mirror-webhook", "image-mirror-system", Some(443))
+    );
+    let rules = w.rules.as_ref().unwrap();
+    let rule_for = |res: &str| {
+        rules
+            .iter()
+            .find(|x| x.resources.as_ref().unwrap().contains(&res.to_string()))
+            .unwrap()
+    };
+    assert_eq!(rule_for("pods").operations.as_ref().unwrap(), &["CREATE"]);
+    assert_eq!(
+        rule_for("pods/ephemeralcontainers")
+            .operations
+            .as_ref()
+            .unwrap(),
+        &["UPDATE"]
+    );
+    let ns = w.namespace_selector.as_ref().unwrap();
+    assert_eq!(
+        ns.match_labels.as_ref().unwrap()["image-mirror/inject"],
+        "enabled"
+    );
+    let never = ns
+        .match_expressions
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.key == "kubernetes.io/metadata.name")
+        .unwrap();
+    assert_eq!(never.operator, "NotIn");
+    for n in ["image-mirror-system", "kube-system"] {
+        assert!(never.values.as_ref().unwrap().contains(&n.to_string()));
+    }
+    let obj = w
+        .object_selector
+        .as_ref()
+        .unwrap()
+        .match_expressions
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (obj[0].key.as_str(), obj[0].operator.as_str()),
+        ("image-mirror/inject", "NotIn")
+    );
+    assert_eq!(obj[0].values.as_ref().unwrap(), &["disabled"]);
+
+    // The Deployment runs the binary with its real flags, ports and paths.
+    let d: Deployment = r.one("Deployment");
+    let spec = d.spec.as_ref().unwrap();
+    assert!(spec.replicas.unwrap() >= 2);
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert!(pod.topology_spread_constraints.is_some());
+    assert!(pod.affinity.as_ref().unwrap().pod_anti_affinity.is_some());
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let psc = pod.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+    let c = &pod.containers[0];
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+        &["ALL"]
+    );
+    let res = c.resources.as_ref().unwrap();
+    assert!(res.requests.is_some() && res.limits.is_some());
+
+    let help = serve_help();
+    let args = c.args.as_ref().unwrap();
+    let mut flags = std::collections::HashMap::new();
+    for a in args {
+        let (flag, value) = a.split_once('=').unwrap_or((a, ""));
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag} <")),
+            "{flag} is not a serve flag"
+        );
+        flags.insert(flag.to_string(), value.to_string());
+    }
+    let ports: std::collections::HashMap<_, _> = c
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| (p.name.clone().unwrap(), p.container_port))
+        .collect();
+    assert_eq!(ports["https"], port_of(&flags["--listen"]));
+    assert_eq!(ports["metrics"], port_of(&flags["--metrics-listen"]));
+    assert_eq!(port_of(&flags["--listen"]), port_of(DEFAULT_LISTEN));
+    assert_eq!(
+        port_of(&flags["--metrics-listen"]),
+        port_of(DEFAULT_METRICS_LISTEN)
+    );
+    let ready = c
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(ready.path.as_deref(), Some("/readyz"));
+    let live = c
+        .liveness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(live.path.as_deref(), Some("/healthz"));
+
+    // Mounted directories hold the files the flags name (directories, so reloads see updates).
+    let mounts = c.volume_mounts.as_ref().unwrap();
+    for (flag, volume) in [
+        ("--tls-cert", "tls"),
+        ("--tls-key", "tls"),
+        ("--config", "config"),
+    ] {
+        let m = mounts.iter().find(|m| m.name == volume).unwrap();
+        assert!(m.sub_path.is_none(), "{volume} must be a directory mount");
+        assert_eq!(
+            Path::new(&flags[flag]).parent().unwrap(),
+            Path::new(&m.mount_path),
+            "{flag}"
+        );
+    }
+    let config_volume = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "config")
+        .unwrap();
+    let config_map_name = &config_volume.config_map.as_ref().unwrap().name;
+    let cm: Vec<ConfigMap> = r
+        .objects
+        .iter()
+        .filter(|o| o["kind"] == "ConfigMap" && &o["metadata"]["name"] == config_map_name)
+        .map(strict)
+        .collect();
+    assert_eq!(
+        cm.len(),
+        1,
+        "the config volume's ConfigMap {config_map_name} is rendered"
+    );
+    let file = Path::new(&flags["--config"])
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    let table = &cm[0].data.as_ref().unwrap()[file];
+    Table::parse(file, table).unwrap_or_else(|e| panic!("{e}"));
+    let tls_secret = &pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "tls")
+        .unwrap()
+        .secret
+        .as_ref()
+        .unwrap()
+        .secret_name;
+    assert_eq!(tls_secret.as_deref(), Some("image-mirror-webhook-tls"));
+
+    // Longer grace than the drain the flags ask for.
+    let secs = |f: &str| {
+        image_mirror_webhook::mapping::parse_duration(&flags[f])
+            .unwrap()
+            .as_secs() as i64
+    };
+    assert!(
+        pod.termination_grace_period_seconds.unwrap()
+            > secs("--shutdown-delay") + secs("--drain-timeout")
+    );
+
+    // Service 443 → https; PDB; NetworkPolicy; no RBAC beyond a token-less ServiceAccount.
+    let s: Service = r.one("Service");
+    let sp = s.spec.unwrap().ports.unwrap();
+    let https = sp.iter().find(|p| p.port == 443).unwrap();
+    assert_eq!(serde_json::to_value(&https.target_port).unwrap(), "https");
+    assert!(sp.iter().any(|p| p.name.as_deref() == Some("metrics")));
+    let _: PodDisruptionBudget = r.one("PodDisruptionBudget");
+    let _: NetworkPolicy = r.one("NetworkPolicy");
+    let sa: ServiceAccount = r.one("ServiceAccount");
+    assert_eq!(sa.automount_service_account_token, Some(false));
+    assert!(!r.has("Role") && !r.has("ClusterRole"));
+    let nsobj: Namespace = r.one("Namespace");
+    assert_eq!(nsobj.metadata.name.as_deref(), Some("image-mirror-system"));
+    d
+}
+
+fn check_cert_manager(r: &Rendered) {
+    let mwc: MutatingWebhookConfiguration = r.one("MutatingWebhookConfiguration");
+    assert_eq!(
+        mwc.metadata.annotations.unwrap()["cert-manager.io/inject-ca-from"],
+        "image-mirror-system/image-mirror-webhook"
+    );
+    let cert = r
+        .objects
+        .iter()
+        .find(|o| o["kind"] == "Certificate" && o["metadata"]["name"] == "image-mirror-webhook")
+        .unwrap();
+    assert_eq!(cert["spec"]["secretName"], "image-mirror-webhook-tls");
+    assert!(cert["spec"]["dnsNames"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("image-mirror-webhook.image-mirror-system.svc")));
+}
+
+#[test]
+fn ghcr_overlay() {
+    let r = Rendered::new(&root().join("deploy/overlays/ghcr"));
+    check_common(&r);
+    check_cert_manager(&r);
+    let cm: ConfigMap = r.one("ConfigMap");
+    let table = Table::parse("config.yaml", &cm.data.unwrap()["config.yaml"]).unwrap();
+    assert_eq!(
+        table.mirror("ghcr").unwrap().pull_secret.as_deref(),
+        Some("ghcr-pull")
+    );
+    assert_eq!(table.entries().len(), 28);
+}
+
+#[test]
+fn ecr_overlay() {
+    let r = Rendered::new(&root().join("deploy/overlays/ecr"));
+    check_common(&r);
+    check_cert_manager(&r);
+    let cm: ConfigMap = r.one("ConfigMap");
+    let table = Table::parse("config.yaml", &cm.data.unwrap()["config.yaml"]).unwrap();
+    let ecr = table.mirror("ecr").unwrap();
+    assert_eq!(ecr.pull_secret, None);
+    let policy: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/components/ecr/node-iam-policy.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let actions = policy["Statement"][0]["Action"].as_array().unwrap();
+    for a in ["ecr:BatchImportUpstreamImage", "ecr:CreateRepository"] {
+        assert!(actions.contains(&Value::from(a)), "{a}");
+    }
+}
+
+#[test]
+fn self_signed_overlay_with_generated_certificates() {
+    // Render a copy with certificates from the binary itself, as the README's steps do.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("deploy");
+    copy_tree(&root().join("deploy"), &copy);
+    let status = Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
+        .args(["certs", "--out"])
+        .arg(copy.join("components/self-signed"))
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let printed_bundle = String::from_utf8(status.stdout).unwrap().trim().to_string();
+    let r = Rendered::new(&copy.join("overlays/self-signed"));
+    check_common(&r);
+    let mwc: MutatingWebhookConfiguration = r.one("MutatingWebhookConfiguration");
+    let bundle = mwc.webhooks.unwrap()[0]
+        .client_config
+        .ca_bundle
+        .clone()
+        .unwrap()
+        .0;
+    let pem = String::from_utf8(bundle).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    let printed = base64::engine::general_purpose::STANDARD
+        .decode(printed_bundle)
+        .unwrap();
+    assert_eq!(
+        pem.as_bytes(),
+        printed,
+        "the caBundle is the CA `certs` printed"
+    );
+    let secret: Secret = r.one("Secret");
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert!(secret.data.unwrap().contains_key("tls.key"));
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+        if meta.file_type().is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path()).unwrap(), &target).unwrap();
+        } else if meta.is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn monitoring_names_only_metrics_the_binary_exports() {
+    let r = Rendered::new(&root().join("deploy/monitoring"));
+    use image_mirror_webhook::metrics::*;
+    let (m, registry) = Metrics::new();
+    // A label family appears in a scrape once it has a sample.
+    let result = ResultLabels { result: "x" };
+    m.admission_requests
+        .get_or_create(&RequestLabels {
+            operation: "x".into(),
+            result: "x",
+        })
+        .inc();
+    m.rewrites
+        .get_or_create(&RewriteLabels {
+            namespace: "x".into(),
+            source_registry: "x".into(),
+            mirror: "x".into(),
+        })
+        .inc();
+    m.skips.get_or_create(&ReasonLabels { reason: "x" }).inc();
+    m.pull_secrets_injected
+        .get_or_create(&SecretLabels { secret: "x".into() })
+        .inc();
+    m.config_reloads.get_or_create(&result).inc();
+    m.certificate_reloads.get_or_create(&result).inc();
+    m.checks
+        .get_or_create(&CheckLabels {
+            registry: "x".into(),
+            result: "x",
+        })
+        .inc();
+    m.check_cache.get_or_create(&result).inc();
+    m.copies.get_or_create(&result).inc();
+    m.too_many_requests
+        .get_or_create(&RegistryLabels {
+            registry: "x".into(),
+        })
+        .inc();
+    let (text, _) = encode(&registry, false).unwrap();
+    let mut known: Vec<String> = Vec::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let name = line.split(' ').next().unwrap();
+        known.push(name.to_string());
+        for suffix in ["_bucket", "_sum", "_count"] {
+            known.push(format!("{name}{suffix}"));
+        }
+    }
+    let rendered = serde_json::to_string(&r.objects).unwrap();
+    let names: Vec<&str> = rendered
+        .match_indices("image_mirror_")
+        .map(|(i, _)| {
+            let rest = &rendered[i..];
+            &rest[..rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len())]
+        })
+        .collect();
+    assert!(names.len() > 10);
+    for n in names {
+        assert!(known.iter().any(|k| k == n), "{n} is not exported");
+    }
+    let rule = r
+        .objects
+        .iter()
+        .find(|o| o["kind"] == "PrometheusRule")
+        .unwrap();
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["alert"].as_str().unwrap())
+        .collect();
+    for a in [
+        "ImageMirrorAdmissionErrors",
+        "ImageMirrorCopyFailures",
+        "ImageMirrorRegistryRateLimited",
+        "ImageMirrorCertificateExpiring",
+        "ImageMirrorAdmissionSlow",
+    ] {
+        assert!(alerts.contains(&a), "{a}");
+    }
+    let cm: ConfigMap = r.one("ConfigMap");
+    let dash: Value = serde_json::from_str(&cm.data.unwrap()["image-mirror-webhook.json"]).unwrap();
+    assert!(dash["panels"].as_array().unwrap().len() >= 6);
+}
+
+#[test]
+fn dockerfile_runs_the_binary_as_non_root() {
+    let text = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    assert!(text.contains("ENTRYPOINT [\"/image-mirror-webhook\", \"serve\"]"));
+    assert!(text.contains("USER 65532"));
+    assert!(text.matches("FROM ").count() >= 2, "multi-stage");
+    assert!(text.contains("org.opencontainers.image.source"));
+}
