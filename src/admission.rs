@@ -157,7 +157,6 @@ pub enum Skip {
     Image(crate::mapping::KeepReasonKind),
     MirrorAbsent,
     MirrorUnknown,
-    ExistingEphemeral,
 }
 
 impl Skip {
@@ -169,7 +168,6 @@ impl Skip {
             Skip::Image(kind) => kind.label(),
             Skip::MirrorAbsent => "mirror-absent",
             Skip::MirrorUnknown => "mirror-unknown",
-            Skip::ExistingEphemeral => "existing-ephemeral-container",
         }
     }
 }
@@ -366,16 +364,9 @@ impl<'t> Plan<'t> {
             });
         }
         if let Some(pod) = pod {
-            let had = patch::existing_pull_secrets(pod);
-            m.pull_secrets_added = secrets
-                .iter()
-                .filter(|s| !had.contains(s))
-                .map(|s| s.to_string())
-                .collect();
-            if changes.is_empty() {
-                m.pull_secrets_added.clear();
-            }
-            m.patch = patch::build_patch(pod, &changes, &secrets);
+            let built = patch::build_patch(pod, &changes, &secrets);
+            m.patch = built.ops;
+            m.pull_secrets_added = built.added_secrets;
         }
         m
     }

@@ -126,18 +126,6 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// Loads `--config`, or the embedded table when none is given.
-pub fn load_table(path: Option<&std::path::Path>) -> anyhow::Result<Table> {
-    match path {
-        None => Ok(Table::embedded_default()?),
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
-            Ok(Table::parse(&p.display().to_string(), &text)?)
-        }
-    }
-}
-
 /// One `explain` result; the JSON field names are part of the CLI's contract.
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct Explanation {
@@ -265,7 +253,7 @@ fn certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn explain(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
-    let table = load_table(args.config.as_deref())?;
+    let table = crate::config::load(args.config.as_deref())?;
     let mut out = std::io::stdout().lock();
     for image in &args.images {
         let e = Explanation::new(image, &table);

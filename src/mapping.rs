@@ -346,22 +346,21 @@ impl RuleIndex {
     }
 
     /// The rules with a glob matching `name`, in rule order (a rule may repeat).
-    fn matching(&self, name: &str) -> impl Iterator<Item = usize> + '_ {
-        let mut candidates: Vec<usize> = self.unanchored.clone();
+    fn matching<'a>(&'a self, name: &'a str) -> impl Iterator<Item = usize> + 'a {
         let boundaries = name
             .match_indices('/')
             .map(|(i, _)| i)
             .chain(std::iter::once(name.len()));
-        for end in boundaries {
-            if let Some(list) = self.by_prefix.get(&name[..end]) {
-                candidates.extend_from_slice(list);
-            }
-        }
+        let mut candidates: Vec<usize> = boundaries
+            .filter_map(|end| self.by_prefix.get(&name[..end]))
+            .flatten()
+            .chain(&self.unanchored)
+            .copied()
+            .collect();
         candidates.sort_unstable();
-        let name = name.to_string();
         candidates.into_iter().filter_map(move |g| {
             let (rule, matcher) = &self.globs[g];
-            matcher.is_match(&name).then_some(*rule)
+            matcher.is_match(name).then_some(*rule)
         })
     }
 }
@@ -829,25 +828,6 @@ impl Table {
     /// Where the table came from (a file path or the embedded table).
     pub fn source_name(&self) -> &str {
         &self.source
-    }
-
-    /// The concrete `source → target` pairs of exact entries that name one tag (what `sync`
-    /// copies): entries with tag globs or no tag name no single image.
-    pub fn concrete_entries(&self) -> Vec<(Reference, Reference, &Entry)> {
-        self.entries
-            .iter()
-            .filter_map(|e| {
-                let TagSpec::Exact(tag) = &e.tag else {
-                    return None;
-                };
-                let source = Reference::parse(&format!("{}:{tag}", e.source_name)).ok()?;
-                let target = self.decide(&source.to_string());
-                let Decision::Rewrite(rw) = target else {
-                    return None;
-                };
-                Some((source, rw.target, e))
-            })
-            .collect()
     }
 }
 
@@ -1504,16 +1484,17 @@ fn check_rule_clashes(
     let MirrorKind::Repository { naming, .. } = &mirror.kind else {
         return;
     };
-    let wild = |c: &str| c.contains(['*', '?', '[', '{']);
     for glob in &rule.matches {
         let components: Vec<&str> = glob.split('/').collect();
         let (last, before) = components.split_last().unwrap_or((&"", &[]));
         let risky = match naming {
             Naming::Preserve => false,
             // Only the last component survives, so any freedom before it can collide.
-            Naming::Flatten => before.iter().any(|c| wild(c)) || last.contains("**"),
+            Naming::Flatten => before.iter().any(|c| has_glob_meta(c)) || last.contains("**"),
             // The registry is dropped, and `**` lets `a/b-c` meet `a-b/c`.
-            Naming::Rancher => before.first().is_some_and(|c| wild(c)) || glob.contains("**"),
+            Naming::Rancher => {
+                before.first().is_some_and(|c| has_glob_meta(c)) || glob.contains("**")
+            }
         };
         if risky {
             problems.add(

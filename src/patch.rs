@@ -83,34 +83,39 @@ pub struct ImageChange {
     pub image: String,
 }
 
+/// A patch, and the pull secrets it adds to the Pod.
+#[derive(Debug, Default)]
+pub struct PodPatch {
+    pub ops: Vec<PatchOperation>,
+    pub added_secrets: Vec<String>,
+}
+
 /// Builds the patch for `changes` and the pull secrets the new images need.
 /// Returns no operations when there is nothing to change.
-pub fn build_patch(
-    pod: &Value,
-    changes: &[ImageChange],
-    pull_secrets: &[&str],
-) -> Vec<PatchOperation> {
+pub fn build_patch(pod: &Value, changes: &[ImageChange], pull_secrets: &[&str]) -> PodPatch {
     if changes.is_empty() {
-        return Vec::new();
+        return PodPatch::default();
     }
     let mut ops = Vec::with_capacity(changes.len() + 2);
+    let mut added_secrets = Vec::new();
     for c in changes {
         ops.push(PatchOperation::Replace(ReplaceOperation {
             path: PointerBuf::from_tokens(["spec", c.list.field(), &c.index.to_string(), "image"]),
             value: Value::String(c.image.clone()),
         }));
     }
-    if let Some(op) = pull_secrets_op(pod, pull_secrets) {
+    if let Some((op, added)) = pull_secrets_op(pod, pull_secrets) {
         ops.push(op);
+        added_secrets = added;
     }
     if let Some(op) = annotation_op(pod, changes) {
         ops.push(op);
     }
-    ops
+    PodPatch { ops, added_secrets }
 }
 
 /// The secret names a Pod already lists in `spec.imagePullSecrets`.
-pub fn existing_pull_secrets(pod: &Value) -> Vec<&str> {
+fn existing_pull_secrets(pod: &Value) -> Vec<&str> {
     pod.pointer("/spec/imagePullSecrets")
         .and_then(Value::as_array)
         .map(|list| {
@@ -123,7 +128,7 @@ pub fn existing_pull_secrets(pod: &Value) -> Vec<&str> {
 
 /// `add /spec/imagePullSecrets` with the Pod's list plus the missing secrets, or nothing when
 /// every secret is there already.
-fn pull_secrets_op(pod: &Value, wanted: &[&str]) -> Option<PatchOperation> {
+fn pull_secrets_op(pod: &Value, wanted: &[&str]) -> Option<(PatchOperation, Vec<String>)> {
     let existing = existing_pull_secrets(pod);
     let mut missing: Vec<&str> = Vec::new();
     for &name in wanted {
@@ -140,15 +145,12 @@ fn pull_secrets_op(pod: &Value, wanted: &[&str]) -> Option<PatchOperation> {
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    merged.extend(
-        missing
-            .into_iter()
-            .map(|n| serde_json::json!({ "name": n })),
-    );
-    Some(PatchOperation::Add(AddOperation {
+    merged.extend(missing.iter().map(|n| serde_json::json!({ "name": n })));
+    let op = PatchOperation::Add(AddOperation {
         path: PointerBuf::from_tokens(["spec", "imagePullSecrets"]),
         value: Value::Array(merged),
-    }))
+    });
+    Some((op, missing.into_iter().map(str::to_string).collect()))
 }
 
 /// Records the original images, merged with a record an earlier invocation left.
@@ -221,7 +223,8 @@ mod tests {
                 "m/nginx",
             )],
             &[],
-        );
+        )
+        .ops;
         let text = serde_json::to_string(&ops).unwrap();
         assert!(
             text.contains("/metadata/annotations/image-mirror~1original-images"),
@@ -244,7 +247,7 @@ mod tests {
             json!({"metadata": {"annotations": {}}, "spec": {"containers": [{"name": "c", "image": "a"}], "imagePullSecrets": []}}),
             json!({"spec": {"containers": [{"name": "c", "image": "a"}]}}),
         ] {
-            let out = apply(&pod, build_patch(&pod, &c, &["s"]));
+            let out = apply(&pod, build_patch(&pod, &c, &["s"]).ops);
             assert_eq!(out["spec"]["containers"][0]["image"], "b");
             assert_eq!(out["spec"]["imagePullSecrets"], json!([{"name": "s"}]));
             assert!(out["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION].is_string());
@@ -255,10 +258,14 @@ mod tests {
     fn secrets_are_merged_without_duplicates() {
         let pod = json!({"spec": {"containers": [{"name": "c", "image": "a"}], "imagePullSecrets": [{"name": "other"}, {"name": "s"}]}});
         let c = [change(ContainerList::Containers, 0, "c", "a", "b")];
-        let ops = build_patch(&pod, &c, &["s", "s"]);
+        let patch = build_patch(&pod, &c, &["s", "s"]);
+        assert!(patch.added_secrets.is_empty());
+        let ops = patch.ops;
         // The secret is there already: no secret operation at all.
         assert_eq!(ops.len(), 2);
-        let out = apply(&pod, build_patch(&pod, &c, &["t", "s", "t"]));
+        let patch = build_patch(&pod, &c, &["t", "s", "t"]);
+        assert_eq!(patch.added_secrets, ["t"]);
+        let out = apply(&pod, patch.ops);
         assert_eq!(
             out["spec"]["imagePullSecrets"],
             json!([{"name": "other"}, {"name": "s"}, {"name": "t"}])
@@ -281,7 +288,8 @@ mod tests {
                     "m/redis",
                 )],
                 &[],
-            ),
+            )
+            .ops,
         );
         assert_eq!(
             out["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION],
@@ -305,6 +313,7 @@ mod tests {
 
     #[test]
     fn no_changes_no_patch() {
-        assert!(build_patch(&json!({}), &[], &["s"]).is_empty());
+        let none = build_patch(&json!({}), &[], &["s"]);
+        assert!(none.ops.is_empty() && none.added_secrets.is_empty());
     }
 }
