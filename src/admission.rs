@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::TableHandle;
-use crate::mapping::{CopyPolicy, Decision, KeepReason, Platform, SwapPolicy, Table};
+use crate::mapping::{CopyPolicy, Decision, KeepReason, MirrorKind, Platform, SwapPolicy, Table};
 use crate::metrics::{Metrics, ReasonLabels, RequestLabels, RewriteLabels, SecretLabels};
 use crate::patch::{self, ContainerList, ImageChange};
 use crate::reference::Reference;
@@ -146,6 +146,8 @@ pub struct CopyRequest {
     pub source: Reference,
     pub target: Reference,
     pub platforms: Vec<Platform>,
+    /// The target is a pull-through cache: one manifest fetch through it fills it.
+    pub warm_up: bool,
 }
 
 /// Why a request or a container was left alone: the `reason` label of the skips metric.
@@ -322,6 +324,9 @@ impl<'t> Plan<'t> {
                                 source: rw.source.clone(),
                                 target: rw.target.clone(),
                                 platforms: rw.policy.platforms.to_vec(),
+                                warm_up: rw.mirror.is_some_and(|m| {
+                                    matches!(m.kind, MirrorKind::PullThrough { .. })
+                                }),
                             });
                         }
                         m.warnings.push(format!(

@@ -35,6 +35,47 @@ pub enum Command {
         /// The table to check.
         file: PathBuf,
     },
+    /// Copy one image (every platform, or those chosen) between registries.
+    Copy(CopyArgs),
+    /// Copy every exact entry of the table whose target is missing.
+    Sync(SyncArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CopyArgs {
+    /// The image to copy, as written in a Pod spec (e.g. nginx:1.27).
+    pub source: String,
+    /// Where to put it (e.g. ghcr.io/acme/mirror/nginx:1.27).
+    pub target: String,
+    /// Copy only this platform (os/arch[/variant]); repeat for more. Default: all.
+    #[arg(long = "platform", value_parser = platform)]
+    pub platforms: Vec<crate::mapping::Platform>,
+    /// Mapping table whose `registries` settings give credentials, CAs and insecure hosts.
+    #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Talk plain HTTP to this registry (HOST:PORT); repeat for more.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SyncArgs {
+    /// Mapping table (default: the embedded table).
+    #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Also re-copy tags whose upstream digest moved.
+    #[arg(long)]
+    pub refresh: bool,
+    /// Only say what would be copied.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Talk plain HTTP to this registry (HOST:PORT); repeat for more.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+}
+
+fn platform(s: &str) -> Result<crate::mapping::Platform, String> {
+    crate::mapping::Platform::parse(s)
 }
 
 #[derive(Debug, clap::Args)]
@@ -116,6 +157,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Certs(args) => certs(&args),
         Command::Explain(args) => explain(&args),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Copy(args) => copy(&args),
+        Command::Sync(args) => sync(&args),
     };
     match result {
         Ok(code) => code,
@@ -228,10 +271,81 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let running = crate::server::start(opts, None).await?;
+        let mirrors =
+            crate::server::Mirrors::Registries(crate::registry::RegistryOptions::default());
+        let running = crate::server::start(opts, mirrors).await?;
         running.run_until_signal().await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn registries(insecure: &[String]) -> crate::registry::Registries {
+    let mut registries = crate::registry::Registries::new(Default::default(), None);
+    for host in insecure {
+        registries.allow_insecure(host);
+    }
+    registries
+}
+
+fn copy(args: &CopyArgs) -> anyhow::Result<ExitCode> {
+    init_tracing(LogFormat::Text);
+    let table = crate::config::load(args.config.as_deref())?;
+    let parse = |what: &str, s: &str| {
+        crate::reference::Reference::parse(s)
+            .map_err(|e| anyhow::anyhow!("{what} {s:?} is not an image reference: {e}"))
+    };
+    let source = parse("source", &args.source)?;
+    let target = parse("target", &args.target)?;
+    let registries = registries(&args.insecure_registries);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let started = std::time::Instant::now();
+    let bar = crate::sync::byte_progress();
+    let report = runtime.block_on(registries.copy(
+        &table,
+        &source,
+        &target,
+        &args.platforms,
+        bar.as_ref().map(|(_, p)| p.clone()),
+    ));
+    if let Some((bar, _)) = bar {
+        bar.finish_and_clear();
+    }
+    let report = report?;
+    crate::sync::print_report(
+        &mut std::io::stdout().lock(),
+        &source,
+        &target,
+        &report,
+        started.elapsed(),
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sync(args: &SyncArgs) -> anyhow::Result<ExitCode> {
+    init_tracing(LogFormat::Text);
+    let table = crate::config::load(args.config.as_deref())?;
+    let registries = registries(&args.insecure_registries);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut out = std::io::stdout();
+    let failures = runtime.block_on(crate::sync::sync_all(
+        &registries,
+        &table,
+        args.refresh,
+        args.dry_run,
+        &mut out,
+    ))?;
+    if failures.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("{} images failed:", failures.len());
+    for (item, why) in &failures {
+        eprintln!("  {} → {}: {why}", item.source, item.target);
+    }
+    Ok(ExitCode::FAILURE)
 }
 
 fn certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {

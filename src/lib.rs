@@ -11,9 +11,12 @@ pub mod cli;
 pub mod config;
 pub mod mapping;
 pub mod metrics;
+pub mod mirror;
 pub mod patch;
 pub mod reference;
+pub mod registry;
 pub mod server;
+pub mod sync;
 pub mod tls;
 pub mod watch;
 

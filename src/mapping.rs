@@ -261,6 +261,20 @@ pub struct Entry {
     platforms: Option<Vec<Platform>>,
 }
 
+impl Entry {
+    /// The one image this entry names, when it names one (an exact tag or a digest): what
+    /// `sync` copies. Tag globs and any-tag entries name no single image.
+    pub fn concrete_source(&self) -> Option<Reference> {
+        match &self.tag {
+            TagSpec::Exact(tag) => Reference::from_parts_str(&self.source_name, Some(tag), None),
+            TagSpec::Digest(digest) => {
+                Reference::from_parts_str(&self.source_name, None, Some(digest))
+            }
+            TagSpec::Any | TagSpec::Glob { .. } => None,
+        }
+    }
+}
+
 /// A rule: globs on the normalised name, excludes, and the mirror to send matches to.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -400,12 +414,24 @@ impl Default for CheckSettings {
 /// Background-copy settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CopySettings {
+    /// Copies running at once.
     pub concurrency: usize,
+    /// Copies waiting to start; more are dropped (and asked for again by the next Pod).
+    pub queue_size: usize,
+    /// First wait before a failed copy is tried again; doubles per failure, up to 64×.
+    pub retry_backoff: Duration,
+    /// Tries of one copy before it is given up (the next Pod that needs it queues it again).
+    pub max_attempts: u32,
 }
 
 impl Default for CopySettings {
     fn default() -> Self {
-        CopySettings { concurrency: 4 }
+        CopySettings {
+            concurrency: 4,
+            queue_size: 256,
+            retry_backoff: Duration::from_secs(30),
+            max_attempts: 6,
+        }
     }
 }
 
@@ -951,6 +977,9 @@ struct RawChecks {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawCopies {
     concurrency: Option<Spanned<usize>>,
+    queue_size: Option<Spanned<usize>>,
+    retry_backoff: Option<Spanned<String>>,
+    max_attempts: Option<Spanned<u32>>,
 }
 
 /// Collects problems with their file and line.
@@ -1117,11 +1146,34 @@ fn build(file: &str, raw: RawTable, problems: &mut Problems) -> Table {
         set_duration(&c.value.timeout, "timeout", &mut checks.timeout);
     }
     let mut copies = CopySettings::default();
-    if let Some(Some(n)) = raw.copies.as_ref().map(|c| &c.value.concurrency) {
-        if n.value == 0 || n.value > 64 {
-            problems.add(n, "copies.concurrency", "must be between 1 and 64");
-        } else {
-            copies.concurrency = n.value;
+    if let Some(c) = &raw.copies {
+        if let Some(n) = &c.value.concurrency {
+            if n.value == 0 || n.value > 64 {
+                problems.add(n, "copies.concurrency", "must be between 1 and 64");
+            } else {
+                copies.concurrency = n.value;
+            }
+        }
+        if let Some(n) = &c.value.queue_size {
+            if n.value == 0 || n.value > 100_000 {
+                problems.add(n, "copies.queueSize", "must be between 1 and 100000");
+            } else {
+                copies.queue_size = n.value;
+            }
+        }
+        if let Some(n) = &c.value.max_attempts {
+            if n.value == 0 || n.value > 100 {
+                problems.add(n, "copies.maxAttempts", "must be between 1 and 100");
+            } else {
+                copies.max_attempts = n.value;
+            }
+        }
+        if let Some(v) = &c.value.retry_backoff {
+            match parse_duration(&v.value) {
+                Ok(d) if !d.is_zero() => copies.retry_backoff = d,
+                Ok(_) => problems.add(v, "copies.retryBackoff", "must be more than 0"),
+                Err(e) => problems.add(v, "copies.retryBackoff", e),
+            }
         }
     }
 

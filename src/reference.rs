@@ -163,6 +163,14 @@ impl Reference {
         Reference::parse(&s)
     }
 
+    /// `name` (`registry/path`) with a tag or digest; `None` when the result is not a reference.
+    pub fn from_parts_str(name: &str, tag: Option<&str>, digest: Option<&str>) -> Option<Self> {
+        let mut s = String::with_capacity(name.len() + 80);
+        s.push_str(name);
+        push_tag_digest(&mut s, tag, digest);
+        Reference::parse(&s).ok()
+    }
+
     /// The registry host (with port), e.g. `docker.io`, `localhost:5000`, `[::1]:5000`.
     pub fn registry(&self) -> &str {
         if self.path_start == 0 {

@@ -20,6 +20,8 @@ use tokio::task::JoinHandle;
 use crate::admission::{Answer, MirrorAccess, Webhook};
 use crate::config::{self, TableHandle};
 use crate::metrics::Metrics;
+use crate::mirror::MirrorService;
+use crate::registry::{Registries, RegistryOptions};
 use crate::tls::TlsFiles;
 
 /// Request bodies above this are refused with 413 (a Pod review is far below it).
@@ -138,6 +140,8 @@ pub struct Running {
     pub metrics: Metrics,
     pub registry: Arc<Registry>,
     pub tables: TableHandle,
+    /// The checks and copy queue, when `serve` talks to registries itself.
+    pub mirror_service: Option<Arc<MirrorService>>,
     ready: Readiness,
     handle: axum_server::Handle<SocketAddr>,
     metrics_stop: Arc<Notify>,
@@ -147,11 +151,18 @@ pub struct Running {
     drain_timeout: Duration,
 }
 
+/// How the webhook learns whether a mirror has an image.
+pub enum Mirrors {
+    /// No checks: `if-present` rewrites stay unchanged (`mirror-unknown`).
+    Off,
+    /// Checks and copies through the registries the table names.
+    Registries(RegistryOptions),
+    /// Someone else's implementation (tests).
+    Custom(Arc<dyn MirrorAccess>),
+}
+
 /// Loads the table and the certificate, binds both listeners and starts serving.
-pub async fn start(
-    opts: ServeOptions,
-    mirrors: Option<Arc<dyn MirrorAccess>>,
-) -> anyhow::Result<Running> {
+pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> anyhow::Result<Running> {
     let table = config::load(opts.config.as_deref())?;
     let (metrics, registry) = Metrics::new();
     let registry = Arc::new(registry);
@@ -177,7 +188,24 @@ pub async fn start(
 
     let mut webhook = Webhook::new(tables.clone(), metrics.clone());
     webhook.budget = opts.budget;
-    webhook.mirrors = mirrors;
+    let service = match mirrors {
+        Mirrors::Off => None,
+        Mirrors::Registries(options) => {
+            let registries = Arc::new(Registries::new(options, Some(metrics.clone())));
+            Some(Arc::new(MirrorService::start(
+                tables.clone(),
+                registries,
+                metrics.clone(),
+            )))
+        }
+        Mirrors::Custom(access) => {
+            webhook.mirrors = Some(access);
+            None
+        }
+    };
+    if let Some(service) = &service {
+        webhook.mirrors = Some(service.clone());
+    }
     let ready = Readiness::default();
 
     let listener = std::net::TcpListener::bind(opts.listen)
@@ -213,6 +241,7 @@ pub async fn start(
         metrics,
         registry,
         tables,
+        mirror_service: service,
         ready,
         handle,
         metrics_stop,

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use image_mirror_webhook::admission::{CopyRequest, MirrorAccess, Presence};
 use image_mirror_webhook::certs::DevCerts;
 use image_mirror_webhook::patch::ORIGINAL_IMAGES_ANNOTATION;
-use image_mirror_webhook::server::{self, Running, ServeOptions};
+use image_mirror_webhook::server::{self, Mirrors, Running, ServeOptions};
 use image_mirror_webhook::tls::TlsFiles;
 use image_mirror_webhook::Reference;
 use reqwest::Version;
@@ -61,7 +61,7 @@ fn options(tls: &TlsFiles, config: Option<PathBuf>) -> ServeOptions {
     }
 }
 
-async fn start(h: &Harness, mirrors: Option<Arc<dyn MirrorAccess>>) -> Running {
+async fn start(h: &Harness, mirrors: Mirrors) -> Running {
     server::start(options(&h.tls, Some(data("table.yaml"))), mirrors)
         .await
         .unwrap()
@@ -331,7 +331,7 @@ fn promtool_check(text: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixtures_over_http1_and_http2_then_metrics() {
     let h = harness();
-    let s = start(&h, None).await;
+    let s = start(&h, Mirrors::Off).await;
     for v in [Version::HTTP_11, Version::HTTP_2] {
         check_all_fixtures(&client(&h, v), &s, v).await;
     }
@@ -408,7 +408,7 @@ async fn fixtures_over_http1_and_http2_then_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_bodies_get_400_and_413() {
     let h = harness();
-    let s = start(&h, None).await;
+    let s = start(&h, Mirrors::Off).await;
     for v in [Version::HTTP_11, Version::HTTP_2] {
         let c = client(&h, v);
         for body in [
@@ -461,9 +461,12 @@ impl MirrorAccess for SilentMirror {
 async fn a_silent_mirror_cannot_hold_a_pod_past_the_budget() {
     let h = harness();
     // The embedded table: nginx goes to the mirror only if present; redis:7.2.5 always.
-    let s = server::start(options(&h.tls, None), Some(Arc::new(SilentMirror)))
-        .await
-        .unwrap();
+    let s = server::start(
+        options(&h.tls, None),
+        Mirrors::Custom(Arc::new(SilentMirror)),
+    )
+    .await
+    .unwrap();
     let c = client(&h, Version::HTTP_2);
     let req = fixture("pod_three_containers");
     let started = Instant::now();
@@ -501,7 +504,7 @@ async fn table_reload_keeps_the_last_good_table() {
     let dir = tempfile::tempdir().unwrap();
     let table = dir.path().join("table.yaml");
     std::fs::copy(data("table.yaml"), &table).unwrap();
-    let s = server::start(options(&h.tls, Some(table.clone())), None)
+    let s = server::start(options(&h.tls, Some(table.clone())), Mirrors::Off)
         .await
         .unwrap();
     let c = client(&h, Version::HTTP_11);
@@ -543,7 +546,7 @@ async fn table_reload_keeps_the_last_good_table() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_without_dropping_connections() {
     let h = harness();
-    let s = start(&h, None).await;
+    let s = start(&h, Mirrors::Off).await;
     let c = client(&h, Version::HTTP_2);
     review(&c, &s, &fixture("pod_plain"), Version::HTTP_2).await;
     let first_expiry = s.metrics.certificate_expiry.get();

@@ -1,0 +1,325 @@
+//! The `copy` and `sync` commands: one image, or every exact entry of the table, copied to its
+//! mirror ahead of time (the seeds' weekly mirroring job).
+
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use crate::mapping::{Decision, MirrorKind, Platform, Table};
+use crate::reference::Reference;
+use crate::registry::{CopyReport, Failure, Progress, Registries, RegistryError};
+
+/// One image `sync` is responsible for.
+#[derive(Debug, Clone)]
+pub struct SyncItem {
+    pub source: Reference,
+    pub target: Reference,
+    pub platforms: Vec<Platform>,
+    pub warm_up: bool,
+}
+
+/// What happened to one image.
+#[derive(Debug)]
+pub enum SyncOutcome {
+    UpToDate,
+    Copied(CopyReport),
+    WarmedUp,
+    /// `--dry-run`: what would have been done.
+    WouldCopy(&'static str),
+    Failed(String),
+}
+
+/// Every exact entry of the table that names one image, with its target and policy.
+pub fn sync_items(table: &Table) -> Vec<SyncItem> {
+    let mut items: Vec<SyncItem> = Vec::new();
+    for entry in table.entries() {
+        let Some(source) = entry.concrete_source() else {
+            continue;
+        };
+        if let Decision::Rewrite(rw) = table.decide(source.as_str()) {
+            if items.iter().any(|i| i.target == rw.target) {
+                continue;
+            }
+            items.push(SyncItem {
+                warm_up: rw
+                    .mirror
+                    .is_some_and(|m| matches!(m.kind, MirrorKind::PullThrough { .. })),
+                platforms: rw.policy.platforms.to_vec(),
+                source: rw.source,
+                target: rw.target,
+            });
+        }
+    }
+    items
+}
+
+/// Brings one image up to date.
+pub async fn sync_one(
+    registries: &Registries,
+    table: &Table,
+    item: &SyncItem,
+    refresh: bool,
+    dry_run: bool,
+    progress: Option<Progress>,
+) -> SyncOutcome {
+    let fail = |e: RegistryError| SyncOutcome::Failed(e.to_string());
+    let have = match registries.manifest_digest(table, &item.target).await {
+        Ok(d) => Some(d),
+        Err(e) if e.failure() == Some(&Failure::NotFound) => None,
+        Err(e) => return fail(e),
+    };
+    if item.warm_up {
+        return match (have, dry_run) {
+            (Some(_), _) => SyncOutcome::UpToDate,
+            (None, true) => SyncOutcome::WouldCopy("would warm up"),
+            (None, false) => match registries.warm_up(table, &item.target).await {
+                Ok(_) => SyncOutcome::WarmedUp,
+                Err(e) => fail(e),
+            },
+        };
+    }
+    let reason = match have {
+        None => "missing",
+        Some(_) if !refresh || item.source.digest().is_some() => return SyncOutcome::UpToDate,
+        Some(have) => match registries.manifest_digest(table, &item.source).await {
+            // A platform-filtered copy has its own index digest, so it is compared by copying:
+            // the copy skips every blob and manifest the target already has.
+            Ok(upstream) if upstream == have => return SyncOutcome::UpToDate,
+            Ok(_) => "upstream digest moved",
+            Err(e) => return fail(e),
+        },
+    };
+    if dry_run {
+        return SyncOutcome::WouldCopy(if reason == "missing" {
+            "would copy (missing)"
+        } else {
+            "would copy (upstream digest moved)"
+        });
+    }
+    match registries
+        .copy(table, &item.source, &item.target, &item.platforms, progress)
+        .await
+    {
+        Ok(report) => SyncOutcome::Copied(report),
+        Err(e) => fail(e),
+    }
+}
+
+/// `sync`: every item, `concurrency` at a time; a bar on a terminal, a line per image otherwise.
+/// Returns the images that failed.
+pub async fn sync_all(
+    registries: &Registries,
+    table: &Table,
+    refresh: bool,
+    dry_run: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<Vec<(SyncItem, String)>> {
+    let items = sync_items(table);
+    let skipped = table.entries().len() - items.len();
+    let started = Instant::now();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(items.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} images  {msg}  [{elapsed}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let concurrency = table.copies().concurrency;
+    let mut results = futures::stream::iter(items.iter())
+        .map(|item| async move {
+            let outcome = sync_one(registries, table, item, refresh, dry_run, None).await;
+            (item, outcome)
+        })
+        .buffer_unordered(concurrency);
+    let mut failures = Vec::new();
+    let (mut copied, mut current, mut bytes) = (0usize, 0usize, 0u64);
+    while let Some((item, outcome)) = results.next().await {
+        let line = match &outcome {
+            SyncOutcome::UpToDate => {
+                current += 1;
+                format!("up to date  {}", item.target)
+            }
+            SyncOutcome::WarmedUp => {
+                copied += 1;
+                format!("warmed up   {}", item.target)
+            }
+            SyncOutcome::Copied(r) => {
+                copied += 1;
+                bytes += r.bytes;
+                format!(
+                    "copied      {} → {} ({} blobs, {} skipped, {})",
+                    item.source,
+                    item.target,
+                    r.blobs_copied,
+                    r.blobs_skipped,
+                    human_bytes(r.bytes)
+                )
+            }
+            SyncOutcome::WouldCopy(what) => format!("{what}  {} → {}", item.source, item.target),
+            SyncOutcome::Failed(why) => {
+                failures.push((item.clone(), why.clone()));
+                format!("FAILED      {} → {}: {why}", item.source, item.target)
+            }
+        };
+        match &bar {
+            Some(bar) => {
+                bar.inc(1);
+                bar.set_message(item.target.familiar());
+                if matches!(outcome, SyncOutcome::Failed(_)) {
+                    bar.println(&line);
+                }
+            }
+            None => writeln!(out, "{line}")?,
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    writeln!(
+        out,
+        "{} images: {copied} copied, {current} up to date, {} failed ({} moved in {:.1} s){}",
+        items.len(),
+        failures.len(),
+        human_bytes(bytes),
+        started.elapsed().as_secs_f64(),
+        if skipped > 0 {
+            format!("; {skipped} entries name no single image (tag globs, any tag) and were left")
+        } else {
+            String::new()
+        }
+    )?;
+    Ok(failures)
+}
+
+/// The `copy` command's report.
+pub fn print_report(
+    out: &mut dyn Write,
+    source: &Reference,
+    target: &Reference,
+    r: &CopyReport,
+    took: Duration,
+) -> std::io::Result<()> {
+    writeln!(out, "copied {source} → {target}")?;
+    writeln!(out, "  digest:    {}", r.digest)?;
+    if !r.platforms.is_empty() {
+        writeln!(
+            out,
+            "  platforms: {}{}",
+            r.platforms.join(", "),
+            if r.filtered {
+                " (index rebuilt for these)"
+            } else {
+                ""
+            }
+        )?;
+    }
+    writeln!(
+        out,
+        "  manifests: {} copied, {} already there",
+        r.manifests_copied, r.manifests_skipped
+    )?;
+    writeln!(
+        out,
+        "  blobs:     {} copied, {} already there",
+        r.blobs_copied, r.blobs_skipped
+    )?;
+    let secs = took.as_secs_f64().max(0.001);
+    writeln!(
+        out,
+        "  bytes:     {} ({} B) in {:.2} s, {}/s",
+        human_bytes(r.bytes),
+        r.bytes,
+        secs,
+        human_bytes((r.bytes as f64 / secs) as u64)
+    )
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// A byte counter for a terminal progress bar while one image copies.
+pub fn byte_progress() -> Option<(indicatif::ProgressBar, Progress)> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {bytes} copied ({bytes_per_sec})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    let counter = bar.clone();
+    Some((bar, Arc::new(move |n| counter.inc(n))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(300 * 1024 * 1024), "300.0 MiB");
+    }
+
+    #[test]
+    fn sync_covers_exact_entries_only() {
+        let table = Table::parse(
+            "t.yaml",
+            r#"
+mirrors:
+  m: {type: repository, registry: mirror.local, prefix: p, naming: flatten}
+  ecr:
+    type: pull-through
+    registry: 1.dkr.ecr.eu-west-1.amazonaws.com
+    upstreams: {quay.io: quay}
+images:
+  - {source: "nginx:1.27", target: "mirror.local/p/nginx:1.27"}
+  - {source: "busybox@sha256:0000000000000000000000000000000000000000000000000000000000000000", target: "mirror.local/p/busybox"}
+  - {source: "redis:7-*", target: "mirror.local/p/redis:7-*"}
+  - {source: "grafana/loki", target: "mirror.local/p/loki"}
+  - {source: "quay.io/prometheus/node-exporter:v1.8.0", target: "1.dkr.ecr.eu-west-1.amazonaws.com/quay/prometheus/node-exporter:v1.8.0"}
+"#,
+        )
+        .unwrap();
+        let items = sync_items(&table);
+        let names: Vec<(String, String, bool)> = items
+            .iter()
+            .map(|i| (i.source.to_string(), i.target.to_string(), i.warm_up))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("docker.io/library/nginx:1.27".into(), "mirror.local/p/nginx:1.27".into(), false),
+                (
+                    "docker.io/library/busybox@sha256:0000000000000000000000000000000000000000000000000000000000000000".into(),
+                    "mirror.local/p/busybox@sha256:0000000000000000000000000000000000000000000000000000000000000000".into(),
+                    false
+                ),
+                (
+                    "quay.io/prometheus/node-exporter:v1.8.0".into(),
+                    "1.dkr.ecr.eu-west-1.amazonaws.com/quay/prometheus/node-exporter:v1.8.0".into(),
+                    true
+                ),
+            ]
+        );
+    }
+}
