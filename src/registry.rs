@@ -562,14 +562,12 @@ impl CopyJob<'_> {
         };
         let wanted = self.target.digest().is_some() || !platforms.is_empty();
         // The target already holds this exact top manifest under the tag: nothing to move.
-        if !wanted || self.target.tag().is_some() {
-            if let Ok(have) = self.target_digest(&self.target).await {
-                if have == digest && platforms.is_empty() {
-                    let mut report = self.take_report();
-                    report.digest = digest;
-                    report.manifests_skipped += 1;
-                    return Ok(report);
-                }
+        if (!wanted || self.target.tag().is_some()) && platforms.is_empty() {
+            if self.target_has(&self.target).await?.as_deref() == Some(digest.as_str()) {
+                let mut report = self.take_report();
+                report.digest = digest;
+                report.manifests_skipped += 1;
+                return Ok(report);
             }
         }
         let pinned = self.at_digest(&self.source, &digest);
@@ -652,14 +650,22 @@ impl CopyJob<'_> {
             .unwrap_or_else(|_| r.clone())
     }
 
-    async fn target_digest(&self, r: &Reference) -> Result<String, RegistryError> {
+    /// The digest the target has at `r`; `None` when it has nothing there. Any other failure
+    /// stops the copy: pushing blind into a registry that does not answer helps nobody.
+    async fn target_has(&self, r: &Reference) -> Result<Option<String>, RegistryError> {
         let oci = to_oci(r);
         let name = r.to_string();
-        self.registries
+        let found = self
+            .registries
             .retry(&self.dst, r.registry(), "inspect", &name, || {
                 self.dst.client.fetch_manifest_digest(&oci, &self.dst.auth)
             })
-            .await
+            .await;
+        match found {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.failure() == Some(&Failure::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn pull_manifest(&self, r: &Reference) -> Result<(Bytes, String), RegistryError> {
@@ -707,7 +713,7 @@ impl CopyJob<'_> {
     fn copy_manifest<'a>(&'a self, desc: &'a Descriptor, depth: usize) -> BoxedCopy<'a> {
         Box::pin(async move {
             let at_target = self.at_digest(&self.target, &desc.digest);
-            if self.target_digest(&at_target).await.is_ok() {
+            if self.target_has(&at_target).await?.is_some() {
                 // A registry accepts a manifest only once all it references is there.
                 self.report().manifests_skipped += 1;
                 return Ok(());

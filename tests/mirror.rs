@@ -7,10 +7,16 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use common::{Fault, FaultProxy, Registry, TestImage};
+use image_mirror_webhook::certs::DevCerts;
 use image_mirror_webhook::mapping::{Platform, Table};
+use image_mirror_webhook::mirror::MirrorService;
 use image_mirror_webhook::registry::{Failure, Registries, RegistryOptions};
+use image_mirror_webhook::server::{self, Mirrors, Running, ServeOptions};
+use image_mirror_webhook::tls::TlsFiles;
 use image_mirror_webhook::Reference;
+use serde_json::{json, Value};
 
 const MIB: usize = 1024 * 1024;
 
@@ -30,7 +36,7 @@ fn access_table(dir: &Path, registries: &[&Registry]) -> Table {
 fn quick() -> RegistryOptions {
     RegistryOptions {
         connect_timeout: Duration::from_secs(2),
-        read_timeout: Duration::from_secs(5),
+        read_timeout: Duration::from_secs(2),
         attempts: 4,
         backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(500),
@@ -232,4 +238,340 @@ async fn copy_command_reports_what_it_moved() {
     let out = run(&["--insecure-registry", &mirror.host()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("(0 B)"), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through the running webhook
+
+struct Webhook {
+    running: Running,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// The webhook over TLS with a table sending `upstream/**` to a flattening mirror at
+/// `mirror_host`, `if-present` and `on-demand`, and a short budget.
+async fn webhook(upstream: &Registry, mirror_host: &str, access: &str) -> Webhook {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = DevCerts::generate(&["localhost".to_string()]).unwrap();
+    certs.write(dir.path()).unwrap();
+    let table = format!(
+        "mirrors:\n  local:\n    type: repository\n    registry: \"{mirror_host}\"\n    prefix: mirror\n    naming: flatten\n    pullSecret: local-pull\n\
+         rules:\n  - name: upstream\n    match: [\"{}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n\
+         registries:\n{access}\
+         checks: {{presentTtl: 10m, absentTtl: 30s, timeout: 300ms}}\n\
+         copies: {{concurrency: 2, retryBackoff: 200ms, maxAttempts: 20}}\n",
+        upstream.host()
+    );
+    let path = dir.path().join("table.yaml");
+    std::fs::write(&path, table).unwrap();
+    let opts = ServeOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        tls: TlsFiles {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+        },
+        config: Some(path),
+        budget: BUDGET,
+        shutdown_delay: Duration::ZERO,
+        drain_timeout: Duration::from_secs(5),
+    };
+    let running = server::start(opts, Mirrors::Registries(quick()))
+        .await
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(certs.ca_pem.as_bytes()).unwrap()])
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    Webhook {
+        running,
+        client,
+        _dir: dir,
+    }
+}
+
+const BUDGET: Duration = Duration::from_millis(600);
+
+fn pod_review(image: &str, dry_run: bool) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/admission/pod_plain.json");
+    let mut review: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    review["request"]["object"]["spec"]["containers"] = json!([{"name": "app", "image": image}]);
+    review["request"]["dryRun"] = json!(dry_run);
+    review
+}
+
+impl Webhook {
+    /// Posts a review; returns the Pod after the patch, the warnings, and how long it took.
+    async fn review(&self, image: &str, dry_run: bool) -> (Value, Vec<String>, Duration) {
+        let body = pod_review(image, dry_run);
+        let started = Instant::now();
+        let res = self
+            .client
+            .post(format!(
+                "https://localhost:{}/mutate",
+                self.running.addr.port()
+            ))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(res.status(), 200);
+        let out: Value = res.json().await.unwrap();
+        assert_eq!(out["response"]["allowed"], true);
+        assert_eq!(out["response"]["uid"], body["request"]["uid"]);
+        let mut pod = body["request"]["object"].clone();
+        if let Some(p) = out["response"]["patch"].as_str() {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(p).unwrap();
+            let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+            json_patch::patch(&mut pod, &patch).expect("the patch applies to its Pod");
+        }
+        let warnings = out["response"]["warnings"]
+            .as_array()
+            .map(|w| w.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default();
+        (pod, warnings, took)
+    }
+
+    fn service(&self) -> &MirrorService {
+        self.running.mirror_service.as_deref().unwrap()
+    }
+
+    fn metric(&self, name: &str, labels: &str) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.running.registry).unwrap();
+        let key = if labels.is_empty() {
+            format!("{name} ")
+        } else {
+            format!("{name}{{{labels}}} ")
+        };
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    }
+
+    async fn wait_copied(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.service().pending_copies() > 0 {
+            assert!(Instant::now() < deadline, "copy did not finish");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn image_of(pod: &Value) -> &str {
+    pod["spec"]["containers"][0]["image"].as_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_image_is_kept_copied_in_the_background_then_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Registry::plain();
+    let mirror = Registry::secured();
+    let image = TestImage::generate(&["linux/amd64", "linux/arm64"], 3 * MIB);
+    upstream.push("team/app", "1.0", &image).await;
+    upstream.push("team/other", "2.0", &image).await;
+    let access = format!(
+        "{}{}",
+        upstream.table_access(&dir.path().join("u.json")),
+        mirror.table_access(&dir.path().join("m.json"))
+    );
+    let hook = webhook(&upstream, &mirror.host(), &access).await;
+    let source = format!("{}/team/app:1.0", upstream.host());
+    let target = format!("{}/mirror/app:1.0", mirror.host());
+
+    // First Pod: the mirror lacks the image, so the Pod keeps it and a copy is queued.
+    let (pod, warnings, _) = hook.review(&source, false).await;
+    assert_eq!(image_of(&pod), source);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("copy queued") && w.contains(&target)),
+        "{warnings:?}"
+    );
+    hook.wait_copied().await;
+    assert_same_image(&upstream, "team/app", &mirror, "mirror/app", "1.0");
+    assert_eq!(
+        hook.metric("image_mirror_copies_total", "result=\"success\""),
+        1.0
+    );
+    assert_eq!(
+        hook.metric("image_mirror_copied_bytes_total", ""),
+        image.total_bytes() as f64
+    );
+    assert_eq!(
+        hook.metric(
+            "image_mirror_mirror_checks_total",
+            &format!("registry=\"{}\",result=\"absent\"", mirror.host())
+        ),
+        1.0
+    );
+
+    // Next Pod: rewritten, with the mirror's pull secret, from the cache the copy filled.
+    let (pod, _, _) = hook.review(&source, false).await;
+    assert_eq!(image_of(&pod), target);
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        json!([{"name": "local-pull"}])
+    );
+
+    // A dry run of another missing image: unchanged and nothing queued, nothing written.
+    let other = format!("{}/team/other:2.0", upstream.host());
+    let (pod, warnings, _) = hook.review(&other, true).await;
+    assert_eq!(image_of(&pod), other);
+    assert!(
+        warnings.iter().all(|w| !w.contains("copy queued")),
+        "{warnings:?}"
+    );
+    assert_eq!(hook.service().pending_copies(), 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(mirror.skopeo_raw("mirror/other", "2.0").is_none());
+    assert_eq!(
+        hook.metric("image_mirror_copies_total", "result=\"success\""),
+        1.0
+    );
+    hook.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_faults_keep_admission_in_budget_and_copies_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Registry::plain();
+    let mut mirror = Registry::plain();
+    let image = TestImage::generate(&["linux/amd64", "linux/arm64"], MIB);
+    upstream.push("team/app", "1.0", &image).await;
+    let proxy = FaultProxy::start(mirror.addr()).await;
+    let access = format!(
+        "{}  \"{}\": {{insecure: true}}\n",
+        upstream.table_access(&dir.path().join("u.json")),
+        proxy.host()
+    );
+    let hook = webhook(&upstream, &proxy.host(), &access).await;
+    let source = format!("{}/team/app:1.0", upstream.host());
+    let target = format!("{}/mirror/app:1.0", proxy.host());
+
+    // Every fault: answered within the budget, unchanged, nothing queued (only a proven
+    // "absent" queues a copy).
+    let faults: [(&str, Option<Fault>); 4] = [
+        ("hanging socket", Some(Fault::Hang)),
+        ("401", Some(Fault::Status(401))),
+        ("429", Some(Fault::Status(429))),
+        ("stopped registry", None),
+    ];
+    for (what, fault) in faults {
+        match fault {
+            Some(f) => proxy.set(f),
+            None => {
+                proxy.set(Fault::Pass);
+                mirror.stop();
+            }
+        }
+        let (pod, warnings, took) = hook.review(&source, false).await;
+        assert_eq!(image_of(&pod), source, "{what}");
+        assert!(
+            took < BUDGET + Duration::from_millis(300),
+            "{what}: {took:?}"
+        );
+        assert!(
+            warnings.iter().all(|w| !w.contains("copy queued")),
+            "{what}: {warnings:?}"
+        );
+        assert_eq!(hook.service().pending_copies(), 0, "{what}");
+    }
+    assert!(
+        hook.metric(
+            "image_mirror_mirror_checks_total",
+            &format!("registry=\"{}\",result=\"timeout\"", proxy.host())
+        ) >= 1.0
+    );
+    assert!(
+        hook.metric(
+            "image_mirror_mirror_checks_total",
+            &format!("registry=\"{}\",result=\"error\"", proxy.host())
+        ) >= 3.0
+    );
+    assert!(
+        hook.metric(
+            "image_mirror_registry_too_many_requests_total",
+            &format!("registry=\"{}\"", proxy.host())
+        ) >= 1.0
+    );
+
+    // The mirror is back but the upstream is down: the copy queued now fails, and succeeds by
+    // itself once the upstream returns.
+    mirror.resume();
+    upstream.stop();
+    let (pod, warnings, _) = hook.review(&source, false).await;
+    assert_eq!(image_of(&pod), source);
+    assert!(
+        warnings.iter().any(|w| w.contains("copy queued")),
+        "{warnings:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while hook.metric("image_mirror_copies_total", "result=\"failure\"") < 1.0 {
+        assert!(Instant::now() < deadline, "the copy never failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hook.service().pending_copies(), 1);
+    upstream.resume();
+    hook.wait_copied().await;
+    assert_eq!(
+        hook.metric("image_mirror_copies_total", "result=\"success\""),
+        1.0
+    );
+    let (pod, _, _) = hook.review(&source, false).await;
+    assert_eq!(image_of(&pod), target);
+    assert_same_image(&upstream, "team/app", &mirror, "mirror/app", "1.0");
+
+    // 429 with `Retry-After: 1` for 1.5 s: the quick back-off alone (4 tries within 0.4 s)
+    // would give up, so the copy completes only if it waits as told.
+    proxy.set(Fault::Status(429));
+    let healer = proxy.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        healer.set(Fault::Pass);
+    });
+    let registries = Registries::new(quick(), None);
+    let table = Table::parse("t.yaml", &format!("registries:\n{access}")).unwrap();
+    let started = Instant::now();
+    let report = registries
+        .copy(
+            &table,
+            &r(&source),
+            &r(&format!("{}/mirror/again:1.0", proxy.host())),
+            &[],
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(proxy.refused() >= 2);
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(report.digest, image.top.0);
+    assert_same_image(&upstream, "team/app", &mirror, "mirror/again", "1.0");
+
+    // A registry that hangs mid-copy: the copy fails within the read timeout, naming the target.
+    proxy.set(Fault::Hang);
+    let started = Instant::now();
+    let err = registries
+        .copy(
+            &table,
+            &r(&source),
+            &r(&format!("{}/mirror/hung:1.0", proxy.host())),
+            &[],
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&proxy.host()), "{err}");
+    // 4 tries, each an auth probe and the request at 2 s read timeout, plus back-off: bounded
+    // by our settings, not by the registry.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    hook.running.shutdown().await.unwrap();
 }

@@ -69,9 +69,8 @@ async fn start(h: &Harness, mirrors: Mirrors) -> Running {
 
 fn client(h: &Harness, version: Version) -> reqwest::Client {
     let b = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(h.ca.clone())
+        .tls_backend_rustls()
+        .tls_certs_only([h.ca.clone()])
         .timeout(Duration::from_secs(10));
     let b = if version == Version::HTTP_2 {
         b.http2_prior_knowledge()
@@ -582,9 +581,8 @@ async fn certificate_rotation_without_dropping_connections() {
         "old CA must not verify the new certificate"
     );
     let new_ca = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(next.ca_pem.as_bytes()).unwrap())
+        .tls_backend_rustls()
+        .tls_certs_only([reqwest::Certificate::from_pem(next.ca_pem.as_bytes()).unwrap()])
         .build()
         .unwrap();
     assert_eq!(
