@@ -560,10 +560,14 @@ impl CopyJob<'_> {
                     .await?
             }
         };
-        let wanted = self.target.digest().is_some() || !platforms.is_empty();
-        // The target already holds this exact top manifest under the tag: nothing to move.
-        if (!wanted || self.target.tag().is_some()) && platforms.is_empty() {
-            if self.target_has(&self.target).await?.as_deref() == Some(digest.as_str()) {
+        // The target already holds this exact top manifest (under its tag, when it has one):
+        // nothing to move.
+        if platforms.is_empty() {
+            let probe = match self.target.tag() {
+                Some(tag) => self.at_tag(&self.target, tag)?,
+                None => self.target.clone(),
+            };
+            if self.target_has(&probe).await?.as_deref() == Some(digest.as_str()) {
                 let mut report = self.take_report();
                 report.digest = digest;
                 report.manifests_skipped += 1;
@@ -622,12 +626,7 @@ impl CopyJob<'_> {
         let by_digest = self.at_digest(&self.target, &top_digest);
         self.push_manifest(&by_digest, &body, &content_type).await?;
         if let Some(tag) = self.target.tag() {
-            let by_tag =
-                Reference::from_parts(self.target.registry(), self.target.path(), Some(tag), None)
-                    .map_err(|e| RegistryError::Unsupported {
-                        reference: self.target.to_string(),
-                        reason: e.to_string(),
-                    })?;
+            let by_tag = self.at_tag(&self.target, tag)?;
             self.push_manifest(&by_tag, &body, &content_type).await?;
         }
         let mut report = self.take_report();
@@ -652,6 +651,15 @@ impl CopyJob<'_> {
 
     /// The digest the target has at `r`; `None` when it has nothing there. Any other failure
     /// stops the copy: pushing blind into a registry that does not answer helps nobody.
+    fn at_tag(&self, r: &Reference, tag: &str) -> Result<Reference, RegistryError> {
+        Reference::from_parts(r.registry(), r.path(), Some(tag), None).map_err(|e| {
+            RegistryError::Unsupported {
+                reference: r.to_string(),
+                reason: e.to_string(),
+            }
+        })
+    }
+
     async fn target_has(&self, r: &Reference) -> Result<Option<String>, RegistryError> {
         let oci = to_oci(r);
         let name = r.to_string();

@@ -575,3 +575,110 @@ async fn registry_faults_keep_admission_in_budget_and_copies_recover() {
     );
     hook.running.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_copies_missing_entries_refreshes_moved_tags_and_lists_failures() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Registry::plain();
+    let mirror = Registry::secured();
+    let app = TestImage::generate(&["linux/amd64", "linux/arm64"], MIB);
+    let tool = TestImage::generate(&["linux/amd64"], 1024);
+    upstream.push("team/app", "1.0", &app).await;
+    upstream.push("team/tool", "2.0", &tool).await;
+    let (u, m) = (upstream.host(), mirror.host());
+    let table_text = |with_missing: bool| {
+        format!(
+            "mirrors:\n  local: {{type: repository, registry: \"{m}\", prefix: mirror, naming: flatten}}\n\
+             images:\n\
+             \x20 - {{source: \"{u}/team/app:1.0\", target: \"{m}/mirror/app:1.0\"}}\n\
+             \x20 - {{source: \"{u}/team/tool:2.0\", target: \"{m}/mirror/tool:2.0\"}}\n\
+             \x20 - {{source: \"{u}/team/tool:2.*\", target: \"{m}/mirror/tool:2.*\"}}\n{}\
+             registries:\n{}{}",
+            if with_missing {
+                format!("  - {{source: \"{u}/team/ghost:1.0\", target: \"{m}/mirror/ghost:1.0\"}}\n")
+            } else {
+                String::new()
+            },
+            upstream.table_access(&dir.path().join("u.json")),
+            mirror.table_access(&dir.path().join("m.json"))
+        )
+    };
+    let path = dir.path().join("table.yaml");
+    let sync = |args: &[&str]| {
+        let out = binary()
+            .arg("sync")
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+
+    std::fs::write(&path, table_text(false)).unwrap();
+    let (ok, text, err) = sync(&["--dry-run"]);
+    assert!(ok, "{text}{err}");
+    assert_eq!(text.matches("would copy (missing)").count(), 2, "{text}");
+    assert!(
+        mirror.skopeo_raw("mirror/app", "1.0").is_none(),
+        "a dry run writes nothing"
+    );
+
+    let (ok, text, err) = sync(&[]);
+    assert!(ok, "{text}{err}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("copied ")).count(),
+        2,
+        "{text}"
+    );
+    assert!(text.contains("1 entries name no single image"), "{text}");
+    assert_same_image(&upstream, "team/app", &mirror, "mirror/app", "1.0");
+    assert_same_image(&upstream, "team/tool", &mirror, "mirror/tool", "2.0");
+
+    // Nothing to do; then the upstream tag moves and only --refresh notices.
+    let (ok, text, _) = sync(&[]);
+    let current = |text: &str| text.lines().filter(|l| l.starts_with("up to date")).count();
+    assert!(ok && current(&text) == 2, "{text}");
+    let moved = TestImage::generate(&["linux/amd64"], 2048);
+    upstream.push("team/tool", "2.0", &moved).await;
+    assert_eq!(
+        upstream.skopeo_raw("team/tool", "2.0"),
+        Some(moved.top.1.clone())
+    );
+    let (_, text, _) = sync(&[]);
+    assert_eq!(current(&text), 2, "{text}");
+    let (ok, text, _) = sync(&["--refresh", "--dry-run"]);
+    assert!(
+        ok && text.contains("would copy (upstream digest moved)"),
+        "{text}"
+    );
+    let (ok, text, _) = sync(&["--refresh"]);
+    assert!(ok, "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("copied ")).count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        mirror.skopeo_raw("mirror/tool", "2.0"),
+        Some(moved.top.1.clone())
+    );
+
+    // An entry whose source does not exist: non-zero exit, and the image is named.
+    std::fs::write(&path, table_text(true)).unwrap();
+    let (ok, text, err) = sync(&[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("FAILED") && text.contains("team/ghost:1.0"),
+        "{text}"
+    );
+    assert!(
+        err.contains("1 images failed") && err.contains("team/ghost:1.0"),
+        "{err}"
+    );
+}
