@@ -39,6 +39,8 @@ const MANIFEST_TYPES: [&str; 4] = [
 
 /// oci-client sends each stream item as its own PATCH; collect items into pieces this big.
 const UPLOAD_PIECE: usize = 4 * 1024 * 1024;
+/// Upload pieces fetched while the previous one is being sent (memory: pieces × 4 MiB per blob).
+const READ_AHEAD: usize = 1;
 /// Blobs of one image copied at the same time.
 const BLOB_CONCURRENCY: usize = 4;
 /// A client is rebuilt after this long, so rotated credentials (ECR tokens last 12 h) are read.
@@ -841,7 +843,7 @@ impl CopyJob<'_> {
                             if self.dst.access.monolithic_upload {
                                 Box::pin(stream)
                             } else {
-                                Box::pin(rechunk(stream, UPLOAD_PIECE))
+                                Box::pin(read_ahead(rechunk(stream, UPLOAD_PIECE), READ_AHEAD))
                             };
                         self.dst
                             .client
@@ -856,7 +858,8 @@ impl CopyJob<'_> {
     }
 }
 
-/// Gathers small stream items into pieces of `size` bytes (the last may be shorter).
+/// Gathers small stream items into pieces of `size` bytes (the last may be shorter). Each piece
+/// is its own allocation of exactly `size`, so a piece held by an upload pins nothing else.
 fn rechunk<S>(
     stream: S,
     size: usize,
@@ -864,29 +867,62 @@ fn rechunk<S>(
 where
     S: Stream<Item = Result<Bytes, OciDistributionError>> + Send + Unpin,
 {
-    futures::stream::unfold(
-        (stream, BytesMut::new(), false),
-        move |(mut stream, mut buf, done)| async move {
-            if done {
-                return None;
+    struct State<S> {
+        stream: S,
+        leftover: Bytes,
+        done: bool,
+    }
+    let start = State {
+        stream,
+        leftover: Bytes::new(),
+        done: false,
+    };
+    futures::stream::unfold(start, move |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let mut buf = BytesMut::with_capacity(size);
+        loop {
+            if !st.leftover.is_empty() {
+                let take = (size - buf.len()).min(st.leftover.len());
+                buf.extend_from_slice(&st.leftover.split_to(take));
             }
-            while buf.len() < size {
-                match stream.next().await {
-                    Some(Ok(piece)) => buf.extend_from_slice(&piece),
-                    Some(Err(e)) => return Some((Err(e), (stream, BytesMut::new(), true))),
-                    None => {
-                        if buf.is_empty() {
-                            return None;
-                        }
-                        let last = buf.split().freeze();
-                        return Some((Ok(last), (stream, buf, true)));
-                    }
+            if buf.len() == size {
+                return Some((Ok(buf.freeze()), st));
+            }
+            match st.stream.next().await {
+                Some(Ok(piece)) => st.leftover = piece,
+                Some(Err(e)) => {
+                    st.done = true;
+                    return Some((Err(e), st));
+                }
+                None => {
+                    st.done = true;
+                    return (!buf.is_empty()).then(|| (Ok(buf.freeze()), st));
                 }
             }
-            let piece = buf.split_to(size).freeze();
-            Some((Ok(piece), (stream, buf, false)))
-        },
-    )
+        }
+    })
+}
+
+/// Keeps up to `depth` items of `stream` fetched ahead, so the download goes on while each
+/// upload piece is sent (oci-client sends a piece, waits for the answer, then reads on).
+fn read_ahead<S, T>(stream: S, depth: usize) -> impl Stream<Item = T> + Send + 'static
+where
+    S: Stream<Item = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(depth);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            // The uploader stopped (failed or finished): stop reading.
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) })
 }
 
 /// Whether an index entry is one of the selected platforms.
