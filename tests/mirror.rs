@@ -682,3 +682,60 @@ async fn sync_copies_missing_entries_refreshes_moved_tags_and_lists_failures() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checks_of_one_image_share_one_request_and_are_cached() {
+    use image_mirror_webhook::admission::{MirrorAccess, Presence};
+    use image_mirror_webhook::config::TableHandle;
+    use image_mirror_webhook::metrics::Metrics;
+    use std::sync::Arc;
+
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = Registry::secured();
+    let image = TestImage::generate(&["linux/amd64"], 1024);
+    mirror.push("mirror/app", "1.0", &image).await;
+    let table = access_table(dir.path(), &[&mirror]);
+    let (metrics, registry) = Metrics::new();
+    let service = MirrorService::start(
+        TableHandle::new(table),
+        Arc::new(Registries::new(quick(), Some(metrics.clone()))),
+        metrics,
+    );
+    let checks = |result: &str| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let key = format!(
+            "image_mirror_mirror_checks_total{{registry=\"{}\",result=\"{result}\"}} ",
+            mirror.host()
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    let present = r(&format!("{}/mirror/app:1.0", mirror.host()));
+    let absent = r(&format!("{}/mirror/app:9.9", mirror.host()));
+    let answers = futures::future::join_all((0..20).map(|_| service.presence(&present))).await;
+    assert!(
+        answers.iter().all(|a| *a == Presence::Present),
+        "{answers:?}"
+    );
+    let answers = futures::future::join_all((0..20).map(|_| service.presence(&absent))).await;
+    assert!(
+        answers.iter().all(|a| *a == Presence::Absent),
+        "{answers:?}"
+    );
+    assert_eq!((checks("present"), checks("absent")), (1.0, 1.0));
+    // Later asks are answered from the cache.
+    assert_eq!(service.presence(&present).await, Presence::Present);
+    assert_eq!(service.cached(&absent), Some(Presence::Absent));
+    assert_eq!((checks("present"), checks("absent")), (1.0, 1.0));
+
+    // A pull-through warm-up is one manifest fetch through the cache URL.
+    let table = access_table(dir.path(), &[&mirror]);
+    let warmed = Registries::new(quick(), None)
+        .warm_up(&table, &present)
+        .await
+        .unwrap();
+    assert_eq!(warmed.digest, image.top.0);
+}
