@@ -239,13 +239,14 @@ impl Registries {
         insecure: bool,
     ) -> Result<HostClient, RegistryError> {
         let auth = credentials(host, &access)?;
+        let ca_error = |reason: String| RegistryError::CaFile {
+            host: host.to_string(),
+            path: access.ca_file.clone().unwrap_or_default(),
+            reason,
+        };
         let mut roots = Vec::new();
         if let Some(path) = &access.ca_file {
-            let data = std::fs::read(path).map_err(|e| RegistryError::CaFile {
-                host: host.to_string(),
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+            let data = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
             roots.push(data);
         }
         let wire_host = oci_reference(host, "x", None, None)
@@ -272,30 +273,18 @@ impl Registries {
             ..ClientConfig::default()
         };
         // `Client::new` falls back to defaults on a bad config; `try_from` says what was wrong.
-        let client = Client::try_from(config).map_err(|e| RegistryError::CaFile {
-            host: host.to_string(),
-            path: access.ca_file.clone().unwrap_or_default(),
-            reason: e.to_string(),
-        })?;
+        let client = Client::try_from(config).map_err(|e| ca_error(e.to_string()))?;
         let mut probe = reqwest::Client::builder()
             .connect_timeout(self.options.connect_timeout)
             .timeout(self.options.connect_timeout + Duration::from_secs(5));
         for data in &roots {
             for cert in
-                reqwest::Certificate::from_pem_bundle(data).map_err(|e| RegistryError::CaFile {
-                    host: host.to_string(),
-                    path: access.ca_file.clone().unwrap_or_default(),
-                    reason: e.to_string(),
-                })?
+                reqwest::Certificate::from_pem_bundle(data).map_err(|e| ca_error(e.to_string()))?
             {
                 probe = probe.add_root_certificate(cert);
             }
         }
-        let probe = probe.build().map_err(|e| RegistryError::CaFile {
-            host: host.to_string(),
-            path: access.ca_file.clone().unwrap_or_default(),
-            reason: e.to_string(),
-        })?;
+        let probe = probe.build().map_err(|e| ca_error(e.to_string()))?;
         Ok(HostClient {
             client,
             auth,

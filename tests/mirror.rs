@@ -536,17 +536,13 @@ async fn registry_faults_keep_admission_in_budget_and_copies_recover() {
     });
     let registries = Registries::new(quick(), None);
     let table = Table::parse("t.yaml", &format!("registries:\n{access}")).unwrap();
+    let copy_to = |repo: &str| {
+        let target = r(&format!("{}/{repo}:1.0", proxy.host()));
+        let (registries, table, source) = (&registries, &table, r(&source));
+        async move { registries.copy(table, &source, &target, &[], None).await }
+    };
     let started = Instant::now();
-    let report = registries
-        .copy(
-            &table,
-            &r(&source),
-            &r(&format!("{}/mirror/again:1.0", proxy.host())),
-            &[],
-            None,
-        )
-        .await
-        .unwrap();
+    let report = copy_to("mirror/again").await.unwrap();
     assert!(proxy.refused() >= 2);
     assert!(started.elapsed() >= Duration::from_millis(1500));
     assert_eq!(report.digest, image.top.0);
@@ -555,16 +551,7 @@ async fn registry_faults_keep_admission_in_budget_and_copies_recover() {
     // A registry that hangs mid-copy: the copy fails within the read timeout, naming the target.
     proxy.set(Fault::Hang);
     let started = Instant::now();
-    let err = registries
-        .copy(
-            &table,
-            &r(&source),
-            &r(&format!("{}/mirror/hung:1.0", proxy.host())),
-            &[],
-            None,
-        )
-        .await
-        .unwrap_err();
+    let err = copy_to("mirror/hung").await.unwrap_err();
     assert!(err.to_string().contains(&proxy.host()), "{err}");
     // 4 tries, each an auth probe and the request at 2 s read timeout, plus back-off: bounded
     // by our settings, not by the registry.
