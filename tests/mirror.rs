@@ -26,7 +26,8 @@ fn r(s: &str) -> Reference {
 
 /// A table with only `registries:` settings for the given registries.
 fn access_table(dir: &Path, registries: &[&Registry]) -> Table {
-    let mut text = String::from("registries:\n");
+    // A long check timeout: a check's first TLS handshake on a loaded machine is no failure.
+    let mut text = String::from("checks: {timeout: 10s}\nregistries:\n");
     for (i, reg) in registries.iter().enumerate() {
         text.push_str(&reg.table_access(&dir.join(format!("docker-config-{i}.json"))));
     }
@@ -251,7 +252,13 @@ struct Webhook {
 
 /// The webhook over TLS with a table sending `upstream/**` to a flattening mirror at
 /// `mirror_host`, `if-present` and `on-demand`, and a short budget.
-async fn webhook(upstream: &Registry, mirror_host: &str, access: &str) -> Webhook {
+async fn webhook(
+    upstream: &Registry,
+    mirror_host: &str,
+    access: &str,
+    budget: Duration,
+    check_timeout: &str,
+) -> Webhook {
     common::init();
     let dir = tempfile::tempdir().unwrap();
     let certs = DevCerts::generate(&["localhost".to_string()]).unwrap();
@@ -260,7 +267,7 @@ async fn webhook(upstream: &Registry, mirror_host: &str, access: &str) -> Webhoo
         "mirrors:\n  local:\n    type: repository\n    registry: \"{mirror_host}\"\n    prefix: mirror\n    naming: flatten\n    pullSecret: local-pull\n\
          rules:\n  - name: upstream\n    match: [\"{}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n\
          registries:\n{access}\
-         checks: {{presentTtl: 10m, absentTtl: 30s, timeout: 300ms}}\n\
+         checks: {{presentTtl: 10m, absentTtl: 30s, timeout: {check_timeout}}}\n\
          copies: {{concurrency: 2, retryBackoff: 200ms, maxAttempts: 20}}\n",
         upstream.host()
     );
@@ -274,7 +281,7 @@ async fn webhook(upstream: &Registry, mirror_host: &str, access: &str) -> Webhoo
             key: dir.path().join("tls.key"),
         },
         config: Some(path),
-        budget: BUDGET,
+        budget,
         shutdown_delay: Duration::ZERO,
         drain_timeout: Duration::from_secs(5),
     };
@@ -293,7 +300,9 @@ async fn webhook(upstream: &Registry, mirror_host: &str, access: &str) -> Webhoo
     }
 }
 
-const BUDGET: Duration = Duration::from_millis(600);
+/// The fault test's budget: long enough for a check on a loaded 2-core machine, short enough
+/// to show that a hanging registry does not hold the answer.
+const BUDGET: Duration = Duration::from_secs(2);
 
 fn pod_review(image: &str, dry_run: bool) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/admission/pod_plain.json");
@@ -379,7 +388,15 @@ async fn a_missing_image_is_kept_copied_in_the_background_then_rewritten() {
         upstream.table_access(&dir.path().join("u.json")),
         mirror.table_access(&dir.path().join("m.json"))
     );
-    let hook = webhook(&upstream, &mirror.host(), &access).await;
+    // Generous: this test is about the copy, not the deadline.
+    let hook = webhook(
+        &upstream,
+        &mirror.host(),
+        &access,
+        Duration::from_secs(8),
+        "5s",
+    )
+    .await;
     let source = format!("{}/team/app:1.0", upstream.host());
     let target = format!("{}/mirror/app:1.0", mirror.host());
 
@@ -449,7 +466,7 @@ async fn registry_faults_keep_admission_in_budget_and_copies_recover() {
         upstream.table_access(&dir.path().join("u.json")),
         proxy.host()
     );
-    let hook = webhook(&upstream, &proxy.host(), &access).await;
+    let hook = webhook(&upstream, &proxy.host(), &access, BUDGET, "1s").await;
     let source = format!("{}/team/app:1.0", upstream.host());
     let target = format!("{}/mirror/app:1.0", proxy.host());
 
