@@ -1002,7 +1002,15 @@ pub fn credentials(host: &str, access: &RegistryAccess) -> Result<RegistryAuth, 
         return Ok(RegistryAuth::Basic(read(user_var)?, read(pass_var)?));
     }
     if let Some(path) = &access.docker_config {
-        let text = std::fs::read(path).map_err(|e| err(format!("cannot read {path}: {e}")))?;
+        let text = match std::fs::read(path) {
+            Ok(t) => t,
+            // An optional Secret that is not there: public images still work anonymously.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::debug!(host, file = %path, "docker config file absent; anonymous");
+                return Ok(RegistryAuth::Anonymous);
+            }
+            Err(e) => return Err(err(format!("cannot read {path}: {e}"))),
+        };
         return docker_config_auth(&text, host)
             .map_err(|reason| err(format!("{path}: {reason}")))
             .map(|found| found.unwrap_or(RegistryAuth::Anonymous));
@@ -1279,6 +1287,26 @@ mod tests {
         let err = credentials("docker.io", &access).unwrap_err().to_string();
         assert!(
             err.contains("IMW_TEST_SURELY_UNSET_USER") && err.contains("docker.io"),
+            "{err}"
+        );
+        let absent = RegistryAccess {
+            docker_config: Some("/nonexistent/.dockerconfigjson".into()),
+            ..RegistryAccess::default()
+        };
+        assert_eq!(
+            credentials("ghcr.io", &absent).unwrap(),
+            RegistryAuth::Anonymous
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("config.json");
+        std::fs::write(&garbage, "not json").unwrap();
+        let bad = RegistryAccess {
+            docker_config: Some(garbage.display().to_string()),
+            ..RegistryAccess::default()
+        };
+        let err = credentials("ghcr.io", &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("config.json") && err.contains("ghcr.io"),
             "{err}"
         );
     }
