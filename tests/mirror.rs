@@ -743,3 +743,39 @@ async fn concurrent_checks_of_one_image_share_one_request_and_are_cached() {
         .unwrap();
     assert_eq!(warmed.digest, image.top.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monolithic_uploads_stream_whole_blobs() {
+    common::init();
+    let upstream = Registry::plain();
+    let mirror = Registry::plain();
+    let image = TestImage::generate(&["linux/amd64", "linux/arm64"], 9 * MIB);
+    upstream.push("team/app", "1.0", &image).await;
+    let table = Table::parse(
+        "t.yaml",
+        &format!(
+            "registries:\n  \"{}\": {{insecure: true}}\n  \"{}\": {{insecure: true, monolithicUpload: true}}\n",
+            upstream.host(),
+            mirror.host()
+        ),
+    )
+    .unwrap();
+    let report = Registries::new(quick(), None)
+        .copy(
+            &table,
+            &r(&format!("{}/team/app:1.0", upstream.host())),
+            &r(&format!("{}/ecr-like/app:1.0", mirror.host())),
+            &[],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.blobs_copied, report.bytes),
+        (5, image.total_bytes())
+    );
+    assert_same_image(&upstream, "team/app", &mirror, "ecr-like/app", "1.0");
+    for (digest, _) in &image.blobs {
+        assert!(mirror.has_blob("ecr-like/app", digest).await, "{digest}");
+    }
+}
