@@ -53,7 +53,8 @@ pub struct CopyArgs {
     /// Mapping table whose `registries` settings give credentials, CAs and insecure hosts.
     #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Talk plain HTTP to this registry (HOST:PORT); repeat for more.
+    /// Skip TLS verification for this registry (HOST:PORT), or use plain HTTP when it does not
+    /// speak TLS, as skopeo's --tls-verify=false does; repeat for more.
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
 }
@@ -69,7 +70,8 @@ pub struct SyncArgs {
     /// Only say what would be copied.
     #[arg(long)]
     pub dry_run: bool,
-    /// Talk plain HTTP to this registry (HOST:PORT); repeat for more.
+    /// Skip TLS verification for this registry (HOST:PORT), or use plain HTTP when it does not
+    /// speak TLS, as skopeo's --tls-verify=false does; repeat for more.
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
 }

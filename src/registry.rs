@@ -206,7 +206,8 @@ impl Registries {
         }
     }
 
-    /// Allows plain HTTP to `host` (the CLI's `--insecure-registry`).
+    /// Allows plain HTTP, or HTTPS without certificate verification, to `host` (the CLI's
+    /// `--insecure-registry`).
     pub fn allow_insecure(&mut self, host: &str) {
         self.insecure.insert(registry_key(host));
     }
@@ -217,19 +218,50 @@ impl Registries {
 
     /// The client for `host`, built from the table's settings; rebuilt when those change or it
     /// is old enough that credentials may have rotated.
-    fn client(&self, table: &Table, host: &str) -> Result<Arc<HostClient>, RegistryError> {
+    async fn client(&self, table: &Table, host: &str) -> Result<Arc<HostClient>, RegistryError> {
         let access = table.registry_access(host).cloned().unwrap_or_default();
         let insecure = access.insecure || self.insecure.contains(&registry_key(host));
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(host) {
-            if c.access == access && c.insecure == insecure && c.created.elapsed() < CLIENT_MAX_AGE
-            {
-                return Ok(c.clone());
+        {
+            let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = clients.get(host) {
+                if c.access == access
+                    && c.insecure == insecure
+                    && c.created.elapsed() < CLIENT_MAX_AGE
+                {
+                    return Ok(c.clone());
+                }
             }
         }
-        let built = Arc::new(self.build(host, access, insecure)?);
-        clients.insert(host.to_string(), built.clone());
+        // The table's `insecure: true` means plain HTTP. `--insecure-registry` means what
+        // skopeo's --tls-verify=false means: HTTPS without verification when the registry speaks
+        // TLS, plain HTTP otherwise (so it probes once).
+        let plain = access.insecure || (insecure && !self.speaks_tls(host).await);
+        let built = Arc::new(self.build(host, access, insecure, plain)?);
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.to_string(), built.clone());
         Ok(built)
+    }
+
+    /// Whether `host` answers HTTPS at all (any certificate, any status).
+    async fn speaks_tls(&self, host: &str) -> bool {
+        let wire = oci_reference(host, "x", None, None)
+            .resolve_registry()
+            .to_string();
+        let Ok(client) = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .connect_timeout(self.options.connect_timeout)
+            .timeout(self.options.connect_timeout + Duration::from_secs(2))
+            .build()
+        else {
+            return false;
+        };
+        client
+            .get(format!("https://{wire}/v2/"))
+            .send()
+            .await
+            .is_ok()
     }
 
     fn build(
@@ -237,6 +269,7 @@ impl Registries {
         host: &str,
         access: RegistryAccess,
         insecure: bool,
+        plain: bool,
     ) -> Result<HostClient, RegistryError> {
         let auth = credentials(host, &access)?;
         let ca_error = |reason: String| RegistryError::CaFile {
@@ -253,11 +286,12 @@ impl Registries {
             .resolve_registry()
             .to_string();
         let config = ClientConfig {
-            protocol: if insecure {
+            protocol: if plain {
                 ClientProtocol::HttpsExcept(vec![wire_host])
             } else {
                 ClientProtocol::Https
             },
+            accept_invalid_certificates: insecure && !plain,
             extra_root_certificates: roots
                 .iter()
                 .map(|data| Certificate {
@@ -275,6 +309,7 @@ impl Registries {
         // `Client::new` falls back to defaults on a bad config; `try_from` says what was wrong.
         let client = Client::try_from(config).map_err(|e| ca_error(e.to_string()))?;
         let mut probe = reqwest::Client::builder()
+            .danger_accept_invalid_certs(insecure && !plain)
             .connect_timeout(self.options.connect_timeout)
             .timeout(self.options.connect_timeout + Duration::from_secs(5));
         for data in &roots {
@@ -301,7 +336,7 @@ impl Registries {
         table: &Table,
         reference: &Reference,
     ) -> Result<String, RegistryError> {
-        let host = self.client(table, reference.registry())?;
+        let host = self.client(table, reference.registry()).await?;
         let oci = to_oci(reference);
         let result = host.client.fetch_manifest_digest(&oci, &host.auth).await;
         match result {
@@ -396,7 +431,7 @@ impl Registries {
         table: &Table,
         target: &Reference,
     ) -> Result<CopyReport, RegistryError> {
-        let host = self.client(table, target.registry())?;
+        let host = self.client(table, target.registry()).await?;
         let oci = to_oci(target);
         let name = target.to_string();
         let (_, digest) = self
@@ -421,8 +456,8 @@ impl Registries {
         platforms: &[Platform],
         progress: Option<Progress>,
     ) -> Result<CopyReport, RegistryError> {
-        let src = self.client(table, source.registry())?;
-        let dst = self.client(table, target.registry())?;
+        let src = self.client(table, source.registry()).await?;
+        let dst = self.client(table, target.registry()).await?;
         let job = CopyJob {
             registries: self,
             src,

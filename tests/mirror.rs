@@ -239,6 +239,48 @@ async fn copy_command_reports_what_it_moved() {
     let out = run(&["--insecure-registry", &mirror.host()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("(0 B)"), "{text}");
+
+    // To a TLS registry whose CA we are not given: --insecure-registry skips verification, as
+    // skopeo's --tls-verify=false does; credentials come from the table.
+    let dir = tempfile::tempdir().unwrap();
+    let secured = Registry::secured();
+    let docker_config = dir.path().join("config.json");
+    secured.write_docker_config(&docker_config);
+    let table = dir.path().join("table.yaml");
+    std::fs::write(
+        &table,
+        format!(
+            "registries:\n  \"{}\": {{dockerConfig: {}}}\n",
+            secured.host(),
+            docker_config.display()
+        ),
+    )
+    .unwrap();
+    let copy_to_secured = |insecure: bool| {
+        let mut cmd = binary();
+        cmd.arg("copy")
+            .arg(format!("{}/team/tool:v1", upstream.host()))
+            .arg(format!("{}/m/tool:v1", secured.host()))
+            .args(["--insecure-registry", &upstream.host()])
+            .arg("--config")
+            .arg(&table);
+        if insecure {
+            cmd.args(["--insecure-registry", &secured.host()]);
+        }
+        cmd.output().unwrap()
+    };
+    let out = copy_to_secured(false);
+    assert!(
+        !out.status.success(),
+        "an unknown CA is refused when verifying"
+    );
+    let out = copy_to_secured(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_image(&upstream, "team/tool", &secured, "m/tool", "v1");
 }
 
 // ---------------------------------------------------------------------------------------------
