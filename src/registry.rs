@@ -788,7 +788,7 @@ impl CopyJob<'_> {
             .chain(&doc.layers)
             .chain(&doc.blobs)
             // Foreign (non-distributable) layers live at their URLs, not in the registry.
-            .filter(|d| d.urls.is_empty() || !d.media_type.contains("foreign"))
+            .filter(|d| d.urls.is_empty() || !is_foreign(&d.media_type))
             .filter(|d| {
                 self.blobs_seen
                     .lock()
@@ -947,6 +947,12 @@ where
         }
     });
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) })
+}
+
+/// Foreign (Windows base) and non-distributable layers: registries serve them from their URLs
+/// and often refuse to store them, so copies leave them where they are (as skopeo does).
+fn is_foreign(media_type: &str) -> bool {
+    media_type.contains(".foreign.") || media_type.contains(".nondistributable.")
 }
 
 /// Whether an index entry is one of the selected platforms.
@@ -1380,6 +1386,20 @@ mod tests {
         for (e, want) in cases {
             assert_eq!(failure_of(&e).0, want, "{e}");
         }
+    }
+
+    #[test]
+    fn foreign_layers_are_recognised() {
+        assert!(is_foreign(
+            "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+        ));
+        assert!(is_foreign(
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        ));
+        assert!(!is_foreign("application/vnd.oci.image.layer.v1.tar+gzip"));
+        assert!(!is_foreign(
+            "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        ));
     }
 
     #[test]
