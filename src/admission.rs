@@ -58,9 +58,10 @@ pub struct AdmissionRequest {
     #[serde(default)]
     pub name: Option<String>,
     pub operation: Operation,
-    #[serde(default)]
+    /// The Pod, pruned to the fields the webhook reads (see [`crate::pod_view`]).
+    #[serde(default, deserialize_with = "crate::pod_view::pod")]
     pub object: Option<Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::pod_view::pod")]
     pub old_object: Option<Value>,
     #[serde(default)]
     pub dry_run: Option<bool>,

@@ -13,6 +13,7 @@ pub mod mapping;
 pub mod metrics;
 pub mod mirror;
 pub mod patch;
+pub mod pod_view;
 pub mod reference;
 pub mod registry;
 pub mod server;

@@ -1,0 +1,250 @@
+//! Reads the Pod of a review keeping only the fields the webhook uses, so that the rest of it
+//! (`managedFields`, volumes, probes, status: most of the bytes) is scanned but never allocated.
+//!
+//! The result is a `serde_json::Value` with the same shape as the full Pod for every kept path:
+//! a missing key stays missing, `null` stays `null`, and a value of an unexpected type is kept as
+//! it came, so the code after it sees exactly what it would have seen in the whole Pod.
+
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// Which keys of an object to keep; a kept key's value is pruned by its own `Keep` in turn.
+#[derive(Clone, Copy)]
+enum Keep {
+    /// Keep the whole value.
+    All,
+    /// Keep these keys of an object (anything that is not an object is kept whole).
+    Keys(&'static [(&'static str, Keep)]),
+}
+
+const METADATA: Keep = Keep::Keys(&[
+    ("name", Keep::All),
+    ("generateName", Keep::All),
+    ("namespace", Keep::All),
+    ("labels", Keep::All),
+    ("annotations", Keep::All),
+]);
+
+const SPEC: Keep = Keep::Keys(&[
+    ("containers", Keep::All),
+    ("initContainers", Keep::All),
+    ("ephemeralContainers", Keep::All),
+    ("imagePullSecrets", Keep::All),
+]);
+
+const POD: Keep = Keep::Keys(&[
+    ("apiVersion", Keep::All),
+    ("kind", Keep::All),
+    ("metadata", METADATA),
+    ("spec", SPEC),
+]);
+
+/// `deserialize_with` for a review's `object` / `oldObject`: absent or `null` → `None` (as
+/// `Option<Value>` reads them), else the pruned value.
+pub fn pod<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Pruned(POD)
+        .deserialize(d)
+        .map(|v| (!v.is_null()).then_some(v))
+}
+
+struct Pruned(Keep);
+
+impl<'de> DeserializeSeed<'de> for Pruned {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        match self.0 {
+            Keep::All => Value::deserialize(d),
+            Keep::Keys(keys) => d.deserialize_any(PrunedVisitor(keys)),
+        }
+    }
+}
+
+struct PrunedVisitor(&'static [(&'static str, Keep)]);
+
+impl<'de> Visitor<'de> for PrunedVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match self.0.iter().find(|(k, _)| *k == key) {
+                Some((k, keep)) => {
+                    let v = map.next_value_seed(Pruned(*keep))?;
+                    out.insert((*k).to_string(), v);
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Value::Object(out))
+    }
+
+    // Not an object: kept whole, as the full parse would have it.
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element::<Value>()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// What the pruned read must equal: the full parse with everything else removed.
+    fn pruned_by_hand(full: &Value) -> Value {
+        fn keep(v: &Value, rule: Keep) -> Value {
+            match (rule, v) {
+                (Keep::All, v) => v.clone(),
+                (Keep::Keys(keys), Value::Object(m)) => Value::Object(
+                    keys.iter()
+                        .filter_map(|(k, r)| m.get(*k).map(|v| (k.to_string(), keep(v, *r))))
+                        .collect(),
+                ),
+                (Keep::Keys(_), v) => v.clone(),
+            }
+        }
+        keep(full, POD)
+    }
+
+    fn read(text: &str) -> Value {
+        let mut d = serde_json::Deserializer::from_str(text);
+        pod(&mut d).unwrap().unwrap_or(Value::Null)
+    }
+
+    #[test]
+    fn keeps_exactly_what_the_webhook_reads() {
+        let cases = [
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a", "namespace": "n",
+                "labels": {"x": "y"}, "annotations": null, "managedFields": [{"manager": "m"}],
+                "uid": "u"}, "spec": {"containers": [{"name": "c", "image": "nginx", "env": []}],
+                "volumes": [{"name": "v"}], "imagePullSecrets": [{"name": "s"}]},
+                "status": {"phase": "Pending"}}),
+            json!({"metadata": null, "spec": null}),
+            json!({"spec": {"containers": null, "initContainers": [], "ephemeralContainers": [1, "x"]}}),
+            json!({"metadata": "odd", "spec": [1, 2, {"containers": 3}]}),
+            json!({}),
+            json!([{"metadata": {}}]),
+            json!("a string"),
+            json!(null),
+            json!(12.5),
+            json!({"metadata": {"generateName": "web-", "labels": {"image-mirror/inject": "disabled"}}}),
+        ];
+        for full in cases {
+            let text = serde_json::to_string(&full).unwrap();
+            assert_eq!(read(&text), pruned_by_hand(&full), "{text}");
+        }
+    }
+
+    #[test]
+    fn every_admission_fixture_reads_the_same_as_the_full_pod() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/admission");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let full: Value = serde_json::from_str(&text).unwrap();
+            for field in ["object", "oldObject"] {
+                if let Some(obj) = full["request"].get(field) {
+                    let raw = serde_json::to_string(obj).unwrap();
+                    assert_eq!(
+                        read(&raw),
+                        pruned_by_hand(obj),
+                        "{}: {field}",
+                        path.display()
+                    );
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen >= 20, "{seen}");
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        // Keys the pruning cares about, mixed with others, at every depth.
+        let key = prop::sample::select(vec![
+            "metadata",
+            "spec",
+            "name",
+            "labels",
+            "annotations",
+            "containers",
+            "image",
+            "imagePullSecrets",
+            "status",
+            "managedFields",
+            "kind",
+            "other",
+        ]);
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            "[a-z/:.@]{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::vec((key.clone(), inner), 0..6).prop_map(|kv| {
+                    Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+                }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #[test]
+        fn any_json_reads_as_the_full_parse_pruned(v in json_value()) {
+            let text = serde_json::to_string(&v).unwrap();
+            proptest::prop_assert_eq!(read(&text), pruned_by_hand(&v));
+        }
+    }
+
+    #[test]
+    fn escaped_keys_are_matched() {
+        // JSON may escape any character of a key; the key is what it decodes to.
+        let v = read(r#"{"meta\u0064ata": {"na\u006de": "a"}, "spec": {}}"#);
+        assert_eq!(v, json!({"metadata": {"name": "a"}, "spec": {}}));
+    }
+}
