@@ -1034,13 +1034,22 @@ pub fn credentials(host: &str, access: &RegistryAccess) -> Result<RegistryAuth, 
         reason,
     };
     if let (Some(user_var), Some(pass_var)) = (&access.username_env, &access.password_env) {
-        let read = |var: &str| {
-            std::env::var(var)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| err(format!("environment variable {var} is not set")))
+        let read = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+        return match (read(user_var), read(pass_var)) {
+            (Some(user), Some(pass)) => Ok(RegistryAuth::Basic(user, pass)),
+            // Neither set (an optional Secret that is not there): anonymous, as for a missing
+            // docker config file.
+            (None, None) => {
+                tracing::debug!(host, "credential variables unset; anonymous");
+                Ok(RegistryAuth::Anonymous)
+            }
+            (None, Some(_)) => Err(err(format!(
+                "environment variable {user_var} is not set, but {pass_var} is"
+            ))),
+            (Some(_), None) => Err(err(format!(
+                "environment variable {pass_var} is not set, but {user_var} is"
+            ))),
         };
-        return Ok(RegistryAuth::Basic(read(user_var)?, read(pass_var)?));
     }
     if let Some(path) = &access.docker_config {
         let text = match std::fs::read(path) {
@@ -1319,13 +1328,24 @@ mod tests {
     }
 
     #[test]
-    fn env_credentials_name_the_variable() {
+    fn env_credentials_unset_mean_anonymous_half_set_names_the_variable() {
         let access = RegistryAccess {
             username_env: Some("IMW_TEST_SURELY_UNSET_USER".into()),
             password_env: Some("IMW_TEST_SURELY_UNSET_PASS".into()),
             ..RegistryAccess::default()
         };
-        let err = credentials("docker.io", &access).unwrap_err().to_string();
+        assert_eq!(
+            credentials("docker.io", &access).unwrap(),
+            RegistryAuth::Anonymous
+        );
+        // One of the two set is a mistake worth an error naming both (never their values).
+        let half = RegistryAccess {
+            username_env: Some("IMW_TEST_SURELY_UNSET_USER".into()),
+            password_env: Some("PATH".into()),
+            ..RegistryAccess::default()
+        };
+        let err = credentials("docker.io", &half).unwrap_err().to_string();
+        assert!(!err.contains(&std::env::var("PATH").unwrap()), "{err}");
         assert!(
             err.contains("IMW_TEST_SURELY_UNSET_USER") && err.contains("docker.io"),
             "{err}"
