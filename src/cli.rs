@@ -304,13 +304,19 @@ fn copy(args: &CopyArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     let started = std::time::Instant::now();
     let bar = crate::sync::byte_progress();
-    let report = runtime.block_on(registries.copy(
+    let work = registries.copy(
         &table,
         &source,
         &target,
         &args.platforms,
         bar.as_ref().map(|(_, p)| p.clone()),
-    ));
+    );
+    // A panic inside a library becomes an error message, not a crash.
+    let report = runtime
+        .block_on(futures::FutureExt::catch_unwind(
+            std::panic::AssertUnwindSafe(work),
+        ))
+        .map_err(|_| anyhow::anyhow!("copy of {source} failed: internal error (panic)"))?;
     if let Some((bar, _)) = bar {
         bar.finish_and_clear();
     }

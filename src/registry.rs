@@ -720,7 +720,18 @@ impl CopyJob<'_> {
         body: &Bytes,
         content_type: &str,
     ) -> Result<(), RegistryError> {
-        let oci = to_oci(r);
+        // When a registry answers a push without `Location` (ECR does), oci-client strips the
+        // tag off the URL and panics if it is not there; a push by digest has no tag. Giving it
+        // the digest as its "tag" makes that suffix match. The URL uses the digest either way.
+        let oci = match r.digest() {
+            Some(d) => oci_client::Reference::with_tag_and_digest(
+                r.registry().to_string(),
+                r.path().to_string(),
+                d.to_string(),
+                d.to_string(),
+            ),
+            None => to_oci(r),
+        };
         let name = r.to_string();
         let header = reqwest::header::HeaderValue::from_str(content_type).map_err(|_| {
             RegistryError::Unsupported {

@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use crate::mapping::{Decision, MirrorKind, Platform, Table};
 use crate::reference::Reference;
@@ -132,7 +132,12 @@ pub async fn sync_all(
     let concurrency = table.copies().concurrency;
     let mut results = futures::stream::iter(items.iter())
         .map(|item| async move {
-            let outcome = sync_one(registries, table, item, refresh, dry_run, None).await;
+            // A panic inside a library fails this image, not the whole run.
+            let work = sync_one(registries, table, item, refresh, dry_run, None);
+            let outcome = std::panic::AssertUnwindSafe(work)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| SyncOutcome::Failed("internal error (panic)".into()));
             (item, outcome)
         })
         .buffer_unordered(concurrency);
