@@ -400,6 +400,44 @@ struct ResponseOut<'a> {
     warnings: &'a [String],
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     audit_annotations: BTreeMap<&'static str, String>,
+    /// A `metav1.Status`, only on a refusal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct StatusOut<'a> {
+    status: &'static str,
+    code: u16,
+    reason: &'static str,
+    message: &'a str,
+}
+
+/// The response AdmissionReview of strict mode's refusal: `allowed: false` and why.
+pub fn refusal_body(api_version: &str, uid: &str, code: u16, message: &str) -> Vec<u8> {
+    let out = ReviewOut {
+        api_version,
+        kind: "AdmissionReview",
+        response: ResponseOut {
+            uid,
+            allowed: false,
+            patch_type: None,
+            patch: None,
+            warnings: &[],
+            audit_annotations: BTreeMap::new(),
+            status: Some(StatusOut {
+                status: "Failure",
+                code,
+                reason: if code >= 500 {
+                    "InternalError"
+                } else {
+                    "Forbidden"
+                },
+                message,
+            }),
+        },
+    };
+    serde_json::to_vec(&out).unwrap_or_default()
 }
 
 /// The response AdmissionReview: `allowed: true`, and the patch when there is one.
@@ -431,6 +469,7 @@ pub fn response_body(api_version: &str, uid: &str, mutation: &Mutation) -> Vec<u
             patch,
             warnings: &mutation.warnings,
             audit_annotations: audit,
+            status: None,
         },
     };
     serde_json::to_vec(&out).unwrap_or_default()
@@ -454,6 +493,9 @@ pub struct Webhook {
     /// How long a review may take before it is answered *allowed, unchanged*.
     pub budget: Duration,
     pub mirrors: Option<Arc<dyn MirrorAccess>>,
+    /// Refuse the Pod instead of admitting it unchanged when the webhook cannot do its job
+    /// (internal error, mirror state unknown, unparsable image).
+    pub strict: bool,
 }
 
 /// What the HTTP layer sends back.
@@ -470,6 +512,7 @@ impl Webhook {
             metrics,
             budget: Duration::from_secs(2),
             mirrors: None,
+            strict: false,
         }
     }
 
@@ -490,8 +533,18 @@ impl Webhook {
         let mutation = match outcome {
             Ok(m) => m,
             Err(why) => {
-                // Never block a Pod through our own fault: allowed, unchanged.
                 self.count_request(review.operation(), "error", started);
+                if self.strict {
+                    tracing::error!(uid = %review.request.uid, namespace = review.namespace(),
+                        pod = review.pod_name(), error = %why, "admission failed; refused (strict)");
+                    return Answer::Review(refusal_body(
+                        &review.api_version,
+                        &review.request.uid,
+                        500,
+                        &format!("image-mirror (strict): internal error: {why}"),
+                    ));
+                }
+                // Never block a Pod through our own fault: allowed, unchanged.
                 tracing::error!(uid = %review.request.uid, namespace = review.namespace(),
                     pod = review.pod_name(), error = %why, "admission failed; allowed unchanged");
                 return Answer::Review(response_body(
@@ -501,6 +554,17 @@ impl Webhook {
                 ));
             }
         };
+        if let Some(why) = self.strict.then(|| strict_refusal(&mutation)).flatten() {
+            self.count_request(review.operation(), "refused", started);
+            tracing::warn!(uid = %review.request.uid, namespace = review.namespace(),
+                pod = review.pod_name(), reason = %why, "refused (strict)");
+            return Answer::Review(refusal_body(
+                &review.api_version,
+                &review.request.uid,
+                403,
+                &why,
+            ));
+        }
         if let Some(mirrors) = &self.mirrors {
             for copy in &mutation.copies {
                 mirrors.request_copy(copy.clone());
@@ -599,6 +663,39 @@ impl Webhook {
             "admission"
         );
     }
+}
+
+/// Why strict mode refuses this mutation, if it does: an image whose mirror could not be asked,
+/// or an image string that is not a reference.
+fn strict_refusal(m: &Mutation) -> Option<String> {
+    let unknown = m
+        .skips
+        .iter()
+        .filter(|s| **s == Skip::MirrorUnknown)
+        .count();
+    let unparsable = m
+        .skips
+        .iter()
+        .filter(|s| **s == Skip::Image(crate::mapping::KeepReasonKind::Unparsable))
+        .count();
+    if unknown == 0 && unparsable == 0 {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if unknown > 0 {
+        parts.push(format!(
+            "could not tell whether the mirror has {unknown} image(s) (registry slow or failing)"
+        ));
+    }
+    if unparsable > 0 {
+        parts.push(format!("{unparsable} image(s) are not valid references"));
+    }
+    let mut message = format!("image-mirror (strict): {}", parts.join("; "));
+    for w in &m.warnings {
+        message.push_str("; ");
+        message.push_str(w.trim_start_matches("image-mirror: "));
+    }
+    Some(message)
 }
 
 /// Runs pure code, turning a panic into an error so that the Pod is still admitted.

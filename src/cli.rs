@@ -109,6 +109,10 @@ pub struct ServeArgs {
     /// How long in-flight requests may take to finish while draining.
     #[arg(long, env = "IMAGE_MIRROR_DRAIN_TIMEOUT", default_value = "20s", value_parser = duration)]
     pub drain_timeout: std::time::Duration,
+    /// Refuse a Pod instead of admitting it unchanged on an internal error, an unknown mirror
+    /// state (slow or failing registry) or an unparsable image. Off by default.
+    #[arg(long, env = "IMAGE_MIRROR_STRICT")]
+    pub strict: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -268,6 +272,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         budget: args.admission_budget,
         shutdown_delay: args.shutdown_delay,
         drain_timeout: args.drain_timeout,
+        strict: args.strict,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -131,6 +131,8 @@ pub struct ServeOptions {
     pub shutdown_delay: Duration,
     /// How long in-flight requests may take to finish once draining.
     pub drain_timeout: Duration,
+    /// Refuse Pods instead of admitting them unchanged when the webhook cannot do its job.
+    pub strict: bool,
 }
 
 /// A server that is up: its addresses, and the means to stop it.
@@ -188,6 +190,7 @@ pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> anyhow::Result<Runni
 
     let mut webhook = Webhook::new(tables.clone(), metrics.clone());
     webhook.budget = opts.budget;
+    webhook.strict = opts.strict;
     let service = match mirrors {
         Mirrors::Off => None,
         Mirrors::Registries(options) => {

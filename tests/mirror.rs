@@ -326,6 +326,7 @@ async fn webhook(
         budget,
         shutdown_delay: Duration::ZERO,
         drain_timeout: Duration::from_secs(5),
+        strict: false,
     };
     let running = server::start(opts, Mirrors::Registries(quick()))
         .await

@@ -58,6 +58,7 @@ fn options(tls: &TlsFiles, config: Option<PathBuf>) -> ServeOptions {
         budget: Duration::from_millis(500),
         shutdown_delay: Duration::ZERO,
         drain_timeout: Duration::from_secs(5),
+        strict: false,
     }
 }
 
@@ -493,6 +494,74 @@ async fn a_silent_mirror_cannot_hold_a_pod_past_the_budget() {
     assert_eq!(
         scrape(&text, "image_mirror_skips_total{reason=\"mirror-unknown\"}"),
         1.0
+    );
+    s.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_refuses_what_it_cannot_vouch_for() {
+    let h = harness();
+    let mut opts = options(&h.tls, None);
+    opts.strict = true;
+    let s = server::start(opts, Mirrors::Custom(Arc::new(SilentMirror)))
+        .await
+        .unwrap();
+    let c = client(&h, Version::HTTP_2);
+    let post = |body: Value| {
+        let c = c.clone();
+        let url = url(&s, "/mutate");
+        async move {
+            let resp = c.post(url).json(&body).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let out: Value = resp.json().await.unwrap();
+            assert_eq!(out["response"]["uid"], body["request"]["uid"]);
+            assert_eq!(out["apiVersion"], body["apiVersion"]);
+            out["response"].clone()
+        }
+    };
+
+    // nginx:1.27 goes to the mirror only if present, and the mirror never answers.
+    let started = Instant::now();
+    let r = post(fixture("pod_three_containers")).await;
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(r["allowed"], false);
+    assert!(r.get("patch").is_none() && r.get("patchType").is_none());
+    assert_eq!(r["status"]["code"], 403);
+    let message = r["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("could not tell whether the mirror has 1 image"),
+        "{message}"
+    );
+
+    let r = post(fixture("pod_unparsable_image")).await;
+    assert_eq!(r["allowed"], false);
+    let message = r["status"]["message"].as_str().unwrap();
+    assert!(message.contains("not valid references"), "{message}");
+
+    // Images the table vouches for (exact entries: always) are rewritten as usual.
+    let mut req = fixture("pod_plain");
+    req["request"]["object"]["spec"]["containers"] =
+        json!([{"name": "cache", "image": "redis:7.2.5"}]);
+    let r = post(req.clone()).await;
+    assert_eq!(r["allowed"], true);
+    let pod = patched(&req, &json!({ "response": r }));
+    assert_eq!(
+        images(&pod, "containers"),
+        [format!("{MIRROR}/redis:7.2.5")]
+    );
+
+    let text = reqwest::get(format!("http://{}/metrics", s.metrics_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        scrape(
+            &text,
+            "image_mirror_admission_requests_total{operation=\"CREATE\",result=\"refused\"}"
+        ),
+        2.0
     );
     s.shutdown().await.unwrap();
 }
