@@ -535,14 +535,8 @@ impl Webhook {
             Err(why) => {
                 self.count_request(review.operation(), "error", started);
                 if self.strict {
-                    tracing::error!(uid = %review.request.uid, namespace = review.namespace(),
-                        pod = review.pod_name(), error = %why, "admission failed; refused (strict)");
-                    return Answer::Review(refusal_body(
-                        &review.api_version,
-                        &review.request.uid,
-                        500,
-                        &format!("image-mirror (strict): internal error: {why}"),
-                    ));
+                    let why = format!("image-mirror (strict): internal error: {why}");
+                    return refuse(&review, 500, &why);
                 }
                 // Never block a Pod through our own fault: allowed, unchanged.
                 tracing::error!(uid = %review.request.uid, namespace = review.namespace(),
@@ -556,14 +550,7 @@ impl Webhook {
         };
         if let Some(why) = self.strict.then(|| strict_refusal(&mutation)).flatten() {
             self.count_request(review.operation(), "refused", started);
-            tracing::warn!(uid = %review.request.uid, namespace = review.namespace(),
-                pod = review.pod_name(), reason = %why, "refused (strict)");
-            return Answer::Review(refusal_body(
-                &review.api_version,
-                &review.request.uid,
-                403,
-                &why,
-            ));
+            return refuse(&review, 403, &why);
         }
         if let Some(mirrors) = &self.mirrors {
             for copy in &mutation.copies {
@@ -663,6 +650,18 @@ impl Webhook {
             "admission"
         );
     }
+}
+
+/// Strict mode's answer: logged, then `allowed: false` with `code` and `why`.
+fn refuse(review: &Review, code: u16, why: &str) -> Answer {
+    tracing::warn!(uid = %review.request.uid, namespace = review.namespace(),
+        pod = review.pod_name(), code, reason = why, "refused (strict)");
+    Answer::Review(refusal_body(
+        &review.api_version,
+        &review.request.uid,
+        code,
+        why,
+    ))
 }
 
 /// Why strict mode refuses this mutation, if it does: an image whose mirror could not be asked,

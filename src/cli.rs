@@ -274,9 +274,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         drain_timeout: args.drain_timeout,
         strict: args.strict,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = runtime()?;
     runtime.block_on(async move {
         let mirrors =
             crate::server::Mirrors::Registries(crate::registry::RegistryOptions::default());
@@ -284,6 +282,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         running.run_until_signal().await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn registries(insecure: &[String]) -> crate::registry::Registries {
@@ -304,9 +308,7 @@ fn copy(args: &CopyArgs) -> anyhow::Result<ExitCode> {
     let source = parse("source", &args.source)?;
     let target = parse("target", &args.target)?;
     let registries = registries(&args.insecure_registries);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = runtime()?;
     let started = std::time::Instant::now();
     let bar = crate::sync::byte_progress();
     let work = registries.copy(
@@ -340,9 +342,7 @@ fn sync(args: &SyncArgs) -> anyhow::Result<ExitCode> {
     init_tracing(LogFormat::Text);
     let table = crate::config::load(args.config.as_deref())?;
     let registries = registries(&args.insecure_registries);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = runtime()?;
     let mut out = std::io::stdout();
     let failures = runtime.block_on(crate::sync::sync_all(
         &registries,

@@ -979,7 +979,7 @@ struct RawCopies {
     concurrency: Option<Spanned<usize>>,
     queue_size: Option<Spanned<usize>>,
     retry_backoff: Option<Spanned<String>>,
-    max_attempts: Option<Spanned<u32>>,
+    max_attempts: Option<Spanned<usize>>,
 }
 
 /// Collects problems with their file and line.
@@ -1147,27 +1147,35 @@ fn build(file: &str, raw: RawTable, problems: &mut Problems) -> Table {
     }
     let mut copies = CopySettings::default();
     if let Some(c) = &raw.copies {
-        if let Some(n) = &c.value.concurrency {
-            if n.value == 0 || n.value > 64 {
-                problems.add(n, "copies.concurrency", "must be between 1 and 64");
-            } else {
-                copies.concurrency = n.value;
-            }
-        }
-        if let Some(n) = &c.value.queue_size {
-            if n.value == 0 || n.value > 100_000 {
-                problems.add(n, "copies.queueSize", "must be between 1 and 100000");
-            } else {
-                copies.queue_size = n.value;
-            }
-        }
-        if let Some(n) = &c.value.max_attempts {
-            if n.value == 0 || n.value > 100 {
-                problems.add(n, "copies.maxAttempts", "must be between 1 and 100");
-            } else {
-                copies.max_attempts = n.value;
-            }
-        }
+        let mut in_range =
+            |value: &Option<Spanned<usize>>, field: &str, max: usize, slot: &mut usize| {
+                if let Some(n) = value {
+                    if (1..=max).contains(&n.value) {
+                        *slot = n.value;
+                    } else {
+                        problems.add(
+                            n,
+                            format!("copies.{field}"),
+                            format!("must be between 1 and {max}"),
+                        );
+                    }
+                }
+            };
+        in_range(
+            &c.value.concurrency,
+            "concurrency",
+            64,
+            &mut copies.concurrency,
+        );
+        in_range(
+            &c.value.queue_size,
+            "queueSize",
+            100_000,
+            &mut copies.queue_size,
+        );
+        let mut attempts = copies.max_attempts as usize;
+        in_range(&c.value.max_attempts, "maxAttempts", 100, &mut attempts);
+        copies.max_attempts = attempts as u32; // at most 100
         if let Some(v) = &c.value.retry_backoff {
             match parse_duration(&v.value) {
                 Ok(d) if !d.is_zero() => copies.retry_backoff = d,

@@ -212,15 +212,12 @@ impl Registries {
         self.insecure.insert(registry_key(host));
     }
 
-    pub fn options(&self) -> RegistryOptions {
-        self.options
-    }
-
     /// The client for `host`, built from the table's settings; rebuilt when those change or it
     /// is old enough that credentials may have rotated.
     async fn client(&self, table: &Table, host: &str) -> Result<Arc<HostClient>, RegistryError> {
         let access = table.registry_access(host).cloned().unwrap_or_default();
-        let insecure = access.insecure || self.insecure.contains(&registry_key(host));
+        let insecure = access.insecure
+            || (!self.insecure.is_empty() && self.insecure.contains(&registry_key(host)));
         {
             let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(c) = clients.get(host) {
@@ -246,9 +243,7 @@ impl Registries {
 
     /// Whether `host` answers HTTPS at all (any certificate, any status).
     async fn speaks_tls(&self, host: &str) -> bool {
-        let wire = oci_reference(host, "x", None, None)
-            .resolve_registry()
-            .to_string();
+        let wire = wire_host(host);
         let Ok(client) = reqwest::Client::builder()
             .danger_accept_invalid_certs(true)
             .connect_timeout(self.options.connect_timeout)
@@ -282,9 +277,7 @@ impl Registries {
             let data = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
             roots.push(data);
         }
-        let wire_host = oci_reference(host, "x", None, None)
-            .resolve_registry()
-            .to_string();
+        let wire_host = wire_host(host);
         let config = ClientConfig {
             protocol: if plain {
                 ClientProtocol::HttpsExcept(vec![wire_host])
@@ -338,18 +331,11 @@ impl Registries {
     ) -> Result<String, RegistryError> {
         let host = self.client(table, reference.registry()).await?;
         let oci = to_oci(reference);
-        let result = host.client.fetch_manifest_digest(&oci, &host.auth).await;
-        match result {
-            Ok(d) => Ok(d),
-            Err(e) => {
-                let failure = self.classify(&host, reference.registry(), &e).await;
-                Err(RegistryError::Request {
-                    op: "check",
-                    reference: reference.to_string(),
-                    failure,
-                })
-            }
-        }
+        let name = reference.to_string();
+        self.attempts(&host, reference.registry(), "check", &name, 1, || {
+            host.client.fetch_manifest_digest(&oci, &host.auth)
+        })
+        .await
     }
 
     /// Maps an oci-client error to a [`Failure`], reading `Retry-After` on a 429.
@@ -377,13 +363,31 @@ impl Registries {
         failure
     }
 
-    /// Runs `op` until it succeeds, fails for good, or runs out of tries.
+    /// Runs `op` until it succeeds, fails for good, or runs out of the configured tries.
     async fn retry<T, F, Fut>(
         &self,
         host: &HostClient,
         registry: &str,
         op: &'static str,
         reference: &str,
+        f: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, OciDistributionError>>,
+    {
+        let tries = self.options.attempts;
+        self.attempts(host, registry, op, reference, tries, f).await
+    }
+
+    /// Runs `op` at most `tries` times; every failure is sorted into a [`Failure`].
+    async fn attempts<T, F, Fut>(
+        &self,
+        host: &HostClient,
+        registry: &str,
+        op: &'static str,
+        reference: &str,
+        tries: u32,
         mut f: F,
     ) -> Result<T, RegistryError>
     where
@@ -409,7 +413,7 @@ impl Registries {
                 _ => None,
             };
             match wait {
-                Some(wait) if attempt < self.options.attempts => {
+                Some(wait) if attempt < tries => {
                     tracing::debug!(op, reference, attempt, error = %failure,
                         wait_ms = wait.as_millis() as u64, "registry operation failed; retrying");
                     tokio::time::sleep(wait).await;
@@ -572,6 +576,15 @@ type BoxedCopy<'a> = Pin<Box<dyn Future<Output = Result<(), RegistryError>> + Se
 impl CopyJob<'_> {
     async fn run(&self, platforms: &[Platform]) -> Result<CopyReport, RegistryError> {
         let src_oci = to_oci(&self.source);
+        // Blob and push calls take no credentials: oci-client uses those stored per registry.
+        self.src
+            .client
+            .store_auth_if_needed(src_oci.resolve_registry(), &self.src.auth)
+            .await;
+        self.dst
+            .client
+            .store_auth_if_needed(&wire_host(self.target.registry()), &self.dst.auth)
+            .await;
         let name = self.source.to_string();
         // HEAD first: Docker Hub counts manifest GETs, not HEADs.
         let digest = match self.source.digest() {
@@ -739,11 +752,6 @@ impl CopyJob<'_> {
                 reason: format!("invalid media type {content_type:?}"),
             }
         })?;
-        // A push stores credentials for pulls too; make sure ours are the ones stored.
-        self.dst
-            .client
-            .store_auth_if_needed(oci.resolve_registry(), &self.dst.auth)
-            .await;
         self.registries
             .retry(&self.dst, r.registry(), "push manifest", &name, || {
                 self.dst
@@ -821,15 +829,6 @@ impl CopyJob<'_> {
         let src_oci = to_oci(&self.source);
         let dst_oci = to_oci(&self.target);
         let name = format!("{}@{}", self.target.name(), desc.digest);
-        // Storing auth makes oci-client use it for blob calls that take no auth argument.
-        self.src
-            .client
-            .store_auth_if_needed(src_oci.resolve_registry(), &self.src.auth)
-            .await;
-        self.dst
-            .client
-            .store_auth_if_needed(dst_oci.resolve_registry(), &self.dst.auth)
-            .await;
         let exists = self
             .registries
             .retry(
@@ -1000,13 +999,7 @@ fn filter_index(raw: &[u8], keep: &[&Descriptor]) -> Result<Bytes, RegistryError
 
 fn sha256_digest(data: &[u8]) -> String {
     use sha2::Digest;
-    let hash = sha2::Sha256::digest(data);
-    let mut out = String::with_capacity(71);
-    out.push_str("sha256:");
-    for b in hash {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    format!("sha256:{:x}", sha2::Sha256::digest(data))
 }
 
 /// Exponential back-off with full jitter: a random wait in [base·2ⁿ⁻¹/2, base·2ⁿ⁻¹], capped.
@@ -1030,6 +1023,13 @@ fn oci_reference(
         (Some(t), None) => oci_client::Reference::with_tag(h, r, t.into()),
         (None, None) => oci_client::Reference::with_tag(h, r, "latest".into()),
     }
+}
+
+/// The host requests go to (`docker.io` is served at `index.docker.io`).
+fn wire_host(host: &str) -> String {
+    oci_reference(host, "x", None, None)
+        .resolve_registry()
+        .to_string()
 }
 
 /// Our reference as oci-client's; a digest wins over a tag for every request.

@@ -80,23 +80,19 @@ pub async fn sync_one(
             },
         };
     }
-    let reason = match have {
-        None => "missing",
+    let would = match have {
+        None => "would copy (missing)",
         Some(_) if !refresh || item.source.digest().is_some() => return SyncOutcome::UpToDate,
         Some(have) => match registries.manifest_digest(table, &item.source).await {
             // A platform-filtered copy has its own index digest, so it is compared by copying:
             // the copy skips every blob and manifest the target already has.
             Ok(upstream) if upstream == have => return SyncOutcome::UpToDate,
-            Ok(_) => "upstream digest moved",
+            Ok(_) => "would copy (upstream digest moved)",
             Err(e) => return fail(e),
         },
     };
     if dry_run {
-        return SyncOutcome::WouldCopy(if reason == "missing" {
-            "would copy (missing)"
-        } else {
-            "would copy (upstream digest moved)"
-        });
+        return SyncOutcome::WouldCopy(would);
     }
     match registries
         .copy(table, &item.source, &item.target, &item.platforms, progress)

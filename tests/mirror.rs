@@ -393,16 +393,7 @@ impl Webhook {
     }
 
     fn metric(&self, name: &str, labels: &str) -> f64 {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.running.registry).unwrap();
-        let key = if labels.is_empty() {
-            format!("{name} ")
-        } else {
-            format!("{name}{{{labels}}} ")
-        };
-        text.lines()
-            .find_map(|l| l.strip_prefix(&key))
-            .map_or(0.0, |v| v.trim().parse().unwrap())
+        metric(&self.running.registry, name, labels)
     }
 
     async fn wait_copied(&self) {
@@ -412,6 +403,20 @@ impl Webhook {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// One sample of a scrape (0 when absent); `labels` as written inside the braces.
+fn metric(registry: &prometheus_client::registry::Registry, name: &str, labels: &str) -> f64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    let key = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
 }
 
 fn image_of(pod: &Value) -> &str {
@@ -750,15 +755,8 @@ async fn concurrent_checks_of_one_image_share_one_request_and_are_cached() {
         metrics,
     );
     let checks = |result: &str| {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        let key = format!(
-            "image_mirror_mirror_checks_total{{registry=\"{}\",result=\"{result}\"}} ",
-            mirror.host()
-        );
-        text.lines()
-            .find_map(|l| l.strip_prefix(&key))
-            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+        let labels = format!("registry=\"{}\",result=\"{result}\"", mirror.host());
+        metric(&registry, "image_mirror_mirror_checks_total", &labels)
     };
     let present = r(&format!("{}/mirror/app:1.0", mirror.host()));
     let absent = r(&format!("{}/mirror/app:9.9", mirror.host()));
