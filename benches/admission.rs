@@ -3,10 +3,10 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use image_mirror_webhook::admission::{plan, response_body, Presence, Review, Webhook};
-use image_mirror_webhook::config::TableHandle;
-use image_mirror_webhook::mapping::Table;
+use image_mirror_webhook::admission::{plan, response_body, Review, Webhook};
+use image_mirror_webhook::config::{Config, ConfigHandle};
 use image_mirror_webhook::metrics::Metrics;
+use image_mirror_webhook::mirror::Presence;
 
 // The same allocator as the binary.
 #[global_allocator]
@@ -16,7 +16,8 @@ fn bench(c: &mut Criterion) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/admission");
     let body = std::fs::read(format!("{dir}/pod_three_containers.json")).expect("fixture");
     let yaml = std::fs::read_to_string(format!("{dir}/table.yaml")).expect("table");
-    let table = Table::parse("table.yaml", &yaml).expect("valid table");
+    let config = Config::parse("table.yaml", &yaml).expect("valid table");
+    let table = config.table.clone();
 
     c.bench_function("admission/parse_only", |b| {
         b.iter(|| black_box(Review::parse(black_box(&body)).expect("review")))
@@ -36,7 +37,7 @@ fn bench(c: &mut Criterion) {
     });
 
     let (metrics, _registry) = Metrics::new();
-    let webhook = Webhook::new(TableHandle::new(table.clone()), metrics);
+    let webhook = Webhook::new(ConfigHandle::new(config), metrics);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()

@@ -29,13 +29,15 @@ pub struct DevCerts {
     pub key_pem: String,
 }
 
+/// The certificate generator's error.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
-    #[error("cannot generate certificates: {0}")]
+    #[error("cannot generate certificates")]
     Generate(#[from] rcgen::Error),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
 }

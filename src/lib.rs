@@ -1,23 +1,27 @@
 //! image-mirror-webhook: a Kubernetes mutating admission webhook that rewrites container images
 //! to a mirror.
 //!
-//! The pure core ([`reference`], [`mapping`], [`patch`]) does no I/O; [`admission`] turns a
-//! review into a response; [`server`], [`tls`], [`metrics`] and [`config`] are the shell around
-//! them.
+//! The pure core does no I/O: [`reference`] (the grammar), [`mapping`] (the table and
+//! `decide`), [`settings`] and [`problems`] (the rest of the table file), [`pod`] (reading the
+//! review's Pod) and [`patch`] (writing the JSON Patch); [`admission`]'s core turns a review
+//! into a response. Around it: [`mirror`] and [`registry`] (checks and copies), [`server`],
+//! [`tls`], [`config`], [`watch`], [`metrics`], [`certs`] and the [`cli`].
 
 pub mod admission;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod error;
 pub mod mapping;
 pub mod metrics;
 pub mod mirror;
 pub mod patch;
-pub mod pod_view;
+pub mod pod;
+pub mod problems;
 pub mod reference;
 pub mod registry;
 pub mod server;
-pub mod sync;
+pub mod settings;
 pub mod tls;
 pub mod watch;
 

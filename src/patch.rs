@@ -1,6 +1,7 @@
-//! Pod JSON + image changes → a minimal RFC 6902 JSON Patch.
+//! Image changes → a minimal RFC 6902 JSON Patch for the Pod they apply to.
 //!
-//! Pure, and always on the raw JSON the API server sent: re-serialising a typed Pod would drop
+//! Pure, and only writes (the Pod is read through [`crate::pod`]). Patches are always relative
+//! to the raw JSON the API server sent: re-serialising a typed Pod would drop
 //! fields unknown to k8s-openapi. The patch must apply cleanly to what the API server holds — a
 //! patch that decodes but fails to apply rejects the Pod even with `failurePolicy: Ignore`:
 //! - `add` needs an existing parent, so a missing (or, as Go re-encodes it, empty) map or list
@@ -12,66 +13,10 @@ use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
 use jsonptr::PointerBuf;
 use serde_json::{Map, Value};
 
+use crate::pod::{ContainerList, Pod};
+
 /// The annotation recording each container's original image (JSON: container name → image).
 pub const ORIGINAL_IMAGES_ANNOTATION: &str = "image-mirror/original-images";
-
-/// The three container lists of a Pod spec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ContainerList {
-    Containers,
-    InitContainers,
-    EphemeralContainers,
-}
-
-impl ContainerList {
-    /// The field name in `spec`.
-    pub fn field(self) -> &'static str {
-        match self {
-            ContainerList::Containers => "containers",
-            ContainerList::InitContainers => "initContainers",
-            ContainerList::EphemeralContainers => "ephemeralContainers",
-        }
-    }
-}
-
-/// A well-formed container: an object in one of the lists, with a string `image`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerRef<'a> {
-    pub list: ContainerList,
-    pub index: usize,
-    /// The container's name; `containers[2]`-style when the Pod gave none.
-    pub name: String,
-    pub image: &'a str,
-}
-
-/// The well-formed containers of `lists` in `pod`; anything malformed is passed over.
-pub fn containers<'a>(pod: &'a Value, lists: &[ContainerList]) -> Vec<ContainerRef<'a>> {
-    let Some(spec) = pod.get("spec").and_then(Value::as_object) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for &list in lists {
-        let Some(items) = spec.get(list.field()).and_then(Value::as_array) else {
-            continue;
-        };
-        for (index, item) in items.iter().enumerate() {
-            let Some(image) = item.get("image").and_then(Value::as_str) else {
-                continue;
-            };
-            let name = match item.get("name").and_then(Value::as_str) {
-                Some(n) => n.to_string(),
-                None => format!("{}[{index}]", list.field()),
-            };
-            out.push(ContainerRef {
-                list,
-                index,
-                name,
-                image,
-            });
-        }
-    }
-    out
-}
 
 /// One container's image rewrite.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +37,7 @@ pub struct PodPatch {
 
 /// Builds the patch for `changes` and the pull secrets the new images need.
 /// Returns no operations when there is nothing to change.
-pub fn build_patch(pod: &Value, changes: &[ImageChange], pull_secrets: &[&str]) -> PodPatch {
+pub fn build_patch(pod: &Pod, changes: &[ImageChange], pull_secrets: &[&str]) -> PodPatch {
     if changes.is_empty() {
         return PodPatch::default();
     }
@@ -114,22 +59,10 @@ pub fn build_patch(pod: &Value, changes: &[ImageChange], pull_secrets: &[&str]) 
     PodPatch { ops, added_secrets }
 }
 
-/// The secret names a Pod already lists in `spec.imagePullSecrets`.
-fn existing_pull_secrets(pod: &Value) -> Vec<&str> {
-    pod.pointer("/spec/imagePullSecrets")
-        .and_then(Value::as_array)
-        .map(|list| {
-            list.iter()
-                .filter_map(|s| s.get("name").and_then(Value::as_str))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// `add /spec/imagePullSecrets` with the Pod's list plus the missing secrets, or nothing when
 /// every secret is there already.
-fn pull_secrets_op(pod: &Value, wanted: &[&str]) -> Option<(PatchOperation, Vec<String>)> {
-    let existing = existing_pull_secrets(pod);
+fn pull_secrets_op(pod: &Pod, wanted: &[&str]) -> Option<(PatchOperation, Vec<String>)> {
+    let existing = pod.pull_secrets();
     let mut missing: Vec<&str> = Vec::new();
     for &name in wanted {
         if !existing.contains(&name) && !missing.contains(&name) {
@@ -140,11 +73,7 @@ fn pull_secrets_op(pod: &Value, wanted: &[&str]) -> Option<(PatchOperation, Vec<
         return None;
     }
     // Keep what the Pod had verbatim (even entries we do not understand), then append.
-    let mut merged: Vec<Value> = pod
-        .pointer("/spec/imagePullSecrets")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let mut merged: Vec<Value> = pod.pull_secret_entries().cloned().unwrap_or_default();
     merged.extend(missing.iter().map(|n| serde_json::json!({ "name": n })));
     let op = PatchOperation::Add(AddOperation {
         path: PointerBuf::from_tokens(["spec", "imagePullSecrets"]),
@@ -154,12 +83,11 @@ fn pull_secrets_op(pod: &Value, wanted: &[&str]) -> Option<(PatchOperation, Vec<
 }
 
 /// Records the original images, merged with a record an earlier invocation left.
-fn annotation_op(pod: &Value, changes: &[ImageChange]) -> Option<PatchOperation> {
-    let metadata = pod.get("metadata");
-    let annotations = metadata.and_then(|m| m.get("annotations"));
-    let mut record: Map<String, Value> = annotations
-        .and_then(|a| a.get(ORIGINAL_IMAGES_ANNOTATION))
-        .and_then(Value::as_str)
+fn annotation_op(pod: &Pod, changes: &[ImageChange]) -> Option<PatchOperation> {
+    let metadata = pod.metadata();
+    let annotations = pod.annotations();
+    let mut record: Map<String, Value> = pod
+        .annotation(ORIGINAL_IMAGES_ANNOTATION)
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or_default();
     for c in changes {
@@ -210,10 +138,14 @@ mod tests {
         doc
     }
 
+    fn build(pod: &Value, changes: &[ImageChange], secrets: &[&str]) -> PodPatch {
+        build_patch(&Pod::from_value(pod).unwrap(), changes, secrets)
+    }
+
     #[test]
     fn pointer_segments_are_escaped() {
         let pod = json!({"metadata": {"annotations": {"a/b~c": "x"}}, "spec": {"containers": [{"name": "c", "image": "nginx"}]}});
-        let ops = build_patch(
+        let ops = build(
             &pod,
             &[change(
                 ContainerList::Containers,
@@ -247,7 +179,7 @@ mod tests {
             json!({"metadata": {"annotations": {}}, "spec": {"containers": [{"name": "c", "image": "a"}], "imagePullSecrets": []}}),
             json!({"spec": {"containers": [{"name": "c", "image": "a"}]}}),
         ] {
-            let out = apply(&pod, build_patch(&pod, &c, &["s"]).ops);
+            let out = apply(&pod, build(&pod, &c, &["s"]).ops);
             assert_eq!(out["spec"]["containers"][0]["image"], "b");
             assert_eq!(out["spec"]["imagePullSecrets"], json!([{"name": "s"}]));
             assert!(out["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION].is_string());
@@ -258,12 +190,12 @@ mod tests {
     fn secrets_are_merged_without_duplicates() {
         let pod = json!({"spec": {"containers": [{"name": "c", "image": "a"}], "imagePullSecrets": [{"name": "other"}, {"name": "s"}]}});
         let c = [change(ContainerList::Containers, 0, "c", "a", "b")];
-        let patch = build_patch(&pod, &c, &["s", "s"]);
+        let patch = build(&pod, &c, &["s", "s"]);
         assert!(patch.added_secrets.is_empty());
         let ops = patch.ops;
         // The secret is there already: no secret operation at all.
         assert_eq!(ops.len(), 2);
-        let patch = build_patch(&pod, &c, &["t", "s", "t"]);
+        let patch = build(&pod, &c, &["t", "s", "t"]);
         assert_eq!(patch.added_secrets, ["t"]);
         let out = apply(&pod, patch.ops);
         assert_eq!(
@@ -278,7 +210,7 @@ mod tests {
             "spec": {"containers": [{"name": "a", "image": "m/nginx"}, {"name": "b", "image": "redis"}]}});
         let out = apply(
             &pod,
-            build_patch(
+            build(
                 &pod,
                 &[change(
                     ContainerList::Containers,
@@ -298,22 +230,8 @@ mod tests {
     }
 
     #[test]
-    fn malformed_containers_are_passed_over() {
-        let pod = json!({"spec": {"containers": [{"name": "a"}, 7, {"name": "b", "image": 3}, {"image": "x"}], "initContainers": null}});
-        let found = containers(
-            &pod,
-            &[ContainerList::Containers, ContainerList::InitContainers],
-        );
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].name, "containers[3]");
-        assert_eq!(found[0].index, 3);
-        assert!(containers(&json!({"spec": 1}), &[ContainerList::Containers]).is_empty());
-        assert!(containers(&json!({}), &[ContainerList::Containers]).is_empty());
-    }
-
-    #[test]
     fn no_changes_no_patch() {
-        let none = build_patch(&json!({}), &[], &["s"]);
+        let none = build(&json!({}), &[], &["s"]);
         assert!(none.ops.is_empty() && none.added_secrets.is_empty());
     }
 }

@@ -15,12 +15,15 @@
 //! digest           := algorithm ':' hex    (sha256, sha384, sha512; lowercase hex of exact length)
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// The registry Docker uses when a reference names none.
 pub const DOCKER_HUB: &str = "docker.io";
 /// The legacy spelling of Docker Hub that distribution rewrites to [`DOCKER_HUB`].
 const LEGACY_DOCKER_HUB: &str = "index.docker.io";
+/// Docker Hub's registry endpoint, as containerd configurations name it.
+const REGISTRY_ENDPOINT: &str = "registry-1.docker.io";
 /// The repository namespace of Docker Hub's official images.
 const OFFICIAL_PREFIX: &str = "library/";
 /// Upper bound on the repository path, as in distribution.
@@ -217,10 +220,25 @@ impl Reference {
         };
         format!("{name}{}", &self.canonical[self.path_end..])
     }
-    /// Whether this is a Docker Hub reference (also under the `registry-1.docker.io` spelling
-    /// that containerd configurations use).
+    /// Whether this is a Docker Hub reference, under any of its spellings.
     pub fn is_docker_hub(&self) -> bool {
-        is_docker_hub_host(self.registry())
+        canonical_host(self.registry()) == DOCKER_HUB
+    }
+    /// The same image under Docker Hub's canonical spelling: `registry-1.docker.io/nginx` (the
+    /// endpoint containerd configurations name, which distribution does not alias) becomes
+    /// `docker.io/library/nginx`. Every other reference is itself.
+    pub fn canonical(&self) -> Cow<'_, Reference> {
+        if self.registry() == DOCKER_HUB || !self.is_docker_hub() {
+            return Cow::Borrowed(self);
+        }
+        let mut s = String::with_capacity(self.canonical.len() + 8);
+        s.push_str(DOCKER_HUB);
+        s.push('/');
+        if !self.path().contains('/') {
+            s.push_str(OFFICIAL_PREFIX);
+        }
+        s.push_str(&self.canonical[self.path_start..]);
+        Reference::parse(&s).map_or(Cow::Borrowed(self), Cow::Owned)
     }
 }
 
@@ -238,12 +256,33 @@ impl std::str::FromStr for Reference {
     }
 }
 
-/// Docker Hub's host spellings: the canonical one, the legacy index and the registry endpoint.
-pub fn is_docker_hub_host(host: &str) -> bool {
-    matches!(
-        host,
-        DOCKER_HUB | LEGACY_DOCKER_HUB | "registry-1.docker.io"
-    )
+/// The one Docker Hub canonicaliser for hosts: Docker Hub under any spelling a user may write
+/// (`docker.io`, the legacy `index.docker.io`, the `registry-1.docker.io` endpoint) is
+/// `docker.io`; every other host is returned as it is. Matching, checks, copies and credentials
+/// all key registries through it.
+pub fn canonical_host(host: &str) -> &str {
+    match host {
+        LEGACY_DOCKER_HUB | REGISTRY_ENDPOINT => DOCKER_HUB,
+        other => other,
+    }
+}
+
+/// A registry as users name it in a table or a docker `config.json` key
+/// (`https://index.docker.io/v1/`, `ghcr.io`, `localhost:5000`) → its canonical host.
+pub fn registry_host(key: &str) -> &str {
+    let host = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    canonical_host(host.split('/').next().unwrap_or(host))
+}
+
+/// The host requests for `host` go to: Docker Hub's registry API is not served at `docker.io`.
+pub fn wire_host(host: &str) -> &str {
+    match canonical_host(host) {
+        DOCKER_HUB => LEGACY_DOCKER_HUB,
+        other => other,
+    }
 }
 
 pub(crate) fn push_tag_digest(s: &mut String, tag: Option<&str>, digest: Option<&str>) {
@@ -526,6 +565,28 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(Reference::parse(input).unwrap().familiar(), want);
         }
+    }
+
+    #[test]
+    fn docker_hub_spellings_have_one_canonical_form() {
+        for host in ["docker.io", "index.docker.io", "registry-1.docker.io"] {
+            assert_eq!(canonical_host(host), "docker.io");
+            assert_eq!(wire_host(host), "index.docker.io");
+        }
+        assert_eq!(canonical_host("ghcr.io"), "ghcr.io");
+        assert_eq!(registry_host("https://index.docker.io/v1/"), "docker.io");
+        assert_eq!(registry_host("http://localhost:5000"), "localhost:5000");
+        assert_eq!(registry_host("quay.io"), "quay.io");
+        let endpoint = Reference::parse("registry-1.docker.io/nginx:1").unwrap();
+        assert!(endpoint.is_docker_hub());
+        assert_eq!(endpoint.canonical().as_str(), "docker.io/library/nginx:1");
+        let org = Reference::parse(&format!("registry-1.docker.io/grafana/loki@{D}")).unwrap();
+        assert_eq!(
+            org.canonical().as_str(),
+            format!("docker.io/grafana/loki@{D}")
+        );
+        let plain = Reference::parse("quay.io/a/b").unwrap();
+        assert!(matches!(plain.canonical(), Cow::Borrowed(_)));
     }
 
     #[test]

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -17,12 +16,50 @@ use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::admission::{Answer, MirrorAccess, Webhook};
-use crate::config::{self, TableHandle};
+use crate::admission::{Answer, Webhook};
+use crate::config::{self, ConfigError, ConfigHandle};
 use crate::metrics::Metrics;
-use crate::mirror::MirrorService;
+use crate::mirror::{MirrorAccess, MirrorService};
 use crate::registry::{Registries, RegistryOptions};
-use crate::tls::TlsFiles;
+use crate::tls::{TlsError, TlsFiles};
+
+/// Why `serve` could not start, or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot watch {path}")]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a listener failed")]
+    Serve(#[source] std::io::Error),
+    #[error("a listener task ended abnormally")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+impl ServeError {
+    /// The label of this error in metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ServeError::Config(e) => e.metric_label(),
+            ServeError::Tls(e) => e.metric_label(),
+            ServeError::Watch { .. } => "watch",
+            ServeError::Listen { .. } => "listen",
+            ServeError::Serve(_) | ServeError::Task(_) => "serve",
+        }
+    }
+}
 
 /// Request bodies above this are refused with 413 (a Pod review is far below it).
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
@@ -141,7 +178,7 @@ pub struct Running {
     pub metrics_addr: SocketAddr,
     pub metrics: Metrics,
     pub registry: Arc<Registry>,
-    pub tables: TableHandle,
+    pub config: ConfigHandle,
     /// The checks and copy queue, when `serve` talks to registries itself.
     pub mirror_service: Option<Arc<MirrorService>>,
     ready: Readiness,
@@ -157,46 +194,58 @@ pub struct Running {
 pub enum Mirrors {
     /// No checks: `if-present` rewrites stay unchanged (`mirror-unknown`).
     Off,
-    /// Checks and copies through the registries the table names.
+    /// Checks and copies through the registries the table's settings name.
     Registries(RegistryOptions),
     /// Someone else's implementation (tests).
     Custom(Arc<dyn MirrorAccess>),
 }
 
 /// Loads the table and the certificate, binds both listeners and starts serving.
-pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> anyhow::Result<Running> {
-    let table = config::load(opts.config.as_deref())?;
+pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> Result<Running, ServeError> {
+    let path = opts.config.clone();
+    let loaded = tokio::task::spawn_blocking(move || config::load(path.as_deref()))
+        .await
+        .unwrap_or(Err(ConfigError::Cancelled))?;
     let (metrics, registry) = Metrics::new();
     let registry = Arc::new(registry);
-    let tables = TableHandle::new(table);
+    let config = ConfigHandle::new(loaded);
     let mut watchers = Vec::new();
     if let Some(path) = &opts.config {
-        watchers.push(
-            tables
-                .watch(path.clone(), metrics.clone())
-                .with_context(|| format!("cannot watch {}", path.display()))?,
-        );
+        let watcher = config
+            .watch(path.clone(), metrics.clone())
+            .map_err(|source| ServeError::Watch {
+                path: path.clone(),
+                source,
+            })?;
+        watchers.push(watcher);
     }
-    let loaded = opts.tls.load()?;
-    if let Some(t) = loaded.not_after {
+    let files = opts.tls.clone();
+    let tls = tokio::task::spawn_blocking(move || files.load())
+        .await
+        .unwrap_or(Err(TlsError::Cancelled))?;
+    if let Some(t) = tls.not_after {
         metrics.certificate_expiry.set(t);
     }
-    let rustls = axum_server::tls_rustls::RustlsConfig::from_config(loaded.config);
-    watchers.extend(
-        opts.tls
-            .watch(rustls.clone(), metrics.clone())
-            .context("cannot watch the certificate directory")?,
-    );
+    let rustls = axum_server::tls_rustls::RustlsConfig::from_config(tls.config);
+    let cert_watchers = opts
+        .tls
+        .watch(rustls.clone(), metrics.clone())
+        .map_err(|source| ServeError::Watch {
+            path: opts.tls.cert.clone(),
+            source,
+        })?;
+    watchers.extend(cert_watchers);
 
-    let mut webhook = Webhook::new(tables.clone(), metrics.clone());
+    let mut webhook = Webhook::new(config.clone(), metrics.clone());
     webhook.budget = opts.budget;
     webhook.strict = opts.strict;
     let service = match mirrors {
         Mirrors::Off => None,
         Mirrors::Registries(options) => {
-            let registries = Arc::new(Registries::new(options, Some(metrics.clone())));
+            let settings = config.current().settings.clone();
+            let registries = Arc::new(Registries::new(settings, options, Some(metrics.clone())));
             Some(Arc::new(MirrorService::start(
-                tables.clone(),
+                config.clone(),
                 registries,
                 metrics.clone(),
             )))
@@ -211,19 +260,24 @@ pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> anyhow::Result<Runni
     }
     let ready = Readiness::default();
 
-    let listener = std::net::TcpListener::bind(opts.listen)
-        .with_context(|| format!("cannot listen on {}", opts.listen))?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
+    let listen_error = |addr| move |source| ServeError::Listen { addr, source };
+    let listener = std::net::TcpListener::bind(opts.listen).map_err(listen_error(opts.listen))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(listen_error(opts.listen))?;
+    let addr = listener.local_addr().map_err(listen_error(opts.listen))?;
     let handle = axum_server::Handle::new();
-    let https = axum_server::from_tcp_rustls(listener, rustls)?
+    let https = axum_server::from_tcp_rustls(listener, rustls)
+        .map_err(listen_error(opts.listen))?
         .handle(handle.clone())
         .serve(router(Arc::new(webhook), ready.clone()).into_make_service());
 
     let metrics_listener = tokio::net::TcpListener::bind(opts.metrics_listen)
         .await
-        .with_context(|| format!("cannot listen on {}", opts.metrics_listen))?;
-    let metrics_addr = metrics_listener.local_addr()?;
+        .map_err(listen_error(opts.metrics_listen))?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(listen_error(opts.metrics_listen))?;
     let metrics_stop = Arc::new(Notify::new());
     let stop = metrics_stop.clone();
     let plain = axum::serve(
@@ -243,7 +297,7 @@ pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> anyhow::Result<Runni
         metrics_addr,
         metrics,
         registry,
-        tables,
+        config,
         mirror_service: service,
         ready,
         handle,
@@ -257,21 +311,23 @@ pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> anyhow::Result<Runni
 
 impl Running {
     /// Graceful stop: unready first, then stop accepting and let in-flight requests finish.
-    pub async fn shutdown(self) -> anyhow::Result<()> {
+    pub async fn shutdown(self) -> Result<(), ServeError> {
         self.ready.set(false);
         tracing::info!(delay = ?self.shutdown_delay, "shutting down: unready, then draining");
         tokio::time::sleep(self.shutdown_delay).await;
         self.handle.graceful_shutdown(Some(self.drain_timeout));
         self.metrics_stop.notify_one();
         for task in self.tasks {
-            task.await.context("server task failed")??;
+            task.await
+                .map_err(ServeError::Task)?
+                .map_err(ServeError::Serve)?;
         }
         tracing::info!("stopped");
         Ok(())
     }
 
     /// Serves until SIGTERM or SIGINT, then shuts down gracefully.
-    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+    pub async fn run_until_signal(self) -> Result<(), ServeError> {
         shutdown_signal().await;
         self.shutdown().await
     }

@@ -9,23 +9,41 @@ use rustls::ServerConfig;
 
 use crate::metrics::{Metrics, ResultLabels};
 
+/// The TLS layer's error.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
     #[error("{path} holds no usable PEM private key")]
     NoKey { path: PathBuf },
-    #[error("certificate {cert} and key {key} do not make a TLS configuration: {source}")]
+    #[error("certificate {cert} and key {key} do not make a TLS configuration")]
     Config {
         cert: PathBuf,
         key: PathBuf,
+        #[source]
         source: rustls::Error,
     },
+    #[error("the certificate reload was cancelled")]
+    Cancelled,
+}
+
+impl TlsError {
+    /// The label of this error in metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            TlsError::Read { .. } => "read",
+            TlsError::NoCertificate { .. } => "no-certificate",
+            TlsError::NoKey { .. } => "no-key",
+            TlsError::Config { .. } => "config",
+            TlsError::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// Where the certificate and key live.
@@ -113,13 +131,20 @@ impl TlsFiles {
                 let files = self.clone();
                 let target = target.clone();
                 let metrics = metrics.clone();
-                crate::watch::on_change(&dir, move || files.reload_into(&target, &metrics))
+                crate::watch::on_change(&dir, move || {
+                    let (files, target, metrics) = (files.clone(), target.clone(), metrics.clone());
+                    async move { files.reload_into(&target, &metrics).await }
+                })
             })
             .collect()
     }
 
-    fn reload_into(&self, target: &axum_server::tls_rustls::RustlsConfig, metrics: &Metrics) {
-        let result = match self.load() {
+    async fn reload_into(&self, target: &axum_server::tls_rustls::RustlsConfig, metrics: &Metrics) {
+        let files = self.clone();
+        let loaded = tokio::task::spawn_blocking(move || files.load())
+            .await
+            .unwrap_or(Err(TlsError::Cancelled));
+        let result = match loaded {
             Ok(loaded) => {
                 target.reload_from_config(loaded.config);
                 if let Some(t) = loaded.not_after {
@@ -129,7 +154,8 @@ impl TlsFiles {
                 "success"
             }
             Err(e) => {
-                tracing::error!(error = %e, "serving certificate not reloaded; keeping the old one");
+                tracing::error!(error = %crate::error::Report(&e),
+                    "serving certificate not reloaded; keeping the old one");
                 "failure"
             }
         };

@@ -4,17 +4,19 @@
 //! directory, so a watch on the file itself never fires: watch the directory and re-read on any
 //! event. Events come in bursts; they are coalesced before `reload` runs.
 
+use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
-/// Calls `reload` (on the tokio runtime) after changes in `dir` settle. Keep the returned
-/// watcher alive for as long as reloads should happen.
-pub fn on_change(
-    dir: &Path,
-    mut reload: impl FnMut() + Send + 'static,
-) -> notify::Result<RecommendedWatcher> {
+/// Runs `reload` (on the tokio runtime) after changes in `dir` settle, one reload at a time.
+/// Keep the returned watcher alive for as long as reloads should happen.
+pub fn on_change<F, Fut>(dir: &Path, mut reload: F) -> notify::Result<RecommendedWatcher>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok_and(|e| !e.kind.is_access()) {
@@ -27,7 +29,7 @@ pub fn on_change(
         while rx.recv().await.is_some() {
             tokio::time::sleep(Duration::from_millis(200)).await;
             while rx.try_recv().is_ok() {}
-            reload();
+            reload().await;
         }
     });
     Ok(watcher)

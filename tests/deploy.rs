@@ -312,7 +312,7 @@ fn check_common(r: &Rendered) -> Deployment {
 
     // Longer grace than the drain the flags ask for.
     let secs = |f: &str| {
-        image_mirror_webhook::mapping::parse_duration(&flags[f])
+        image_mirror_webhook::settings::parse_duration(&flags[f])
             .unwrap()
             .as_secs() as i64
     };

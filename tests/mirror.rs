@@ -5,15 +5,19 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::{Fault, FaultProxy, Registry, TestImage};
 use image_mirror_webhook::certs::DevCerts;
-use image_mirror_webhook::mapping::{Platform, Table};
+use image_mirror_webhook::config::Config;
+use image_mirror_webhook::error::Report;
+use image_mirror_webhook::mapping::Platform;
 use image_mirror_webhook::mirror::MirrorService;
 use image_mirror_webhook::registry::{Failure, Registries, RegistryOptions};
 use image_mirror_webhook::server::{self, Mirrors, Running, ServeOptions};
+use image_mirror_webhook::settings::Settings;
 use image_mirror_webhook::tls::TlsFiles;
 use image_mirror_webhook::Reference;
 use serde_json::{json, Value};
@@ -25,13 +29,22 @@ fn r(s: &str) -> Reference {
 }
 
 /// A table with only `registries:` settings for the given registries.
-fn access_table(dir: &Path, registries: &[&Registry]) -> Table {
+fn access_table(dir: &Path, registries: &[&Registry]) -> Config {
     // A long check timeout: a check's first TLS handshake on a loaded machine is no failure.
     let mut text = String::from("checks: {timeout: 10s}\nregistries:\n");
     for (i, reg) in registries.iter().enumerate() {
         text.push_str(&reg.table_access(&dir.join(format!("docker-config-{i}.json"))));
     }
-    Table::parse("access.yaml", &text).unwrap()
+    Config::parse("access.yaml", &text).unwrap()
+}
+
+/// Registries with the settings of `yaml` (a table file's `registries:` and friends).
+fn registries_for(yaml: &str) -> Registries {
+    Registries::new(settings(yaml), quick(), None)
+}
+
+fn settings(yaml: &str) -> Arc<Settings> {
+    Config::parse("t.yaml", yaml).unwrap().settings
 }
 
 fn quick() -> RegistryOptions {
@@ -71,14 +84,11 @@ async fn copies_a_multi_platform_image_byte_for_byte_and_skips_what_is_there() {
     let image = TestImage::generate(&["linux/amd64", "linux/arm64/v8"], 24 * MIB);
     upstream.push("team/app", "1.0", &image).await;
     let table = access_table(dir.path(), &[&upstream, &mirror]);
-    let registries = Registries::new(quick(), None);
+    let registries = Registries::new(table.settings, quick(), None);
 
     let source = r(&format!("{}/team/app:1.0", upstream.host()));
     let target = r(&format!("{}/mirror/team/app:1.0", mirror.host()));
-    let first = registries
-        .copy(&table, &source, &target, &[], None)
-        .await
-        .unwrap();
+    let first = registries.copy(&source, &target, &[], None).await.unwrap();
     assert_eq!(first.digest, image.top.0);
     assert_eq!((first.manifests_copied, first.blobs_copied), (3, 5));
     assert_eq!(first.bytes, image.total_bytes());
@@ -91,19 +101,13 @@ async fn copies_a_multi_platform_image_byte_for_byte_and_skips_what_is_there() {
     assert!(mirror.skopeo_raw("mirror/team/app", &image.top.0).is_some());
 
     // Again: nothing moves.
-    let second = registries
-        .copy(&table, &source, &target, &[], None)
-        .await
-        .unwrap();
+    let second = registries.copy(&source, &target, &[], None).await.unwrap();
     assert_eq!((second.bytes, second.blobs_copied), (0, 0));
     assert_eq!(second.digest, image.top.0);
 
     // Under a new tag: the platform manifests are there already, only the index is pushed.
     let other = r(&format!("{}/mirror/team/app:1.0-copy", mirror.host()));
-    let third = registries
-        .copy(&table, &source, &other, &[], None)
-        .await
-        .unwrap();
+    let third = registries.copy(&source, &other, &[], None).await.unwrap();
     assert_eq!(
         (third.bytes, third.blobs_copied, third.blobs_skipped),
         (0, 0, 0)
@@ -117,10 +121,7 @@ async fn copies_a_multi_platform_image_byte_for_byte_and_skips_what_is_there() {
     // One platform only: the index is rebuilt with that entry.
     let arm = r(&format!("{}/mirror/arm/app:1.0", mirror.host()));
     let only = [Platform::parse("linux/arm64").unwrap()];
-    let filtered = registries
-        .copy(&table, &source, &arm, &only, None)
-        .await
-        .unwrap();
+    let filtered = registries.copy(&source, &arm, &only, None).await.unwrap();
     assert!(filtered.filtered);
     assert_eq!(filtered.platforms, vec!["linux/arm64/v8"]);
     assert_eq!(filtered.blobs_copied, 3);
@@ -137,10 +138,10 @@ async fn copies_a_multi_platform_image_byte_for_byte_and_skips_what_is_there() {
     // A pinned target cannot take a rebuilt index.
     let pinned = r(&format!("{}/mirror/arm/app@{}", mirror.host(), image.top.0));
     let err = registries
-        .copy(&table, &source, &pinned, &only, None)
+        .copy(&source, &pinned, &only, None)
         .await
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    let err = Report(&err).to_string();
     assert!(err.contains("pinned by digest"), "{err}");
 }
 
@@ -152,44 +153,37 @@ async fn checks_tell_present_absent_and_denied_apart() {
     let image = TestImage::generate(&["linux/amd64"], 1024);
     mirror.push("mirror/app", "1.0", &image).await;
     let table = access_table(dir.path(), &[&mirror]);
-    let registries = Registries::new(quick(), None);
+    let registries = Registries::new(table.settings, quick(), None);
     let host = mirror.host();
 
     let digest = registries
-        .manifest_digest(&table, &r(&format!("{host}/mirror/app:1.0")))
+        .manifest_digest(&r(&format!("{host}/mirror/app:1.0")))
         .await
         .unwrap();
     assert_eq!(digest, image.top.0);
     for missing in ["mirror/app:2.0", "mirror/nothing:1.0"] {
         let e = registries
-            .manifest_digest(&table, &r(&format!("{host}/{missing}")))
+            .manifest_digest(&r(&format!("{host}/{missing}")))
             .await
             .unwrap_err();
-        assert_eq!(e.failure(), Some(&Failure::NotFound), "{missing}: {e}");
+        assert_eq!(e.failure(), Some(Failure::NotFound), "{missing}: {e}");
     }
     // Without the credentials: denied, which is not "absent".
-    let anonymous = Table::parse(
-        "t.yaml",
-        &format!(
-            "registries:\n  \"{host}\": {{caFile: {}}}\n",
-            mirror.ca_file().unwrap().display()
-        ),
-    )
-    .unwrap();
-    let e = registries
-        .manifest_digest(&anonymous, &r(&format!("{host}/mirror/app:1.0")))
+    let anonymous = registries_for(&format!(
+        "registries:\n  \"{host}\": {{caFile: {}}}\n",
+        mirror.ca_file().unwrap().display()
+    ));
+    let e = anonymous
+        .manifest_digest(&r(&format!("{host}/mirror/app:1.0")))
         .await
         .unwrap_err();
-    assert!(matches!(e.failure(), Some(Failure::Denied(_))), "{e}");
+    assert_eq!(e.failure(), Some(Failure::Denied), "{e}");
     // Without the CA: a TLS failure, also not "absent".
-    let e = registries
-        .manifest_digest(
-            &Table::parse("t.yaml", "{}").unwrap(),
-            &r(&format!("{host}/mirror/app:1.0")),
-        )
+    let e = registries_for("{}")
+        .manifest_digest(&r(&format!("{host}/mirror/app:1.0")))
         .await
         .unwrap_err();
-    assert!(matches!(e.failure(), Some(Failure::Transport(_))), "{e}");
+    assert_eq!(e.failure(), Some(Failure::Transport), "{e}");
 }
 
 fn binary() -> Command {
@@ -599,12 +593,11 @@ async fn registry_faults_keep_admission_in_budget_and_copies_recover() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         healer.set(Fault::Pass);
     });
-    let registries = Registries::new(quick(), None);
-    let table = Table::parse("t.yaml", &format!("registries:\n{access}")).unwrap();
+    let registries = registries_for(&format!("registries:\n{access}"));
     let copy_to = |repo: &str| {
         let target = r(&format!("{}/{repo}:1.0", proxy.host()));
-        let (registries, table, source) = (&registries, &table, r(&source));
-        async move { registries.copy(table, &source, &target, &[], None).await }
+        let (registries, source) = (&registries, r(&source));
+        async move { registries.copy(&source, &target, &[], None).await }
     };
     let started = Instant::now();
     let report = copy_to("mirror/again").await.unwrap();
@@ -737,23 +730,19 @@ async fn sync_copies_missing_entries_refreshes_moved_tags_and_lists_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_checks_of_one_image_share_one_request_and_are_cached() {
-    use image_mirror_webhook::admission::{MirrorAccess, Presence};
-    use image_mirror_webhook::config::TableHandle;
+    use image_mirror_webhook::config::ConfigHandle;
     use image_mirror_webhook::metrics::Metrics;
-    use std::sync::Arc;
+    use image_mirror_webhook::mirror::{MirrorAccess, Presence};
 
     common::init();
     let dir = tempfile::tempdir().unwrap();
     let mirror = Registry::secured();
     let image = TestImage::generate(&["linux/amd64"], 1024);
     mirror.push("mirror/app", "1.0", &image).await;
-    let table = access_table(dir.path(), &[&mirror]);
+    let config = access_table(dir.path(), &[&mirror]);
     let (metrics, registry) = Metrics::new();
-    let service = MirrorService::start(
-        TableHandle::new(table),
-        Arc::new(Registries::new(quick(), Some(metrics.clone()))),
-        metrics,
-    );
+    let registries = Registries::new(config.settings.clone(), quick(), Some(metrics.clone()));
+    let service = MirrorService::start(ConfigHandle::new(config), Arc::new(registries), metrics);
     let checks = |result: &str| {
         let labels = format!("registry=\"{}\",result=\"{result}\"", mirror.host());
         metric(&registry, "image_mirror_mirror_checks_total", &labels)
@@ -777,9 +766,9 @@ async fn concurrent_checks_of_one_image_share_one_request_and_are_cached() {
     assert_eq!((checks("present"), checks("absent")), (1.0, 1.0));
 
     // A pull-through warm-up is one manifest fetch through the cache URL.
-    let table = access_table(dir.path(), &[&mirror]);
-    let warmed = Registries::new(quick(), None)
-        .warm_up(&table, &present)
+    let config = access_table(dir.path(), &[&mirror]);
+    let warmed = Registries::new(config.settings, quick(), None)
+        .warm_up(&present)
         .await
         .unwrap();
     assert_eq!(warmed.digest, image.top.0);
@@ -792,18 +781,13 @@ async fn monolithic_uploads_stream_whole_blobs() {
     let mirror = Registry::plain();
     let image = TestImage::generate(&["linux/amd64", "linux/arm64"], 9 * MIB);
     upstream.push("team/app", "1.0", &image).await;
-    let table = Table::parse(
-        "t.yaml",
-        &format!(
-            "registries:\n  \"{}\": {{insecure: true}}\n  \"{}\": {{insecure: true, monolithicUpload: true}}\n",
-            upstream.host(),
-            mirror.host()
-        ),
-    )
-    .unwrap();
-    let report = Registries::new(quick(), None)
+    let registries = registries_for(&format!(
+        "registries:\n  \"{}\": {{insecure: true}}\n  \"{}\": {{insecure: true, monolithicUpload: true}}\n",
+        upstream.host(),
+        mirror.host()
+    ));
+    let report = registries
         .copy(
-            &table,
             &r(&format!("{}/team/app:1.0", upstream.host())),
             &r(&format!("{}/ecr-like/app:1.0", mirror.host())),
             &[],

@@ -1,395 +1,48 @@
 //! The admission server over real TLS on loopback, HTTP/1.1 and HTTP/2, with certificates made
-//! for the test. Every patch is applied to its Pod and the result checked.
+//! for the test: what needs a socket (protocols, body limits on the wire, budgets, reloads,
+//! certificate rotation, SIGTERM). The fixtures themselves are checked in `tests/admission.rs`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use image_mirror_webhook::admission::{CopyRequest, MirrorAccess, Presence};
+use common::*;
 use image_mirror_webhook::certs::DevCerts;
-use image_mirror_webhook::patch::ORIGINAL_IMAGES_ANNOTATION;
-use image_mirror_webhook::server::{self, Mirrors, Running, ServeOptions};
-use image_mirror_webhook::tls::TlsFiles;
+use image_mirror_webhook::mirror::{CopyRequest, MirrorAccess, Presence};
+use image_mirror_webhook::server::{self, Mirrors};
 use image_mirror_webhook::Reference;
 use reqwest::Version;
 use serde_json::{json, Value};
 
-const DIGEST: &str = "sha256:86e0e091d0da6bde2456dbb48306f3956bbeb2eae1b5b9a43045843f69fe4aaa";
-const MIRROR: &str = "ghcr.io/ameideio/mirror";
-
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/admission")
-        .join(name)
-}
-
-fn fixture(name: &str) -> Value {
-    serde_json::from_slice(&std::fs::read(data(&format!("{name}.json"))).unwrap()).unwrap()
-}
-
-struct Harness {
-    _dir: tempfile::TempDir,
-    ca: reqwest::Certificate,
-    tls: TlsFiles,
-}
-
-fn harness() -> Harness {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let dir = tempfile::tempdir().unwrap();
-    let certs = DevCerts::generate(&["localhost".to_string()]).unwrap();
-    certs.write(dir.path()).unwrap();
-    Harness {
-        ca: reqwest::Certificate::from_pem(certs.ca_pem.as_bytes()).unwrap(),
-        tls: TlsFiles {
-            cert: dir.path().join("tls.crt"),
-            key: dir.path().join("tls.key"),
-        },
-        _dir: dir,
-    }
-}
-
-fn options(tls: &TlsFiles, config: Option<PathBuf>) -> ServeOptions {
-    ServeOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        tls: tls.clone(),
-        config,
-        budget: Duration::from_millis(500),
-        shutdown_delay: Duration::ZERO,
-        drain_timeout: Duration::from_secs(5),
-        strict: false,
-    }
-}
-
-async fn start(h: &Harness, mirrors: Mirrors) -> Running {
-    server::start(options(&h.tls, Some(data("table.yaml"))), mirrors)
-        .await
-        .unwrap()
-}
-
-fn client(h: &Harness, version: Version) -> reqwest::Client {
-    let b = reqwest::Client::builder()
-        .tls_backend_rustls()
-        .tls_certs_only([h.ca.clone()])
-        .timeout(Duration::from_secs(10));
-    let b = if version == Version::HTTP_2 {
-        b.http2_prior_knowledge()
-    } else {
-        b.http1_only()
-    };
-    b.build().unwrap()
-}
-
-fn url(s: &Running, path: &str) -> String {
-    format!("https://localhost:{}{path}", s.addr.port())
-}
-
-/// Posts a review and returns the response review, after the checks every answer must pass.
-async fn review(c: &reqwest::Client, s: &Running, body: &Value, version: Version) -> Value {
-    let resp = c.post(url(s, "/mutate")).json(body).send().await.unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.version(), version);
-    assert_eq!(resp.headers()["content-type"], "application/json");
-    let out: Value = resp.json().await.unwrap();
-    assert_eq!(out["apiVersion"], body["apiVersion"]);
-    assert_eq!(out["kind"], "AdmissionReview");
-    let r = &out["response"];
-    assert_eq!(r["uid"], body["request"]["uid"]);
-    assert_eq!(r["allowed"], true);
-    // patchType is there exactly when patch is, and the patch is a base64 string.
-    assert_eq!(r.get("patchType").is_some(), r.get("patch").is_some());
-    if let Some(p) = r.get("patch") {
-        assert_eq!(r["patchType"], "JSONPatch");
-        assert!(p.is_string(), "patch must be a base64 string, got {p}");
-    }
-    out
-}
-
-/// The Pod after the response's patch, applied with a strict RFC 6902 implementation.
-fn patched(request: &Value, response: &Value) -> Value {
-    let mut pod = request["request"]["object"].clone();
-    if let Some(p) = response["response"]["patch"].as_str() {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(p).unwrap();
-        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
-        json_patch::patch(&mut pod, &patch).expect("the patch applies to its Pod");
-    }
-    pod
-}
-
-fn images(pod: &Value, list: &str) -> Vec<String> {
-    pod["spec"][list]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|c| c["image"].as_str().unwrap_or("").to_string())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn secrets(pod: &Value) -> Vec<String> {
-    pod["spec"]["imagePullSecrets"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|s| s["name"].as_str().unwrap().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn original_images(pod: &Value) -> Value {
-    let text = pod["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION]
-        .as_str()
-        .expect("annotation present");
-    serde_json::from_str(text).unwrap()
-}
-
-fn warnings(resp: &Value) -> Vec<String> {
-    resp["response"]["warnings"]
-        .as_array()
-        .map(|a| a.iter().map(|w| w.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default()
-}
-
-/// Every fixture, its patch applied, with the outcome each case must show.
-async fn check_all_fixtures(c: &reqwest::Client, s: &Running, v: Version) {
-    let run = |name: &'static str| async move {
-        let req = fixture(name);
-        let resp = review(c, s, &req, v).await;
-        (req.clone(), resp.clone(), patched(&req, &resp))
-    };
-
-    let (req, resp, pod) = run("pod_plain").await;
-    assert_eq!(
-        images(&pod, "containers"),
-        [format!("{MIRROR}/docker.io/library/nginx:1.27")]
-    );
-    assert_eq!(secrets(&pod), ["ghcr-pull"]);
-    assert_eq!(original_images(&pod), json!({"web": "nginx:1.27"}));
-    assert_eq!(warnings(&resp).len(), 1);
-    assert!(warnings(&resp)[0]
-        .contains("nginx:1.27 -> ghcr.io/ameideio/mirror/docker.io/library/nginx:1.27"));
-    assert_eq!(resp["response"]["auditAnnotations"]["rewrites"], "1");
-    // Nothing else in the Pod changed.
-    let mut expected = req["request"]["object"].clone();
-    expected["spec"]["containers"][0]["image"] = pod["spec"]["containers"][0]["image"].clone();
-    expected["spec"]["imagePullSecrets"] = json!([{"name": "ghcr-pull"}]);
-    expected["metadata"]["annotations"] = pod["metadata"]["annotations"].clone();
-    assert_eq!(pod, expected);
-
-    let (_, _, pod) = run("pod_with_init_containers").await;
-    assert_eq!(images(&pod, "containers"), [format!("{MIRROR}/loki:3.5.7")]);
-    assert_eq!(
-        images(&pod, "initContainers"),
-        [
-            format!("{MIRROR}/busybox:1.36.1"),
-            format!("{MIRROR}/temporalio-admin-tools:1.29.1-tctl")
-        ]
-    );
-    assert_eq!(
-        original_images(&pod)["migrate"],
-        "temporalio/admin-tools:1.29.1-tctl"
-    );
-
-    let (_, _, pod) = run("pod_digest_pinned").await;
-    assert_eq!(
-        images(&pod, "containers"),
-        [format!("{MIRROR}/docker.io/library/nginx@{DIGEST}")]
-    );
-
-    let (_, _, pod) = run("pod_tag_and_digest").await;
-    assert_eq!(
-        images(&pod, "containers"),
-        [format!("{MIRROR}/redis:7.2.5@{DIGEST}")]
-    );
-
-    let (_, _, pod) = run("pod_with_existing_pull_secrets").await;
-    assert_eq!(secrets(&pod), ["team-registry", "ghcr-pull"]);
-
-    let (_, resp, pod) = run("pod_with_mirror_pull_secret").await;
-    assert_eq!(secrets(&pod), ["team-registry", "ghcr-pull"]);
-    let ops = decoded_patch(&resp);
-    assert!(
-        !ops.iter().any(|o| o["path"] == "/spec/imagePullSecrets"),
-        "no secret op when present: {ops:?}"
-    );
-
-    let (_, resp, pod) = run("pod_with_escaped_annotation_keys").await;
-    assert_eq!(
-        pod["metadata"]["annotations"]["example.com/owner"],
-        "team-a"
-    );
-    assert_eq!(pod["metadata"]["annotations"]["odd~key/with~1slash"], "x");
-    assert!(decoded_patch(&resp)
-        .iter()
-        .any(|o| o["path"] == "/metadata/annotations/image-mirror~1original-images"));
-
-    for unchanged in [
-        "pod_image_already_on_mirror",
-        "pod_opted_out",
-        "pod_in_excluded_namespace",
-        "deployment_create",
-        "pod_update",
-        "pod_without_containers",
-        "pod_without_spec",
-    ] {
-        let (req, resp, pod) = run(unchanged).await;
-        assert!(
-            resp["response"].get("patch").is_none(),
-            "{unchanged}: {resp}"
-        );
-        assert_eq!(pod, req["request"]["object"], "{unchanged}");
-    }
-
-    let (_, resp, pod) = run("pod_unparsable_image").await;
-    assert_eq!(
-        images(&pod, "containers"),
-        [
-            format!("{MIRROR}/docker.io/library/nginx:1.27"),
-            "Docker/Docker:LATEST!".to_string()
-        ]
-    );
-    assert!(warnings(&resp)
-        .iter()
-        .any(|w| w.contains("\"Docker/Docker:LATEST!\" left unchanged")));
-
-    let (_, _, pod) = run("pod_with_null_containers").await;
-    assert_eq!(pod["spec"]["containers"], Value::Null);
-    assert_eq!(
-        pod["spec"]["initContainers"][2]["image"],
-        format!("{MIRROR}/busybox:1.36.1")
-    );
-
-    let (_, _, pod) = run("ephemeral_container_update").await;
-    // Only the container this update adds; the existing one cannot change.
-    assert_eq!(
-        images(&pod, "ephemeralContainers"),
-        [
-            "busybox:1.36".to_string(),
-            format!("{MIRROR}/docker.io/library/busybox:1.36")
-        ]
-    );
-    assert_eq!(
-        images(&pod, "containers"),
-        [format!("{MIRROR}/docker.io/library/nginx:1.27")]
-    );
-
-    let (_, resp, pod) = run("pod_dry_run").await;
-    assert_eq!(
-        images(&pod, "containers"),
-        [format!("{MIRROR}/docker.io/library/nginx:1.27")]
-    );
-    assert!(resp["response"]["patch"].is_string());
-
-    let (_, _, pod) = run("pod_many_containers").await;
-    let imgs = images(&pod, "containers");
-    assert_eq!(imgs.len(), 300);
-    assert!(imgs.iter().all(|i| i.starts_with(MIRROR)));
-    assert_eq!(secrets(&pod), ["ghcr-pull"]);
-}
-
-fn decoded_patch(resp: &Value) -> Vec<Value> {
-    let p = resp["response"]["patch"].as_str().unwrap();
-    serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(p).unwrap()).unwrap()
-}
-
-fn scrape(text: &str, sample: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus) is installed by scripts/test.sh");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool: {said}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fixtures_over_http1_and_http2_then_metrics() {
-    let h = harness();
-    let s = start(&h, Mirrors::Off).await;
-    for v in [Version::HTTP_11, Version::HTTP_2] {
-        check_all_fixtures(&client(&h, v), &s, v).await;
+async fn reviews_over_http1_and_http2_answer_as_the_router_does() {
+    let tls = Tls::new();
+    let s = tls.start(Some(data("table.yaml")), Mirrors::Off).await;
+    let app = App::new();
+    for name in [
+        "pod_plain",
+        "pod_three_containers",
+        "ephemeral_container_update",
+        "pod_update",
+    ] {
+        let req = fixture(name);
+        let direct = app.review(&req).await;
+        for v in [Version::HTTP_11, Version::HTTP_2] {
+            let over = review_over(&tls.client(v), &s, &req, v).await;
+            assert_eq!(over, direct, "{name} over {v:?}");
+        }
     }
-
-    let text = reqwest::get(format!("http://{}/metrics", s.metrics_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_over(&s).await;
     promtool_check(&text);
-    // Per protocol: 11 patched CREATEs and 1 patched ephemeral UPDATE.
     assert_eq!(
         scrape(
             &text,
             "image_mirror_admission_requests_total{operation=\"CREATE\",result=\"patched\"}"
         ),
-        22.0
-    );
-    assert_eq!(
-        scrape(
-            &text,
-            "image_mirror_admission_requests_total{operation=\"UPDATE\",result=\"patched\"}"
-        ),
-        2.0
-    );
-    assert_eq!(
-        scrape(&text, "image_mirror_skips_total{reason=\"pod-opted-out\"}"),
-        2.0
-    );
-    assert_eq!(
-        scrape(
-            &text,
-            "image_mirror_skips_total{reason=\"namespace-excluded\"}"
-        ),
-        2.0
-    );
-    assert_eq!(
-        scrape(
-            &text,
-            "image_mirror_skips_total{reason=\"already-mirrored\"}"
-        ),
-        2.0
-    );
-    assert_eq!(scrape(&text, "image_mirror_unparsable_images_total"), 2.0);
-    assert!(scrape(&text, "image_mirror_rewrites_total{namespace=\"team-a\",source_registry=\"docker.io\",mirror=\"ghcr\"}") >= 300.0);
-    assert_eq!(
-        scrape(
-            &text,
-            "image_mirror_pull_secrets_injected_total{secret=\"ghcr-pull\"}"
-        ),
-        22.0
+        4.0
     );
     assert!(scrape(&text, "image_mirror_certificate_expiry_timestamp_seconds") > 1.7e9);
-    assert_eq!(
-        scrape(&text, "image_mirror_build_info{version=\"0.1.0\"}"),
-        1.0
-    );
     // OpenMetrics when the scraper asks for it.
     let om = reqwest::Client::new()
         .get(format!("http://{}/metrics", s.metrics_addr))
@@ -406,32 +59,25 @@ async fn fixtures_over_http1_and_http2_then_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_bodies_get_400_and_413() {
-    let h = harness();
-    let s = start(&h, Mirrors::Off).await;
+async fn bad_bodies_get_400_and_413_on_both_protocols() {
+    let tls = Tls::new();
+    let s = tls.start(Some(data("table.yaml")), Mirrors::Off).await;
     for v in [Version::HTTP_11, Version::HTTP_2] {
-        let c = client(&h, v);
-        for body in [
-            "{not json",
-            "[]",
-            r#"{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1"}"#,
-            r#"{"kind":"Pod"}"#,
-        ] {
-            let resp = c.post(url(&s, "/mutate")).body(body).send().await.unwrap();
-            assert_eq!(resp.status(), 400, "{body}");
-            let text = resp.text().await.unwrap();
-            assert!(
-                !text.trim().is_empty() && !text.trim().contains('\n'),
-                "one line: {text:?}"
-            );
-        }
+        let c = tls.client(v);
+        let resp = c
+            .post(url(&s, "/mutate"))
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
         let mut big = fixture("pod_plain");
         big["request"]["object"]["metadata"]["annotations"] =
             json!({"padding": "x".repeat(4 * 1024 * 1024)});
         let resp = c.post(url(&s, "/mutate")).json(&big).send().await.unwrap();
         assert_eq!(resp.status(), 413);
         // After a 413 the server closes that connection; health is asked on a fresh one.
-        let fresh = client(&h, v);
+        let fresh = tls.client(v);
         for path in ["/healthz", "/readyz"] {
             assert_eq!(fresh.get(url(&s, path)).send().await.unwrap().status(), 200);
         }
@@ -459,18 +105,15 @@ impl MirrorAccess for SilentMirror {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_mirror_cannot_hold_a_pod_past_the_budget() {
-    let h = harness();
+    let tls = Tls::new();
     // The embedded table: nginx goes to the mirror only if present; redis:7.2.5 always.
-    let s = server::start(
-        options(&h.tls, None),
-        Mirrors::Custom(Arc::new(SilentMirror)),
-    )
-    .await
-    .unwrap();
-    let c = client(&h, Version::HTTP_2);
+    let s = tls
+        .start(None, Mirrors::Custom(Arc::new(SilentMirror)))
+        .await;
+    let c = tls.client(Version::HTTP_2);
     let req = fixture("pod_three_containers");
     let started = Instant::now();
-    let resp = review(&c, &s, &req, Version::HTTP_2).await;
+    let resp = review_over(&c, &s, &req, Version::HTTP_2).await;
     assert!(
         started.elapsed() < Duration::from_millis(500),
         "{:?}",
@@ -485,12 +128,7 @@ async fn a_silent_mirror_cannot_hold_a_pod_past_the_budget() {
             format!("{MIRROR}/k8s-sidecar:1.30.10")
         ]
     );
-    let text = reqwest::get(format!("http://{}/metrics", s.metrics_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_over(&s).await;
     assert_eq!(
         scrape(&text, "image_mirror_skips_total{reason=\"mirror-unknown\"}"),
         1.0
@@ -500,13 +138,13 @@ async fn a_silent_mirror_cannot_hold_a_pod_past_the_budget() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_mode_refuses_what_it_cannot_vouch_for() {
-    let h = harness();
-    let mut opts = options(&h.tls, None);
+    let tls = Tls::new();
+    let mut opts = tls.options(None);
     opts.strict = true;
     let s = server::start(opts, Mirrors::Custom(Arc::new(SilentMirror)))
         .await
         .unwrap();
-    let c = client(&h, Version::HTTP_2);
+    let c = tls.client(Version::HTTP_2);
     let post = |body: Value| {
         let c = c.clone();
         let url = url(&s, "/mutate");
@@ -550,12 +188,7 @@ async fn strict_mode_refuses_what_it_cannot_vouch_for() {
         [format!("{MIRROR}/redis:7.2.5")]
     );
 
-    let text = reqwest::get(format!("http://{}/metrics", s.metrics_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_over(&s).await;
     assert_eq!(
         scrape(
             &text,
@@ -568,17 +201,15 @@ async fn strict_mode_refuses_what_it_cannot_vouch_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn table_reload_keeps_the_last_good_table() {
-    let h = harness();
+    let tls = Tls::new();
     let dir = tempfile::tempdir().unwrap();
     let table = dir.path().join("table.yaml");
     std::fs::copy(data("table.yaml"), &table).unwrap();
-    let s = server::start(options(&h.tls, Some(table.clone())), Mirrors::Off)
-        .await
-        .unwrap();
-    let c = client(&h, Version::HTTP_11);
+    let s = tls.start(Some(table.clone()), Mirrors::Off).await;
+    let c = tls.client(Version::HTTP_11);
     let before = patched(
         &fixture("pod_plain"),
-        &review(&c, &s, &fixture("pod_plain"), Version::HTTP_11).await,
+        &review_over(&c, &s, &fixture("pod_plain"), Version::HTTP_11).await,
     );
     assert!(images(&before, "containers")[0].starts_with(MIRROR));
 
@@ -593,7 +224,7 @@ async fn table_reload_keeps_the_last_good_table() {
     .await;
     let still = patched(
         &fixture("pod_plain"),
-        &review(&c, &s, &fixture("pod_plain"), Version::HTTP_11).await,
+        &review_over(&c, &s, &fixture("pod_plain"), Version::HTTP_11).await,
     );
     assert_eq!(still, before);
 
@@ -606,21 +237,21 @@ async fn table_reload_keeps_the_last_good_table() {
             >= 1
     })
     .await;
-    let resp = review(&c, &s, &fixture("pod_plain"), Version::HTTP_11).await;
+    let resp = review_over(&c, &s, &fixture("pod_plain"), Version::HTTP_11).await;
     assert!(resp["response"].get("patch").is_none());
     s.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_without_dropping_connections() {
-    let h = harness();
-    let s = start(&h, Mirrors::Off).await;
-    let c = client(&h, Version::HTTP_2);
-    review(&c, &s, &fixture("pod_plain"), Version::HTTP_2).await;
+    let tls = Tls::new();
+    let s = tls.start(Some(data("table.yaml")), Mirrors::Off).await;
+    let c = tls.client(Version::HTTP_2);
+    review_over(&c, &s, &fixture("pod_plain"), Version::HTTP_2).await;
     let first_expiry = s.metrics.certificate_expiry.get();
 
     // An unreadable rotation keeps the old certificate.
-    std::fs::write(&h.tls.cert, "garbage").unwrap();
+    std::fs::write(&tls.files.cert, "garbage").unwrap();
     wait_for(|| {
         s.metrics
             .certificate_reloads
@@ -629,12 +260,12 @@ async fn certificate_rotation_without_dropping_connections() {
             >= 1
     })
     .await;
-    review(&c, &s, &fixture("pod_plain"), Version::HTTP_2).await;
+    review_over(&c, &s, &fixture("pod_plain"), Version::HTTP_2).await;
 
     // A new certificate from another CA: new connections get it, the open one keeps working.
     let next = DevCerts::generate(&["localhost".to_string()]).unwrap();
-    std::fs::write(&h.tls.key, &next.key_pem).unwrap();
-    std::fs::write(&h.tls.cert, &next.cert_pem).unwrap();
+    std::fs::write(&tls.files.key, &next.key_pem).unwrap();
+    std::fs::write(&tls.files.cert, &next.cert_pem).unwrap();
     wait_for(|| {
         s.metrics
             .certificate_reloads
@@ -643,8 +274,8 @@ async fn certificate_rotation_without_dropping_connections() {
             >= 1
     })
     .await;
-    review(&c, &s, &fixture("pod_plain"), Version::HTTP_2).await;
-    let fresh_old_ca = client(&h, Version::HTTP_11);
+    review_over(&c, &s, &fixture("pod_plain"), Version::HTTP_2).await;
+    let fresh_old_ca = tls.client(Version::HTTP_11);
     assert!(
         fresh_old_ca.get(url(&s, "/healthz")).send().await.is_err(),
         "old CA must not verify the new certificate"
@@ -671,20 +302,12 @@ fn res(result: &'static str) -> image_mirror_webhook::metrics::ResultLabels {
     image_mirror_webhook::metrics::ResultLabels { result }
 }
 
-async fn wait_for(mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "condition not met within 10 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// SIGTERM to the real binary while slow uploads are in flight: every one is answered, /readyz
 /// turns unready first, and the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests() {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let h = harness();
+    let tls = Tls::new();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
         .args([
             "serve",
@@ -697,9 +320,9 @@ async fn sigterm_drains_in_flight_requests() {
         ])
         .args(["--shutdown-delay", "700ms", "--drain-timeout", "10s"])
         .arg("--tls-cert")
-        .arg(&h.tls.cert)
+        .arg(&tls.files.cert)
         .arg("--tls-key")
-        .arg(&h.tls.key)
+        .arg(&tls.files.key)
         .arg("--config")
         .arg(data("table.yaml"))
         .stderr(std::process::Stdio::piped())
@@ -727,14 +350,11 @@ async fn sigterm_drains_in_flight_requests() {
     let body = serde_json::to_vec(&fixture("pod_plain")).unwrap();
     let mut inflight = Vec::new();
     for i in 0..8 {
-        let c = client(
-            &h,
-            if i % 2 == 0 {
-                Version::HTTP_11
-            } else {
-                Version::HTTP_2
-            },
-        );
+        let c = tls.client(if i % 2 == 0 {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_2
+        });
         let body = body.clone();
         let url = format!("https://localhost:{port}/mutate");
         inflight.push(tokio::spawn(async move {

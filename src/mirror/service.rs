@@ -1,35 +1,38 @@
-//! Mirror checks for the `if-present` policy and the background copy queue: the
-//! [`MirrorAccess`] the admission path uses.
+//! The [`MirrorAccess`] the admission path uses: cached, single-flight mirror checks for the
+//! `if-present` policy, and the background copy queue.
 //!
 //! Checks are cached (present for minutes, absent for seconds), shared between concurrent
-//! requests for one image and bounded by the table's check timeout. Copies run in a bounded,
+//! requests for one image and bounded by the check timeout. Copies run in a bounded,
 //! de-duplicated queue with back-off; a finished copy marks its target present, so the next Pod
-//! is rewritten.
+//! is rewritten. Every setting is read from the configuration in force, so a reload applies
+//! them all: TTLs and timeouts at the next check, `queueSize` at the next copy queued,
+//! `concurrency` as soon as running copies allow, registry access at a client's next use.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 
-use crate::admission::{CopyRequest, MirrorAccess, Presence};
-use crate::config::TableHandle;
+use super::{CopyMode, CopyRequest, MirrorAccess, MirrorError, Presence};
+use crate::config::ConfigHandle;
+use crate::error::Report;
 use crate::metrics::{CheckLabels, Metrics, ResultLabels};
 use crate::reference::Reference;
-use crate::registry::{backoff, Failure, Registries, RegistryError};
+use crate::registry::{backoff, Failure, Registries};
 
 type SharedCheck = Shared<BoxFuture<'static, Presence>>;
 
-/// Checks and copies against the mirrors of the table in force.
+/// Checks and copies against the mirrors of the configuration in force.
 pub struct MirrorService {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    tables: TableHandle,
+    config: ConfigHandle,
     registries: Arc<Registries>,
     metrics: Metrics,
     /// Target → what we know and until when.
@@ -37,7 +40,11 @@ struct Inner {
     inflight: Mutex<HashMap<String, SharedCheck>>,
     /// (source, target) of every copy queued, waiting to be retried or running.
     pending: Mutex<HashSet<(String, String)>>,
-    queue: mpsc::Sender<Job>,
+    queue: Mutex<VecDeque<Job>>,
+    queued: Arc<Notify>,
+    /// One permit per copy that may run; resized when `copies.concurrency` changes.
+    slots: Arc<Semaphore>,
+    concurrency: Mutex<usize>,
 }
 
 struct Job {
@@ -51,24 +58,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl MirrorService {
-    /// Starts the copy workers on the current Tokio runtime.
-    pub fn start(tables: TableHandle, registries: Arc<Registries>, metrics: Metrics) -> Self {
-        let settings = tables.current().copies();
-        let (tx, rx) = mpsc::channel(settings.queue_size);
+    /// Starts the copy workers on the current Tokio runtime, and follows configuration reloads.
+    pub fn start(config: ConfigHandle, registries: Arc<Registries>, metrics: Metrics) -> Self {
+        let concurrency = config.current().settings.copies.concurrency;
         let inner = Arc::new(Inner {
-            tables,
+            config,
             registries,
             metrics,
             cache: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashSet::new()),
-            queue: tx,
+            queue: Mutex::new(VecDeque::new()),
+            queued: Arc::new(Notify::new()),
+            slots: Arc::new(Semaphore::new(concurrency)),
+            concurrency: Mutex::new(concurrency),
         });
-        tokio::spawn(workers(
-            Arc::downgrade(&inner),
-            rx,
-            Arc::new(Semaphore::new(settings.concurrency)),
-        ));
+        tokio::spawn(workers(Arc::downgrade(&inner)));
+        tokio::spawn(follow_reloads(Arc::downgrade(&inner)));
         MirrorService { inner }
     }
 
@@ -83,7 +89,39 @@ impl MirrorService {
     }
 }
 
+/// Hands every reloaded configuration's settings to the registries and the copy slots.
+async fn follow_reloads(inner: Weak<Inner>) {
+    let Some(mut changes) = inner.upgrade().map(|i| i.config.subscribe()) else {
+        return;
+    };
+    while changes.changed().await.is_ok() {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let settings = inner.config.current().settings.clone();
+        inner.registries.apply(settings.clone());
+        inner.resize(settings.copies.concurrency);
+    }
+}
+
 impl Inner {
+    fn resize(&self, wanted: usize) {
+        let mut current = lock(&self.concurrency);
+        if wanted > *current {
+            self.slots.add_permits(wanted - *current);
+        } else if wanted < *current {
+            // Permits held by running copies come back first; take them out as they do.
+            let surplus = (*current - wanted) as u32;
+            let slots = self.slots.clone();
+            tokio::spawn(async move {
+                if let Ok(p) = slots.acquire_many_owned(surplus).await {
+                    p.forget();
+                }
+            });
+        }
+        *current = wanted;
+    }
+
     fn cached(&self, key: &str) -> Option<Presence> {
         lock(&self.cache)
             .get(key)
@@ -92,7 +130,7 @@ impl Inner {
     }
 
     fn remember(&self, key: &str, presence: Presence) {
-        let checks = self.tables.current().checks();
+        let checks = self.config.current().settings.checks;
         let ttl = match presence {
             Presence::Present => checks.present_ttl,
             Presence::Absent => checks.absent_ttl,
@@ -109,16 +147,14 @@ impl Inner {
 
     /// One registry check, recorded in metrics and the cache.
     async fn check(self: Arc<Self>, target: Reference) -> Presence {
-        let table = self.tables.current();
-        let timeout = table.checks().timeout;
+        let timeout = self.config.current().settings.checks.timeout;
         let started = Instant::now();
-        let answer =
-            tokio::time::timeout(timeout, self.registries.manifest_digest(&table, &target)).await;
+        let answer = tokio::time::timeout(timeout, self.registries.manifest_digest(&target)).await;
         let (presence, result) = match &answer {
             Ok(Ok(_)) => (Presence::Present, "present"),
-            Ok(Err(e)) if e.failure() == Some(&Failure::NotFound) => (Presence::Absent, "absent"),
+            Ok(Err(e)) if e.failure() == Some(Failure::NotFound) => (Presence::Absent, "absent"),
             Ok(Err(e)) => {
-                tracing::warn!(target = %target, error = %e, "mirror check failed; image kept");
+                tracing::warn!(target = %target, error = %Report(e), "mirror check failed; image kept");
                 (Presence::Unknown, "error")
             }
             Err(_) => {
@@ -142,23 +178,21 @@ impl Inner {
         presence
     }
 
-    fn enqueue(&self, job: Job) -> bool {
-        match self.queue.try_send(job) {
-            Ok(()) => {
-                self.metrics.copy_queue_depth.inc();
-                true
-            }
-            Err(e) => {
-                let job = match e {
-                    mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
-                };
-                self.count_copy("dropped");
-                tracing::warn!(source = %job.copy.source, target = %job.copy.target,
-                    "copy queue full; copy dropped (the next Pod that needs it asks again)");
-                lock(&self.pending).remove(&key_of(&job.copy));
-                false
-            }
+    fn enqueue(&self, job: Job) {
+        let limit = self.config.current().settings.copies.queue_size;
+        let mut queue = lock(&self.queue);
+        if queue.len() >= limit {
+            drop(queue);
+            self.count_copy("dropped");
+            tracing::warn!(source = %job.copy.source, target = %job.copy.target,
+                "copy queue full; copy dropped (the next Pod that needs it asks again)");
+            lock(&self.pending).remove(&key_of(&job.copy));
+            return;
         }
+        queue.push_back(job);
+        drop(queue);
+        self.metrics.copy_queue_depth.inc();
+        self.queued.notify_one();
     }
 
     fn count_copy(&self, result: &'static str) {
@@ -169,24 +203,14 @@ impl Inner {
     }
 
     async fn run(self: Arc<Self>, job: Job) {
-        let table = self.tables.current();
         let started = Instant::now();
         let copy = &job.copy;
-        let work = async {
-            if copy.warm_up {
-                self.registries.warm_up(&table, &copy.target).await
-            } else {
-                self.registries
-                    .copy(&table, &copy.source, &copy.target, &copy.platforms, None)
-                    .await
-            }
-        };
-        let outcome = std::panic::AssertUnwindSafe(work).catch_unwind().await;
+        let outcome = copy.run(&self.registries, None).await;
         self.metrics
             .copy_duration
             .observe(started.elapsed().as_secs_f64());
-        let error = match outcome {
-            Ok(Ok(report)) => {
+        let error: MirrorError = match outcome {
+            Ok(report) => {
                 self.count_copy("success");
                 self.metrics.copied_bytes.inc_by(report.bytes);
                 self.remember(copy.target.as_str(), Presence::Present);
@@ -198,19 +222,15 @@ impl Inner {
                     "image copied");
                 return;
             }
-            Ok(Err(e)) => e,
-            Err(_) => RegistryError::Unsupported {
-                reference: copy.source.to_string(),
-                reason: "the copy panicked".into(),
-            },
+            Err(e) => e,
         };
         self.count_copy("failure");
-        let settings = table.copies();
+        let settings = self.config.current().settings.copies;
         if job.attempt >= settings.max_attempts {
             self.count_copy("given_up");
             lock(&self.pending).remove(&key_of(copy));
             tracing::error!(source = %copy.source, target = %copy.target, attempts = job.attempt,
-                error = %error, "copy failed; giving up until a Pod needs it again");
+                error = %Report(&error), "copy failed; giving up until a Pod needs it again");
             return;
         }
         let wait = backoff(
@@ -220,7 +240,8 @@ impl Inner {
         )
         .max(error.retry_after().unwrap_or_default());
         tracing::warn!(source = %copy.source, target = %copy.target, attempt = job.attempt,
-            retry_in_ms = wait.as_millis() as u64, error = %error, "copy failed; will retry");
+            retry_in_ms = wait.as_millis() as u64, error = %Report(&error),
+            "copy failed; will retry");
         let weak = Arc::downgrade(&self);
         let next = Job {
             copy: job.copy,
@@ -236,26 +257,42 @@ impl Inner {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets the worker loop see that the service is gone.
+        self.queued.notify_one();
+    }
+}
+
 fn key_of(copy: &CopyRequest) -> (String, String) {
     (copy.source.to_string(), copy.target.to_string())
 }
 
-/// Takes jobs off the queue and runs up to `concurrency` at once; ends with the service.
-async fn workers(
-    inner: std::sync::Weak<Inner>,
-    mut rx: mpsc::Receiver<Job>,
-    slots: Arc<Semaphore>,
-) {
-    while let Some(job) = rx.recv().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
+/// Takes jobs off the queue and runs as many at once as there are slots; ends with the service.
+async fn workers(inner: Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
             return;
         };
-        let Some(inner) = inner.upgrade() else {
+        let job = lock(&strong.queue).pop_front();
+        let Some(job) = job else {
+            // Wait without keeping the service alive; dropping it wakes us to end.
+            let queued = strong.queued.clone();
+            drop(strong);
+            queued.notified().await;
+            continue;
+        };
+        let slots = strong.slots.clone();
+        drop(strong);
+        let Ok(permit) = slots.acquire_owned().await else {
             return;
         };
-        inner.metrics.copy_queue_depth.dec();
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        strong.metrics.copy_queue_depth.dec();
         tokio::spawn(async move {
-            inner.run(job).await;
+            strong.run(job).await;
             drop(permit);
         });
     }
@@ -302,8 +339,8 @@ impl MirrorAccess for MirrorService {
         if !lock(&inner.pending).insert(key_of(&copy)) {
             return;
         }
-        tracing::info!(source = %copy.source, target = %copy.target, warm_up = copy.warm_up,
-            "copy queued");
+        tracing::info!(source = %copy.source, target = %copy.target,
+            warm_up = copy.mode == CopyMode::WarmUp, "copy queued");
         inner.enqueue(Job { copy, attempt: 1 });
     }
 }

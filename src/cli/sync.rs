@@ -1,23 +1,86 @@
-//! The `copy` and `sync` commands: one image, or every exact entry of the table, copied to its
-//! mirror ahead of time (the seeds' weekly mirroring job).
+//! `copy` and `sync`: one image, or every exact entry of the table, copied to its mirror ahead
+//! of time (the GHCR runbook's weekly mirroring job).
 
 use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use futures::{FutureExt, StreamExt};
 
-use crate::mapping::{Decision, MirrorKind, Platform, Table};
+use super::{init_tracing, runtime, CopyArgs, LogFormat, SyncArgs};
+use crate::error::Report;
+use crate::mapping::{Decision, Table};
+use crate::mirror::{CopyMode, CopyRequest};
 use crate::reference::Reference;
-use crate::registry::{CopyReport, Failure, Progress, Registries, RegistryError};
+use crate::registry::{CopyReport, Failure, Progress, Registries};
+use crate::settings::Settings;
 
-/// One image `sync` is responsible for.
-#[derive(Debug, Clone)]
-pub struct SyncItem {
-    pub source: Reference,
-    pub target: Reference,
-    pub platforms: Vec<Platform>,
-    pub warm_up: bool,
+fn registries(settings: Arc<Settings>, insecure: &[String]) -> Registries {
+    let mut registries = Registries::new(settings, Default::default(), None);
+    for host in insecure {
+        registries.allow_insecure(host);
+    }
+    registries
+}
+
+pub(super) fn copy(args: &CopyArgs) -> anyhow::Result<ExitCode> {
+    init_tracing(LogFormat::Text);
+    let config = crate::config::load(args.config.as_deref())?;
+    let parse = |what: &str, s: &str| {
+        Reference::parse(s).with_context(|| format!("{what} {s:?} is not an image reference"))
+    };
+    let request = CopyRequest {
+        source: parse("source", &args.source)?,
+        target: parse("target", &args.target)?,
+        platforms: args.platforms.clone(),
+        mode: CopyMode::Copy,
+    };
+    let registries = registries(config.settings, &args.insecure_registries);
+    let runtime = runtime()?;
+    let started = std::time::Instant::now();
+    let bar = byte_progress();
+    let work = request.run(&registries, bar.as_ref().map(|(_, p)| p.clone()));
+    let report = runtime.block_on(work);
+    if let Some((bar, _)) = bar {
+        bar.finish_and_clear();
+    }
+    let report = report?;
+    let (source, target) = (&request.source, &request.target);
+    print_report(
+        &mut std::io::stdout().lock(),
+        source,
+        target,
+        &report,
+        started.elapsed(),
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn sync(args: &SyncArgs) -> anyhow::Result<ExitCode> {
+    init_tracing(LogFormat::Text);
+    let config = crate::config::load(args.config.as_deref())?;
+    let concurrency = config.settings.copies.concurrency;
+    let registries = registries(config.settings.clone(), &args.insecure_registries);
+    let runtime = runtime()?;
+    let mut out = std::io::stdout();
+    let failures = runtime.block_on(sync_all(
+        &registries,
+        &config.table,
+        concurrency,
+        args.refresh,
+        args.dry_run,
+        &mut out,
+    ))?;
+    if failures.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("{} images failed:", failures.len());
+    for (item, why) in &failures {
+        eprintln!("  {} → {}: {why}", item.source, item.target);
+    }
+    Ok(ExitCode::FAILURE)
 }
 
 /// What happened to one image.
@@ -31,25 +94,17 @@ pub enum SyncOutcome {
     Failed(String),
 }
 
-/// Every exact entry of the table that names one image, with its target and policy.
-pub fn sync_items(table: &Table) -> Vec<SyncItem> {
-    let mut items: Vec<SyncItem> = Vec::new();
+/// Every exact entry of the table that names one image, as the copy that fills its mirror.
+pub fn sync_items(table: &Table) -> Vec<CopyRequest> {
+    let mut items: Vec<CopyRequest> = Vec::new();
     for entry in table.entries() {
         let Some(source) = entry.concrete_source() else {
             continue;
         };
         if let Decision::Rewrite(rw) = table.decide(source.as_str()) {
-            if items.iter().any(|i| i.target == rw.target) {
-                continue;
+            if !items.iter().any(|i| i.target == rw.target) {
+                items.push(CopyRequest::for_rewrite(&rw));
             }
-            items.push(SyncItem {
-                warm_up: rw
-                    .mirror
-                    .is_some_and(|m| matches!(m.kind, MirrorKind::PullThrough { .. })),
-                platforms: rw.policy.platforms.to_vec(),
-                source: rw.source,
-                target: rw.target,
-            });
         }
     }
     items
@@ -58,48 +113,46 @@ pub fn sync_items(table: &Table) -> Vec<SyncItem> {
 /// Brings one image up to date.
 pub async fn sync_one(
     registries: &Registries,
-    table: &Table,
-    item: &SyncItem,
+    item: &CopyRequest,
     refresh: bool,
     dry_run: bool,
     progress: Option<Progress>,
 ) -> SyncOutcome {
-    let fail = |e: RegistryError| SyncOutcome::Failed(e.to_string());
-    let have = match registries.manifest_digest(table, &item.target).await {
+    fn fail(e: &(dyn std::error::Error + 'static)) -> SyncOutcome {
+        SyncOutcome::Failed(Report(e).to_string())
+    }
+    let have = match registries.manifest_digest(&item.target).await {
         Ok(d) => Some(d),
-        Err(e) if e.failure() == Some(&Failure::NotFound) => None,
-        Err(e) => return fail(e),
+        Err(e) if e.failure() == Some(Failure::NotFound) => None,
+        Err(e) => return fail(&e),
     };
-    if item.warm_up {
+    if item.mode == CopyMode::WarmUp {
         return match (have, dry_run) {
             (Some(_), _) => SyncOutcome::UpToDate,
             (None, true) => SyncOutcome::WouldCopy("would warm up"),
-            (None, false) => match registries.warm_up(table, &item.target).await {
+            (None, false) => match item.run(registries, None).await {
                 Ok(_) => SyncOutcome::WarmedUp,
-                Err(e) => fail(e),
+                Err(e) => fail(&e),
             },
         };
     }
     let would = match have {
         None => "would copy (missing)",
         Some(_) if !refresh || item.source.digest().is_some() => return SyncOutcome::UpToDate,
-        Some(have) => match registries.manifest_digest(table, &item.source).await {
+        Some(have) => match registries.manifest_digest(&item.source).await {
             // A platform-filtered copy has its own index digest, so it is compared by copying:
             // the copy skips every blob and manifest the target already has.
             Ok(upstream) if upstream == have => return SyncOutcome::UpToDate,
             Ok(_) => "would copy (upstream digest moved)",
-            Err(e) => return fail(e),
+            Err(e) => return fail(&e),
         },
     };
     if dry_run {
         return SyncOutcome::WouldCopy(would);
     }
-    match registries
-        .copy(table, &item.source, &item.target, &item.platforms, progress)
-        .await
-    {
+    match item.run(registries, progress).await {
         Ok(report) => SyncOutcome::Copied(report),
-        Err(e) => fail(e),
+        Err(e) => fail(&e),
     }
 }
 
@@ -108,10 +161,11 @@ pub async fn sync_one(
 pub async fn sync_all(
     registries: &Registries,
     table: &Table,
+    concurrency: usize,
     refresh: bool,
     dry_run: bool,
     out: &mut (dyn Write + Send),
-) -> anyhow::Result<Vec<(SyncItem, String)>> {
+) -> std::io::Result<Vec<(CopyRequest, String)>> {
     let items = sync_items(table);
     let skipped = table.entries().len() - items.len();
     let started = Instant::now();
@@ -125,11 +179,10 @@ pub async fn sync_all(
         );
         bar
     });
-    let concurrency = table.copies().concurrency;
     let mut results = futures::stream::iter(items.iter())
         .map(|item| async move {
             // A panic inside a library fails this image, not the whole run.
-            let work = sync_one(registries, table, item, refresh, dry_run, None);
+            let work = sync_one(registries, item, refresh, dry_run, None);
             let outcome = std::panic::AssertUnwindSafe(work)
                 .catch_unwind()
                 .await
@@ -304,7 +357,10 @@ images:
         let items = sync_items(&table);
         let names: Vec<(String, String, bool)> = items
             .iter()
-            .map(|i| (i.source.to_string(), i.target.to_string(), i.warm_up))
+            .map(|i| {
+                let warm_up = i.mode == CopyMode::WarmUp;
+                (i.source.to_string(), i.target.to_string(), warm_up)
+            })
             .collect();
         assert_eq!(
             names,

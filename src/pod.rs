@@ -1,9 +1,10 @@
-//! Reads the Pod of a review keeping only the fields the webhook uses, so that the rest of it
-//! (`managedFields`, volumes, probes, status: most of the bytes) is scanned but never allocated.
+//! The Pod of a review, read once and pruned to the fields the webhook uses, with the accessors
+//! every other module reads it through.
 //!
-//! The result is a `serde_json::Value` with the same shape as the full Pod for every kept path:
-//! a missing key stays missing, `null` stays `null`, and a value of an unexpected type is kept as
-//! it came, so the code after it sees exactly what it would have seen in the whole Pod.
+//! The rest of the Pod (`managedFields`, volumes, probes, status: most of the bytes) is scanned
+//! but never allocated. The pruned value has the same shape as the full Pod for every kept
+//! path: a missing key stays missing, `null` stays `null`, and a value of an unexpected type is
+//! kept as it came, so the code after it sees exactly what it would have seen in the whole Pod.
 
 use std::fmt;
 
@@ -43,11 +44,144 @@ const POD: Keep = Keep::Keys(&[
 ]);
 
 /// `deserialize_with` for a review's `object` / `oldObject`: absent or `null` → `None` (as
-/// `Option<Value>` reads them), else the pruned value.
-pub fn pod<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+/// `Option<Value>` reads them), else the pruned Pod.
+pub fn pruned<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pod>, D::Error> {
     Pruned(POD)
         .deserialize(d)
-        .map(|v| (!v.is_null()).then_some(v))
+        .map(|v| (!v.is_null()).then_some(Pod(v)))
+}
+
+/// The label (on Pods and namespaces) that opts a workload out (`disabled`) or a namespace in.
+pub const INJECT_LABEL: &str = "image-mirror/inject";
+
+/// The three container lists of a Pod spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ContainerList {
+    Containers,
+    InitContainers,
+    EphemeralContainers,
+}
+
+impl ContainerList {
+    /// The field name in `spec`.
+    pub fn field(self) -> &'static str {
+        match self {
+            ContainerList::Containers => "containers",
+            ContainerList::InitContainers => "initContainers",
+            ContainerList::EphemeralContainers => "ephemeralContainers",
+        }
+    }
+}
+
+/// A well-formed container: an object in one of the lists, with a string `image`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerRef<'a> {
+    pub list: ContainerList,
+    pub index: usize,
+    /// The container's name; `containers[2]`-style when the Pod gave none.
+    pub name: String,
+    pub image: &'a str,
+}
+
+/// A Pod as a review carries it, pruned ([`pruned`]). Nothing here assumes the Pod is well
+/// formed: every accessor answers `None` or nothing for a shape it does not expect.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pod(Value);
+
+impl Pod {
+    /// A Pod from JSON already in memory (tests, benches), pruned like a review's.
+    pub fn from_value(v: &Value) -> Option<Pod> {
+        pruned(v).ok().flatten()
+    }
+
+    /// The pruned JSON.
+    pub fn json(&self) -> &Value {
+        &self.0
+    }
+
+    pub fn metadata(&self) -> Option<&Value> {
+        self.0.get("metadata")
+    }
+
+    fn meta_str(&self, key: &str) -> Option<&str> {
+        self.metadata()?.get(key)?.as_str()
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        self.meta_str("name")
+    }
+
+    /// Pods of a Deployment have only this until the API server names them.
+    pub fn generate_name(&self) -> Option<&str> {
+        self.meta_str("generateName")
+    }
+
+    pub fn namespace(&self) -> Option<&str> {
+        self.meta_str("namespace")
+    }
+
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.metadata()?.get("labels")?.get(key)?.as_str()
+    }
+
+    /// `metadata.annotations` as it came: missing, `null`, a map, or something odd.
+    pub fn annotations(&self) -> Option<&Value> {
+        self.metadata()?.get("annotations")
+    }
+
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.annotations()?.get(key)?.as_str()
+    }
+
+    /// Whether the Pod opts out with `image-mirror/inject: disabled`.
+    pub fn opted_out(&self) -> bool {
+        self.label(INJECT_LABEL) == Some("disabled")
+    }
+
+    /// `spec.imagePullSecrets` as it came, when it is a list.
+    pub fn pull_secret_entries(&self) -> Option<&Vec<Value>> {
+        self.0.get("spec")?.get("imagePullSecrets")?.as_array()
+    }
+
+    /// The secret names the Pod already lists in `spec.imagePullSecrets`.
+    pub fn pull_secrets(&self) -> Vec<&str> {
+        self.pull_secret_entries()
+            .map(|list| {
+                list.iter()
+                    .filter_map(|s| s.get("name").and_then(Value::as_str))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The well-formed containers of `lists`; anything malformed is passed over.
+    pub fn containers(&self, lists: &[ContainerList]) -> Vec<ContainerRef<'_>> {
+        let Some(spec) = self.0.get("spec").and_then(Value::as_object) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for &list in lists {
+            let Some(items) = spec.get(list.field()).and_then(Value::as_array) else {
+                continue;
+            };
+            for (index, item) in items.iter().enumerate() {
+                let Some(image) = item.get("image").and_then(Value::as_str) else {
+                    continue;
+                };
+                let name = match item.get("name").and_then(Value::as_str) {
+                    Some(n) => n.to_string(),
+                    None => format!("{}[{index}]", list.field()),
+                };
+                out.push(ContainerRef {
+                    list,
+                    index,
+                    name,
+                    image,
+                });
+            }
+        }
+        out
+    }
 }
 
 struct Pruned(Keep);
@@ -145,7 +279,9 @@ mod tests {
 
     fn read(text: &str) -> Value {
         let mut d = serde_json::Deserializer::from_str(text);
-        pod(&mut d).unwrap().unwrap_or(Value::Null)
+        pruned(&mut d)
+            .unwrap()
+            .map_or(Value::Null, |p| p.json().clone())
     }
 
     #[test]
@@ -239,6 +375,41 @@ mod tests {
             let text = serde_json::to_string(&v).unwrap();
             proptest::prop_assert_eq!(read(&text), pruned_by_hand(&v));
         }
+    }
+
+    #[test]
+    fn malformed_containers_are_passed_over() {
+        let pod = Pod::from_value(&json!({"spec": {"containers": [{"name": "a"}, 7, {"name": "b", "image": 3}, {"image": "x"}], "initContainers": null}})).unwrap();
+        let found = pod.containers(&[ContainerList::Containers, ContainerList::InitContainers]);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].name, "containers[3]");
+        assert_eq!(found[0].index, 3);
+        for odd in [json!({"spec": 1}), json!({})] {
+            let pod = Pod::from_value(&odd).unwrap();
+            assert!(pod.containers(&[ContainerList::Containers]).is_empty());
+        }
+    }
+
+    #[test]
+    fn accessors_read_what_is_there_and_nothing_else() {
+        let pod = Pod::from_value(
+            &json!({"metadata": {"generateName": "web-", "namespace": "n",
+            "labels": {"image-mirror/inject": "disabled"}, "annotations": {"a": "b", "n": 1}},
+            "spec": {"imagePullSecrets": [{"name": "s"}, {"other": 1}, "x"]}}),
+        )
+        .unwrap();
+        assert_eq!((pod.name(), pod.generate_name()), (None, Some("web-")));
+        assert_eq!(pod.namespace(), Some("n"));
+        assert!(pod.opted_out());
+        assert_eq!(
+            (pod.annotation("a"), pod.annotation("n")),
+            (Some("b"), None)
+        );
+        assert_eq!(pod.pull_secrets(), ["s"]);
+        let odd =
+            Pod::from_value(&json!({"metadata": "x", "spec": {"imagePullSecrets": {}}})).unwrap();
+        assert!(!odd.opted_out() && odd.pull_secrets().is_empty() && odd.name().is_none());
+        assert!(Pod::from_value(&Value::Null).is_none());
     }
 
     #[test]

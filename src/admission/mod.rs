@@ -1,0 +1,353 @@
+//! AdmissionReview in, AdmissionReview out.
+//!
+//! Pure: [`Review::parse`], [`plan`], [`Plan::finish`] and [`response_body`] turn a request
+//! and the table into a patch, warnings and copy requests. [`webhook`] is the thin async shell
+//! around them: it asks the mirror about `if-present` targets within the time budget, records
+//! metrics, logs one line, and answers *allowed, unchanged* on any trouble of its own.
+
+mod response;
+pub mod webhook;
+
+use kube::core::admission::Operation;
+use kube::core::GroupVersionResource;
+use serde::Deserialize;
+
+pub use response::{refusal_body, response_body};
+pub use webhook::{Answer, Webhook};
+
+use crate::mapping::{CopyPolicy, Decision, KeepReason, KeepReasonKind, SwapPolicy, Table};
+use crate::mirror::{CopyRequest, Presence};
+use crate::patch::{self, ImageChange};
+use crate::pod::{ContainerList, Pod};
+use crate::reference::Reference;
+
+/// The admission layer's error: a body that is no review (HTTP 400), or trouble of our own
+/// (allowed, unchanged).
+#[derive(Debug, thiserror::Error)]
+pub enum AdmissionError {
+    #[error("request body is not an AdmissionReview")]
+    NotAReview(#[source] serde_json::Error),
+    #[error("AdmissionReview has no request")]
+    NoRequest,
+    #[error("AdmissionReview kind is {0:?}, expected \"AdmissionReview\"")]
+    WrongKind(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AdmissionError {
+    /// The `result` label of the admission metric for this error.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            AdmissionError::Internal(_) => "error",
+            _ => "invalid",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewIn {
+    api_version: Option<String>,
+    kind: Option<String>,
+    request: Option<AdmissionRequest>,
+}
+
+/// The fields of `admission.k8s.io/v1` `AdmissionRequest` the webhook reads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmissionRequest {
+    pub uid: String,
+    pub resource: GroupVersionResource,
+    #[serde(default)]
+    pub sub_resource: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub operation: Operation,
+    /// The Pod, pruned to the fields the webhook reads.
+    #[serde(default, deserialize_with = "crate::pod::pruned")]
+    pub object: Option<Pod>,
+    #[serde(default, deserialize_with = "crate::pod::pruned")]
+    pub old_object: Option<Pod>,
+    #[serde(default)]
+    pub dry_run: Option<bool>,
+}
+
+/// A parsed review: the request and the `apiVersion` to echo.
+#[derive(Debug, Clone)]
+pub struct Review {
+    pub api_version: String,
+    pub request: AdmissionRequest,
+}
+
+impl Review {
+    pub fn parse(body: &[u8]) -> Result<Review, AdmissionError> {
+        let review: ReviewIn = serde_json::from_slice(body).map_err(AdmissionError::NotAReview)?;
+        if let Some(kind) = review.kind.as_deref().filter(|k| *k != "AdmissionReview") {
+            return Err(AdmissionError::WrongKind(kind.to_string()));
+        }
+        let request = review.request.ok_or(AdmissionError::NoRequest)?;
+        Ok(Review {
+            api_version: review
+                .api_version
+                .unwrap_or_else(|| "admission.k8s.io/v1".to_string()),
+            request,
+        })
+    }
+
+    pub fn operation(&self) -> &'static str {
+        match self.request.operation {
+            Operation::Create => "CREATE",
+            Operation::Update => "UPDATE",
+            Operation::Delete => "DELETE",
+            Operation::Connect => "CONNECT",
+        }
+    }
+
+    pub fn dry_run(&self) -> bool {
+        self.request.dry_run.unwrap_or(false)
+    }
+
+    /// The Pod's name, or its `generateName` (Pods of a Deployment have only that).
+    pub fn pod_name(&self) -> &str {
+        let pod = self.request.object.as_ref();
+        self.request
+            .name
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .or_else(|| pod.and_then(Pod::name))
+            .or_else(|| pod.and_then(Pod::generate_name))
+            .unwrap_or("")
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.request
+            .namespace
+            .as_deref()
+            .or_else(|| self.request.object.as_ref().and_then(Pod::namespace))
+            .unwrap_or("")
+    }
+}
+
+/// Why a request or a container was left alone: the `reason` label of the skips metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    NotAPod,
+    PodOptedOut,
+    NamespaceExcluded,
+    Image(KeepReasonKind),
+    MirrorAbsent,
+    MirrorUnknown,
+}
+
+impl Skip {
+    pub fn label(self) -> &'static str {
+        match self {
+            Skip::NotAPod => "not-a-pod",
+            Skip::PodOptedOut => "pod-opted-out",
+            Skip::NamespaceExcluded => "namespace-excluded",
+            Skip::Image(kind) => kind.label(),
+            Skip::MirrorAbsent => "mirror-absent",
+            Skip::MirrorUnknown => "mirror-unknown",
+        }
+    }
+
+    /// Whether the whole request was passed over (rather than one of its images).
+    pub fn is_request(self) -> bool {
+        matches!(
+            self,
+            Skip::NotAPod | Skip::PodOptedOut | Skip::NamespaceExcluded
+        )
+    }
+}
+
+/// One container's decision within a request.
+#[derive(Debug)]
+struct ContainerPlan<'t> {
+    list: ContainerList,
+    index: usize,
+    name: String,
+    image: String,
+    decision: Decision<'t>,
+}
+
+/// What the table decided for each container of a request, before mirror presence is known.
+#[derive(Debug)]
+pub struct Plan<'t> {
+    containers: Vec<ContainerPlan<'t>>,
+    /// The request as a whole is not for us (with the reason), or nothing is.
+    skipped: Option<Skip>,
+    dry_run: bool,
+}
+
+/// A rewrite that happened, for metrics and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewriteRecord {
+    pub container: String,
+    pub source: String,
+    pub source_registry: String,
+    pub target: String,
+    pub mirror: String,
+}
+
+/// The outcome of a request.
+#[derive(Debug, Clone, Default)]
+pub struct Mutation {
+    pub patch: Vec<json_patch::PatchOperation>,
+    pub warnings: Vec<String>,
+    pub rewrites: Vec<RewriteRecord>,
+    pub pull_secrets_added: Vec<String>,
+    pub skips: Vec<Skip>,
+    pub copies: Vec<CopyRequest>,
+}
+
+/// Decides each container of the request against the table (pure).
+pub fn plan<'t>(review: &Review, table: &'t Table) -> Plan<'t> {
+    let req = &review.request;
+    let skipped = |skip| Plan {
+        containers: Vec::new(),
+        skipped: Some(skip),
+        dry_run: review.dry_run(),
+    };
+    let is_pods = req.resource.group.is_empty() && req.resource.resource == "pods";
+    let sub = req.sub_resource.as_deref().unwrap_or("");
+    let lists: &[ContainerList] = match (is_pods, sub, &req.operation) {
+        (true, "", Operation::Create) => {
+            &[ContainerList::Containers, ContainerList::InitContainers]
+        }
+        (true, "ephemeralcontainers", Operation::Update) => &[ContainerList::EphemeralContainers],
+        _ => return skipped(Skip::NotAPod),
+    };
+    let Some(pod) = req.object.as_ref() else {
+        return skipped(Skip::NotAPod);
+    };
+    if pod.opted_out() {
+        return skipped(Skip::PodOptedOut);
+    }
+    if table.namespace_excluded(review.namespace()) {
+        return skipped(Skip::NamespaceExcluded);
+    }
+    // Ephemeral containers cannot change once added: touch only the ones this update adds.
+    let old_names: Vec<String> = match (lists, req.old_object.as_ref()) {
+        ([ContainerList::EphemeralContainers], Some(old)) => {
+            old.containers(lists).into_iter().map(|c| c.name).collect()
+        }
+        _ => Vec::new(),
+    };
+    let containers = pod
+        .containers(lists)
+        .into_iter()
+        .filter(|c| !old_names.contains(&c.name))
+        .map(|c| ContainerPlan {
+            decision: table.decide(c.image),
+            list: c.list,
+            index: c.index,
+            name: c.name,
+            image: c.image.to_string(),
+        })
+        .collect();
+    Plan {
+        containers,
+        skipped: None,
+        dry_run: review.dry_run(),
+    }
+}
+
+impl<'t> Plan<'t> {
+    /// The mirror targets whose presence decides the outcome (`if-present` rewrites).
+    pub fn targets_to_check(&self) -> Vec<&Reference> {
+        let mut out: Vec<&Reference> = Vec::new();
+        for c in &self.containers {
+            if let Decision::Rewrite(rw) = &c.decision {
+                if rw.policy.swap == SwapPolicy::IfPresent && !out.contains(&&rw.target) {
+                    out.push(&rw.target);
+                }
+            }
+        }
+        out
+    }
+
+    /// Turns the decisions into a patch, given what is known of mirror presence (pure).
+    pub fn finish(&self, pod: Option<&Pod>, presence: &dyn Fn(&Reference) -> Presence) -> Mutation {
+        let mut m = Mutation::default();
+        if let Some(skip) = self.skipped {
+            m.skips.push(skip);
+            return m;
+        }
+        let mut changes = Vec::new();
+        let mut secrets: Vec<&str> = Vec::new();
+        for c in &self.containers {
+            let rw = match &c.decision {
+                Decision::Rewrite(rw) => rw,
+                Decision::Keep(keep) => {
+                    m.skips.push(Skip::Image(keep.reason.kind()));
+                    if let KeepReason::Unparsable(e) = &keep.reason {
+                        m.warnings.push(format!(
+                            "image-mirror: container {:?}: image {:?} left unchanged: {e}",
+                            c.name, c.image
+                        ));
+                    }
+                    continue;
+                }
+            };
+            if rw.policy.swap == SwapPolicy::IfPresent {
+                match presence(&rw.target) {
+                    Presence::Present => {}
+                    Presence::Absent => {
+                        m.skips.push(Skip::MirrorAbsent);
+                        let copying = rw.policy.copy == CopyPolicy::OnDemand && !self.dry_run;
+                        if copying && !m.copies.iter().any(|q| q.target == rw.target) {
+                            m.copies.push(CopyRequest::for_rewrite(rw));
+                        }
+                        m.warnings.push(format!(
+                            "image-mirror: container {:?}: mirror lacks {}; kept {}{}",
+                            c.name,
+                            rw.target,
+                            c.image,
+                            if copying { " (copy queued)" } else { "" }
+                        ));
+                        continue;
+                    }
+                    Presence::Unknown => {
+                        m.skips.push(Skip::MirrorUnknown);
+                        continue;
+                    }
+                }
+            }
+            if let Some(secret) = rw.pull_secret() {
+                if !secrets.contains(&secret) {
+                    secrets.push(secret);
+                }
+            }
+            m.warnings.push(format!(
+                "image-mirror: container {:?}: {} -> {}",
+                c.name, c.image, rw.target
+            ));
+            m.rewrites.push(RewriteRecord {
+                container: c.name.clone(),
+                source: c.image.clone(),
+                source_registry: rw.source.registry().to_string(),
+                target: rw.target.to_string(),
+                mirror: rw.mirror_name().to_string(),
+            });
+            changes.push(ImageChange {
+                list: c.list,
+                index: c.index,
+                container: c.name.clone(),
+                original: c.image.clone(),
+                image: rw.target.to_string(),
+            });
+        }
+        if let Some(pod) = pod {
+            let built = patch::build_patch(pod, &changes, &secrets);
+            m.patch = built.ops;
+            m.pull_secrets_added = built.added_secrets;
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests;

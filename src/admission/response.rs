@@ -1,0 +1,106 @@
+//! The response AdmissionReview, written by hand: kube-core's `AdmissionResponse` serialises
+//! the patch as an array of numbers, where the API expects base64 bytes.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::Serialize;
+
+use super::Mutation;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewOut<'a> {
+    api_version: &'a str,
+    kind: &'static str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    /// Bytes in the API, hence a base64 string in JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    audit_annotations: BTreeMap<&'static str, String>,
+    /// A `metav1.Status`, only on a refusal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct StatusOut<'a> {
+    status: &'static str,
+    code: u16,
+    reason: &'static str,
+    message: &'a str,
+}
+
+/// The response AdmissionReview of strict mode's refusal: `allowed: false` and why.
+pub fn refusal_body(api_version: &str, uid: &str, code: u16, message: &str) -> Vec<u8> {
+    let out = ReviewOut {
+        api_version,
+        kind: "AdmissionReview",
+        response: ResponseOut {
+            uid,
+            allowed: false,
+            patch_type: None,
+            patch: None,
+            warnings: &[],
+            audit_annotations: BTreeMap::new(),
+            status: Some(StatusOut {
+                status: "Failure",
+                code,
+                reason: if code >= 500 {
+                    "InternalError"
+                } else {
+                    "Forbidden"
+                },
+                message,
+            }),
+        },
+    };
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
+/// The response AdmissionReview: `allowed: true`, and the patch when there is one.
+pub fn response_body(api_version: &str, uid: &str, mutation: &Mutation) -> Vec<u8> {
+    let patch = (!mutation.patch.is_empty()).then(|| {
+        let json = serde_json::to_vec(&mutation.patch).unwrap_or_default();
+        base64::engine::general_purpose::STANDARD.encode(json)
+    });
+    let mut audit = BTreeMap::new();
+    if !mutation.rewrites.is_empty() {
+        audit.insert("rewrites", mutation.rewrites.len().to_string());
+        let mirrors: Vec<&str> = mutation
+            .rewrites
+            .iter()
+            .map(|r| r.mirror.as_str())
+            .collect();
+        let mut unique = mirrors.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        audit.insert("mirrors", unique.join(","));
+    }
+    let out = ReviewOut {
+        api_version,
+        kind: "AdmissionReview",
+        response: ResponseOut {
+            uid,
+            allowed: true,
+            patch_type: patch.as_ref().map(|_| "JSONPatch"),
+            patch,
+            warnings: &mutation.warnings,
+            audit_annotations: audit,
+            status: None,
+        },
+    };
+    serde_json::to_vec(&out).unwrap_or_default()
+}

@@ -1,0 +1,270 @@
+//! The pure core of admission: a review and a table in, a plan, then a mutation. Every patch is
+//! applied to its Pod with a strict RFC 6902 implementation.
+
+use serde_json::{json, Value};
+
+use super::*;
+use crate::mirror::CopyMode;
+
+const TABLE: &str = r#"
+mirrors:
+  ghcr: {type: repository, registry: ghcr.io, prefix: m, naming: flatten, pullSecret: ghcr-pull}
+  ecr: {type: pull-through, registry: 1.dkr.ecr.eu-west-1.amazonaws.com, upstreams: {quay.io: quay}}
+images:
+  - {source: "redis:7.2.5", target: "ghcr.io/m/redis:7.2.5"}
+rules:
+  - {name: no-copies, match: ["docker.io/library/alpine"], mirror: ghcr, copy: off}
+  - {name: hub, match: ["docker.io/library/*"], exclude: ["docker.io/library/busybox"], mirror: ghcr}
+  - {name: quay, match: ["quay.io/**"], mirror: ecr, swap: if-present, copy: on-demand}
+namespaces: {exclude: [kube-system]}
+"#;
+
+fn table() -> Table {
+    Table::parse("t.yaml", TABLE).unwrap()
+}
+
+/// A review of `operation` on a Pod with these `(name, image)` containers.
+fn review(operation: &str, containers: &[(&str, &str)], extra: Value) -> Review {
+    let containers: Vec<Value> = containers
+        .iter()
+        .map(|(n, i)| json!({"name": n, "image": i}))
+        .collect();
+    let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "team-a"},
+        "spec": {"containers": containers}});
+    json_patch::merge(&mut pod, &extra);
+    let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u1", "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "team-a", "operation": operation, "object": pod}});
+    Review::parse(&serde_json::to_vec(&body).unwrap()).unwrap()
+}
+
+fn finish(review: &Review, table: &Table, presence: Presence) -> Mutation {
+    plan(review, table).finish(review.request.object.as_ref(), &|_| presence)
+}
+
+/// The Pod after the mutation's patch.
+fn patched(review: &Review, m: &Mutation) -> Value {
+    let mut pod = review.request.object.as_ref().unwrap().json().clone();
+    json_patch::patch(&mut pod, &json_patch::Patch(m.patch.clone())).expect("patch applies");
+    pod
+}
+
+fn images(pod: &Value) -> Vec<&str> {
+    pod["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["image"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn plan_asks_only_about_if_present_targets_once_each() {
+    let t = table();
+    let r = review(
+        "CREATE",
+        &[
+            ("a", "nginx:1"),
+            ("b", "nginx:1"),
+            ("c", "redis:7.2.5"),
+            ("d", "quay.io/x/y:1"),
+        ],
+        json!({}),
+    );
+    let p = plan(&r, &t);
+    let targets: Vec<&str> = p.targets_to_check().iter().map(|t| t.as_str()).collect();
+    // redis is an exact entry (always); the quay rule swaps if present on a pull-through cache.
+    assert_eq!(
+        targets,
+        [
+            "ghcr.io/m/nginx:1",
+            "1.dkr.ecr.eu-west-1.amazonaws.com/quay/x/y:1"
+        ]
+    );
+}
+
+#[test]
+fn present_targets_are_rewritten_with_the_pull_secret_and_the_record() {
+    let t = table();
+    let r = review(
+        "CREATE",
+        &[("web", "nginx:1"), ("cache", "redis:7.2.5")],
+        json!({}),
+    );
+    let m = finish(&r, &t, Presence::Present);
+    let pod = patched(&r, &m);
+    assert_eq!(images(&pod), ["ghcr.io/m/nginx:1", "ghcr.io/m/redis:7.2.5"]);
+    assert_eq!(
+        pod["spec"]["imagePullSecrets"],
+        json!([{"name": "ghcr-pull"}])
+    );
+    let record: Value = serde_json::from_str(
+        pod["metadata"]["annotations"][crate::patch::ORIGINAL_IMAGES_ANNOTATION]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record, json!({"web": "nginx:1", "cache": "redis:7.2.5"}));
+    assert_eq!(m.rewrites.len(), 2);
+    assert_eq!(m.pull_secrets_added, ["ghcr-pull"]);
+    assert!(m.copies.is_empty() && m.skips.is_empty());
+    assert_eq!(m.warnings.len(), 2);
+}
+
+#[test]
+fn an_absent_target_is_kept_and_copied_once_unless_dry_run_or_copy_off() {
+    let t = table();
+    let r = review(
+        "CREATE",
+        &[("a", "nginx:1"), ("b", "nginx:1"), ("c", "quay.io/x/y:1")],
+        json!({}),
+    );
+    let m = finish(&r, &t, Presence::Absent);
+    assert!(m.patch.is_empty(), "nothing to rewrite: {:?}", m.patch);
+    assert_eq!(m.skips, [Skip::MirrorAbsent; 3]);
+    let modes: Vec<(&str, CopyMode)> = m
+        .copies
+        .iter()
+        .map(|c| (c.target.as_str(), c.mode))
+        .collect();
+    assert_eq!(
+        modes,
+        [
+            ("ghcr.io/m/nginx:1", CopyMode::Copy),
+            (
+                "1.dkr.ecr.eu-west-1.amazonaws.com/quay/x/y:1",
+                CopyMode::WarmUp
+            )
+        ]
+    );
+    assert!(
+        m.warnings.iter().all(|w| w.contains("(copy queued)")),
+        "{:?}",
+        m.warnings
+    );
+
+    let mut dry = review("CREATE", &[("a", "nginx:1")], json!({}));
+    dry.request.dry_run = Some(true);
+    let m = finish(&dry, &t, Presence::Absent);
+    assert!(m.copies.is_empty());
+    assert!(!m.warnings[0].contains("copy queued"), "{:?}", m.warnings);
+
+    let off = review("CREATE", &[("a", "alpine:3")], json!({}));
+    let m = finish(&off, &t, Presence::Absent);
+    assert!(m.copies.is_empty());
+    assert_eq!(m.skips, [Skip::MirrorAbsent]);
+    assert!(
+        m.warnings[0].contains("mirror lacks ghcr.io/m/alpine:3"),
+        "{:?}",
+        m.warnings
+    );
+}
+
+#[test]
+fn unknown_presence_keeps_the_image_silently_exact_entries_still_rewrite() {
+    let t = table();
+    let r = review(
+        "CREATE",
+        &[("a", "nginx:1"), ("c", "redis:7.2.5")],
+        json!({}),
+    );
+    let m = finish(&r, &t, Presence::Unknown);
+    assert_eq!(
+        images(&patched(&r, &m)),
+        ["nginx:1", "ghcr.io/m/redis:7.2.5"]
+    );
+    assert_eq!(m.skips, [Skip::MirrorUnknown]);
+    assert!(m.copies.is_empty());
+}
+
+#[test]
+fn requests_that_are_not_for_us_are_skipped_whole() {
+    let t = table();
+    let opted_out = review(
+        "CREATE",
+        &[("a", "nginx:1")],
+        json!({"metadata": {"labels": {"image-mirror/inject": "disabled"}}}),
+    );
+    assert_eq!(
+        finish(&opted_out, &t, Presence::Present).skips,
+        [Skip::PodOptedOut]
+    );
+    let update = review("UPDATE", &[("a", "nginx:1")], json!({}));
+    assert_eq!(
+        finish(&update, &t, Presence::Present).skips,
+        [Skip::NotAPod]
+    );
+    let mut excluded = review("CREATE", &[("a", "nginx:1")], json!({}));
+    excluded.request.namespace = Some("kube-system".into());
+    let m = finish(&excluded, &t, Presence::Present);
+    assert_eq!(m.skips, [Skip::NamespaceExcluded]);
+    assert!(m.patch.is_empty() && m.warnings.is_empty());
+}
+
+#[test]
+fn unparsable_and_unmatched_images_are_kept_with_their_reason() {
+    let t = table();
+    let r = review(
+        "CREATE",
+        &[("a", "Not/Valid"), ("b", "busybox:1"), ("c", "gcr.io/x:1")],
+        json!({}),
+    );
+    let m = finish(&r, &t, Presence::Present);
+    assert_eq!(
+        m.skips,
+        [
+            Skip::Image(KeepReasonKind::Unparsable),
+            Skip::Image(KeepReasonKind::Excluded),
+            Skip::Image(KeepReasonKind::NoMatch)
+        ]
+    );
+    assert_eq!(m.warnings.len(), 1);
+    assert!(
+        m.warnings[0].contains("\"Not/Valid\" left unchanged"),
+        "{:?}",
+        m.warnings
+    );
+    assert!(m.patch.is_empty());
+}
+
+#[test]
+fn ephemeral_updates_touch_only_the_added_container() {
+    let t = table();
+    let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": "nginx:1"}],
+        "ephemeralContainers": [{"name": "old", "image": "busybox:2"}, {"name": "debug", "image": "nginx:2"}]}});
+    let old = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": "nginx:1"}],
+        "ephemeralContainers": [{"name": "old", "image": "busybox:2"}]}});
+    let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u", "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "subResource": "ephemeralcontainers", "namespace": "team-a", "operation": "UPDATE",
+            "object": pod, "oldObject": old}});
+    let r = Review::parse(&serde_json::to_vec(&body).unwrap()).unwrap();
+    let m = finish(&r, &t, Presence::Present);
+    let out = patched(&r, &m);
+    assert_eq!(
+        out["spec"]["ephemeralContainers"][1]["image"],
+        "ghcr.io/m/nginx:2"
+    );
+    assert_eq!(out["spec"]["ephemeralContainers"][0]["image"], "busybox:2");
+    assert_eq!(out["spec"]["containers"][0]["image"], "nginx:1");
+}
+
+#[test]
+fn review_names_the_pod_and_its_namespace() {
+    let r = review(
+        "CREATE",
+        &[],
+        json!({"metadata": {"name": null, "generateName": "web-"}}),
+    );
+    assert_eq!(r.pod_name(), "web-");
+    assert_eq!(r.namespace(), "team-a");
+    assert_eq!(r.operation(), "CREATE");
+    for (body, want) in [
+        (&b"{not json"[..], "invalid"),
+        (br#"{"kind":"Pod"}"#, "invalid"),
+        (br#"{"kind":"AdmissionReview"}"#, "invalid"),
+    ] {
+        assert_eq!(Review::parse(body).unwrap_err().metric_label(), want);
+    }
+}

@@ -1,0 +1,233 @@
+//! The admission service around the pure core: the mirror lookups within the time budget,
+//! metrics, one log line per review, and *allowed, unchanged* on any trouble of its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{plan, refusal_body, response_body, AdmissionError, Mutation, Review, Skip};
+use crate::config::ConfigHandle;
+use crate::error::Report;
+use crate::mapping::{KeepReasonKind, Table};
+use crate::metrics::{Metrics, ReasonLabels, RequestLabels, RewriteLabels, SecretLabels};
+use crate::mirror::{MirrorAccess, Presence};
+use crate::reference::Reference;
+
+/// The admission service: table, metrics, mirror access and the time budget.
+pub struct Webhook {
+    pub config: ConfigHandle,
+    pub metrics: Metrics,
+    /// How long a review may take before it is answered *allowed, unchanged*.
+    pub budget: Duration,
+    pub mirrors: Option<Arc<dyn MirrorAccess>>,
+    /// Refuse the Pod instead of admitting it unchanged when the webhook cannot do its job
+    /// (internal error, mirror state unknown, unparsable image).
+    pub strict: bool,
+}
+
+/// What the HTTP layer sends back.
+#[derive(Debug)]
+pub enum Answer {
+    Review(Vec<u8>),
+    BadRequest(String),
+}
+
+impl Webhook {
+    pub fn new(config: ConfigHandle, metrics: Metrics) -> Self {
+        Webhook {
+            config,
+            metrics,
+            budget: Duration::from_secs(2),
+            mirrors: None,
+            strict: false,
+        }
+    }
+
+    /// Answers one AdmissionReview body.
+    pub async fn review(&self, body: &[u8]) -> Answer {
+        let started = Instant::now();
+        let review = match Review::parse(body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.count_request("", e.metric_label(), started);
+                let reason = Report(&e).to_string();
+                tracing::warn!(error = %reason, "refused a request body");
+                return Answer::BadRequest(reason);
+            }
+        };
+        let config = self.config.current();
+        // Only the mirror lookups wait, and they are bounded by the budget inside `mutate`.
+        let outcome = self.mutate(&review, &config.table).await;
+        let mutation = match outcome {
+            Ok(m) => m,
+            Err(e) => {
+                self.count_request(review.operation(), e.metric_label(), started);
+                if self.strict {
+                    let why = format!("image-mirror (strict): {e}");
+                    return refuse(&review, 500, &why);
+                }
+                // Never block a Pod through our own fault: allowed, unchanged.
+                tracing::error!(uid = %review.request.uid, namespace = review.namespace(),
+                    pod = review.pod_name(), error = %e, "admission failed; allowed unchanged");
+                return Answer::Review(response_body(
+                    &review.api_version,
+                    &review.request.uid,
+                    &Mutation::default(),
+                ));
+            }
+        };
+        if let Some(why) = self.strict.then(|| strict_refusal(&mutation)).flatten() {
+            self.count_request(review.operation(), "refused", started);
+            return refuse(&review, 403, &why);
+        }
+        if let Some(mirrors) = &self.mirrors {
+            for copy in &mutation.copies {
+                mirrors.request_copy(copy.clone());
+            }
+        }
+        self.record(&review, &mutation, started);
+        Answer::Review(response_body(
+            &review.api_version,
+            &review.request.uid,
+            &mutation,
+        ))
+    }
+
+    async fn mutate(&self, review: &Review, table: &Table) -> Result<Mutation, AdmissionError> {
+        let plan = catch(|| plan(review, table))?;
+        let mut known: HashMap<&Reference, Presence> = HashMap::new();
+        let targets = plan.targets_to_check();
+        if let (Some(mirrors), false) = (&self.mirrors, targets.is_empty()) {
+            // Leave a quarter of the budget for the rest: an unanswered check is `Unknown`,
+            // and the Pod's other rewrites still happen.
+            let lookups = futures::future::join_all(targets.iter().map(|t| mirrors.presence(t)));
+            if let Ok(answers) = tokio::time::timeout(self.budget * 3 / 4, lookups).await {
+                known.extend(targets.iter().copied().zip(answers));
+            }
+        }
+        let lookup = |t: &Reference| known.get(t).copied().unwrap_or(Presence::Unknown);
+        catch(|| plan.finish(review.request.object.as_ref(), &lookup))
+    }
+
+    fn count_request(&self, operation: &str, result: &'static str, started: Instant) {
+        self.metrics
+            .admission_requests
+            .get_or_create(&RequestLabels {
+                operation: operation.to_string(),
+                result,
+            })
+            .inc();
+        self.metrics
+            .admission_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn record(&self, review: &Review, m: &Mutation, started: Instant) {
+        let result = if !m.patch.is_empty() {
+            "patched"
+        } else if m.skips.iter().any(|s| s.is_request()) {
+            "skipped"
+        } else {
+            "unchanged"
+        };
+        self.count_request(review.operation(), result, started);
+        let namespace = review.namespace();
+        for r in &m.rewrites {
+            self.metrics
+                .rewrites
+                .get_or_create(&RewriteLabels {
+                    namespace: namespace.to_string(),
+                    source_registry: r.source_registry.clone(),
+                    mirror: r.mirror.clone(),
+                })
+                .inc();
+        }
+        for s in &m.skips {
+            self.metrics
+                .skips
+                .get_or_create(&ReasonLabels { reason: s.label() })
+                .inc();
+            if *s == Skip::Image(KeepReasonKind::Unparsable) {
+                self.metrics.unparsable_images.inc();
+            }
+        }
+        for secret in &m.pull_secrets_added {
+            self.metrics
+                .pull_secrets_injected
+                .get_or_create(&SecretLabels {
+                    secret: secret.clone(),
+                })
+                .inc();
+        }
+        tracing::info!(
+            uid = %review.request.uid,
+            operation = review.operation(),
+            namespace,
+            pod = review.pod_name(),
+            rewrites = m.rewrites.len(),
+            skipped = m.skips.len(),
+            copies = m.copies.len(),
+            dry_run = review.dry_run(),
+            result,
+            duration_us = started.elapsed().as_micros() as u64,
+            "admission"
+        );
+    }
+}
+
+/// Strict mode's answer: logged, then `allowed: false` with `code` and `why`.
+fn refuse(review: &Review, code: u16, why: &str) -> Answer {
+    tracing::warn!(uid = %review.request.uid, namespace = review.namespace(),
+        pod = review.pod_name(), code, reason = why, "refused (strict)");
+    Answer::Review(refusal_body(
+        &review.api_version,
+        &review.request.uid,
+        code,
+        why,
+    ))
+}
+
+/// Why strict mode refuses this mutation, if it does: an image whose mirror could not be asked,
+/// or an image string that is not a reference.
+fn strict_refusal(m: &Mutation) -> Option<String> {
+    let unknown = m
+        .skips
+        .iter()
+        .filter(|s| **s == Skip::MirrorUnknown)
+        .count();
+    let unparsable = m
+        .skips
+        .iter()
+        .filter(|s| **s == Skip::Image(KeepReasonKind::Unparsable))
+        .count();
+    if unknown == 0 && unparsable == 0 {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if unknown > 0 {
+        parts.push(format!(
+            "could not tell whether the mirror has {unknown} image(s) (registry slow or failing)"
+        ));
+    }
+    if unparsable > 0 {
+        parts.push(format!("{unparsable} image(s) are not valid references"));
+    }
+    let mut message = format!("image-mirror (strict): {}", parts.join("; "));
+    for w in &m.warnings {
+        message.push_str("; ");
+        message.push_str(w.trim_start_matches("image-mirror: "));
+    }
+    Some(message)
+}
+
+/// Runs pure code, turning a panic into an error so that the Pod is still admitted.
+fn catch<T>(f: impl FnOnce() -> T) -> Result<T, AdmissionError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".to_string());
+        AdmissionError::Internal(message)
+    })
+}

@@ -1,0 +1,254 @@
+//! The command line: `serve`, `certs`, `explain`, `check-config`, `copy` and `sync`.
+//!
+//! Every `serve` flag also reads an environment variable, so the Deployment can set either.
+//! `anyhow` lives here and in `main` only: each command turns its layer's errors into one
+//! report, each cause printed once.
+
+mod explain;
+mod sync;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub use explain::{summary, Explanation};
+pub use sync::{human_bytes, print_report, sync_all, sync_items, sync_one, SyncOutcome};
+
+use crate::error::Report;
+use crate::mapping::Platform;
+use crate::settings::{parse_duration, ValueError};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "image-mirror-webhook",
+    version,
+    about = "Rewrites Pod images to a mirror"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the admission webhook over TLS, with metrics on a separate port.
+    Serve(ServeArgs),
+    /// Write a development CA and serving certificate, and print the caBundle.
+    Certs(CertsArgs),
+    /// Explain what each image reference would become, and why.
+    Explain(ExplainArgs),
+    /// Validate a mapping table and summarise it.
+    CheckConfig {
+        /// The table to check.
+        file: PathBuf,
+    },
+    /// Copy one image (every platform, or those chosen) between registries.
+    Copy(CopyArgs),
+    /// Copy every exact entry of the table whose target is missing.
+    Sync(SyncArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CopyArgs {
+    /// The image to copy, as written in a Pod spec (e.g. nginx:1.27).
+    pub source: String,
+    /// Where to put it (e.g. ghcr.io/acme/mirror/nginx:1.27).
+    pub target: String,
+    /// Copy only this platform (os/arch[/variant]); repeat for more. Default: all.
+    #[arg(long = "platform", value_parser = Platform::parse)]
+    pub platforms: Vec<Platform>,
+    /// Mapping table whose `registries` settings give credentials, CAs and insecure hosts.
+    #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Skip TLS verification for this registry (HOST:PORT), or use plain HTTP when it does not
+    /// speak TLS, as skopeo's --tls-verify=false does; repeat for more.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SyncArgs {
+    /// Mapping table (default: the embedded table).
+    #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Also re-copy tags whose upstream digest moved.
+    #[arg(long)]
+    pub refresh: bool,
+    /// Only say what would be copied.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Skip TLS verification for this registry (HOST:PORT), or use plain HTTP when it does not
+    /// speak TLS, as skopeo's --tls-verify=false does; repeat for more.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address of the HTTPS admission endpoint.
+    #[arg(long, env = "IMAGE_MIRROR_LISTEN", default_value = crate::server::DEFAULT_LISTEN)]
+    pub listen: std::net::SocketAddr,
+    /// Address of the plain-HTTP metrics endpoint (/metrics, /healthz, /readyz).
+    #[arg(long, env = "IMAGE_MIRROR_METRICS_LISTEN", default_value = crate::server::DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: std::net::SocketAddr,
+    /// Serving certificate (PEM). Default: certs/tls.crt, generated when absent.
+    #[arg(long, env = "IMAGE_MIRROR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Serving key (PEM). Default: certs/tls.key, generated when absent.
+    #[arg(long, env = "IMAGE_MIRROR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mapping table (YAML). Default: the embedded table.
+    #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "IMAGE_MIRROR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Time budget of one review; past it the Pod is admitted unchanged.
+    #[arg(long, env = "IMAGE_MIRROR_ADMISSION_BUDGET", default_value = "2s", value_parser = duration)]
+    pub admission_budget: std::time::Duration,
+    /// On SIGTERM, how long /readyz reports unready before draining starts.
+    #[arg(long, env = "IMAGE_MIRROR_SHUTDOWN_DELAY", default_value = "5s", value_parser = duration)]
+    pub shutdown_delay: std::time::Duration,
+    /// How long in-flight requests may take to finish while draining.
+    #[arg(long, env = "IMAGE_MIRROR_DRAIN_TIMEOUT", default_value = "20s", value_parser = duration)]
+    pub drain_timeout: std::time::Duration,
+    /// Refuse a Pod instead of admitting it unchanged on an internal error, an unknown mirror
+    /// state (slow or failing registry) or an unparsable image. Off by default.
+    #[arg(long, env = "IMAGE_MIRROR_STRICT")]
+    pub strict: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CertsArgs {
+    /// Directory for ca.crt, tls.crt and tls.key.
+    #[arg(long, default_value = DEFAULT_CERT_DIR)]
+    pub out: PathBuf,
+    /// DNS names of the serving certificate (default: localhost and the in-cluster Service names).
+    #[arg(long)]
+    pub dns: Vec<String>,
+}
+
+/// Where `serve` looks for (and `certs` writes) development certificates.
+pub const DEFAULT_CERT_DIR: &str = "certs";
+
+fn duration(s: &str) -> Result<std::time::Duration, ValueError> {
+    parse_duration(s)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// Mapping table (default: the embedded table).
+    #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// Image references, as written in a Pod spec.
+    #[arg(required = true)]
+    pub images: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+/// Runs a command and maps its outcome to the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Certs(args) => certs(&args),
+        Command::Explain(args) => explain::explain(&args),
+        Command::CheckConfig { file } => explain::check_config(&file),
+        Command::Copy(args) => sync::copy(&args),
+        Command::Sync(args) => sync::sync(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", Report(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_tracing(args.log_format);
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => crate::tls::TlsFiles { cert, key },
+        _ => {
+            let dir = PathBuf::from(DEFAULT_CERT_DIR);
+            let files = crate::tls::TlsFiles {
+                cert: dir.join("tls.crt"),
+                key: dir.join("tls.key"),
+            };
+            if !files.cert.exists() || !files.key.exists() {
+                crate::certs::DevCerts::generate(&crate::certs::default_dns_names())?
+                    .write(&dir)?;
+                tracing::info!(dir = %dir.display(), "generated development certificates");
+            }
+            files
+        }
+    };
+    let opts = crate::server::ServeOptions {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        tls,
+        config: args.config,
+        budget: args.admission_budget,
+        shutdown_delay: args.shutdown_delay,
+        drain_timeout: args.drain_timeout,
+        strict: args.strict,
+    };
+    let runtime = runtime()?;
+    runtime.block_on(async move {
+        let mirrors =
+            crate::server::Mirrors::Registries(crate::registry::RegistryOptions::default());
+        let running = crate::server::start(opts, mirrors).await?;
+        running.run_until_signal().await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
+    let dns = if args.dns.is_empty() {
+        crate::certs::default_dns_names()
+    } else {
+        args.dns.clone()
+    };
+    let certs = crate::certs::DevCerts::generate(&dns)?;
+    certs.write(&args.out)?;
+    eprintln!(
+        "wrote {0}/ca.crt, {0}/tls.crt and {0}/tls.key for {1}",
+        args.out.display(),
+        dns.join(", ")
+    );
+    eprintln!("caBundle for the MutatingWebhookConfiguration:");
+    println!("{}", certs.ca_bundle());
+    Ok(ExitCode::SUCCESS)
+}

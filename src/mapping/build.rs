@@ -1,0 +1,566 @@
+//! The table file: its YAML schema, and the validation that turns it into a [`Table`] and its
+//! [`Settings`], reporting every problem with file, line and field.
+
+use std::collections::BTreeMap;
+
+use ahash::AHashMap;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use super::clash;
+use super::index::{NameEntries, NameMatcher, RuleIndex, TagSpec, TargetTag};
+use super::mirrors::{Mirror, MirrorKind};
+use super::policy::{CopyPolicy, Naming, Overrides, Platform, SwapPolicy};
+use super::{Entry, Rule, Table};
+use crate::problems::{yaml_error, ProblemList, TableError};
+use crate::reference::{
+    canonical_host, registry_host, valid_path_component, Reference, DOCKER_HUB,
+};
+use crate::settings::{self, RegistryAccess, Settings};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum MirrorType {
+    Repository,
+    PullThrough,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawFile {
+    #[serde(default)]
+    mirrors: BTreeMap<String, Spanned<RawMirror>>,
+    #[serde(default)]
+    images: Vec<Spanned<RawImage>>,
+    #[serde(default)]
+    rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    namespaces: Option<RawNamespaces>,
+    #[serde(default)]
+    registries: BTreeMap<String, Spanned<RegistryAccess>>,
+    #[serde(default)]
+    checks: Option<Spanned<settings::RawChecks>>,
+    #[serde(default)]
+    copies: Option<Spanned<settings::RawCopies>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawMirror {
+    #[serde(rename = "type")]
+    kind: MirrorType,
+    registry: Spanned<String>,
+    prefix: Option<Spanned<String>>,
+    naming: Option<Naming>,
+    pull_secret: Option<Spanned<String>>,
+    upstreams: Option<BTreeMap<String, Spanned<String>>>,
+    swap: Option<SwapPolicy>,
+    copy: Option<CopyPolicy>,
+    platforms: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawImage {
+    source: Spanned<String>,
+    pub(super) target: Spanned<String>,
+    swap: Option<SwapPolicy>,
+    copy: Option<CopyPolicy>,
+    platforms: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct RawRule {
+    name: Option<String>,
+    #[serde(rename = "match")]
+    matches: Vec<Spanned<String>>,
+    #[serde(default)]
+    exclude: Vec<Spanned<String>>,
+    mirror: Spanned<String>,
+    swap: Option<SwapPolicy>,
+    copy: Option<CopyPolicy>,
+    platforms: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawNamespaces {
+    #[serde(default)]
+    exclude: Vec<String>,
+}
+
+/// Parses and validates a table file: the mapping table and its settings. `file` names it in
+/// every problem reported.
+pub fn parse_file(file: &str, yaml: &str) -> Result<(Table, Settings), TableError> {
+    // The parser's default budget (250,000 nodes) is below a table of 100,000 entries.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 20_000_000;
+    budget.max_events = 40_000_000;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    let text = if yaml.trim().is_empty() { "{}" } else { yaml };
+    let raw: RawFile = serde_saphyr::from_str_with_options(text, options)
+        .map_err(|e| yaml_error(file, yaml, &e))?;
+    let mut problems = ProblemList::new(file);
+    let table = build(file, &raw, &mut problems);
+    let settings = settings::build(
+        &raw.registries,
+        raw.checks.as_ref(),
+        raw.copies.as_ref(),
+        &mut problems,
+    );
+    problems.into_result((table, settings))
+}
+
+fn build(file: &str, raw: &RawFile, problems: &mut ProblemList) -> Table {
+    let mut mirrors = Vec::new();
+    for (name, spanned) in &raw.mirrors {
+        let field = format!("mirrors.{name}");
+        if let Some(mirror) = build_mirror(name, spanned, &field, problems) {
+            mirrors.push(mirror);
+        }
+    }
+    let mut roots: Vec<(String, usize)> = mirrors
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| m.roots().into_iter().map(move |r| (r, i)))
+        .collect();
+    // The longest root owns a name, so a mirror nested in another's prefix is found first.
+    roots.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
+
+    let mut entries = Vec::new();
+    for (i, spanned) in raw.images.iter().enumerate() {
+        if let Some(entry) = build_entry(i, spanned, &roots, problems) {
+            entries.push(entry);
+        }
+    }
+    let entry_index = index_entries(&entries, &raw.images, problems);
+    clash::check_entries(&entries, &raw.images, problems);
+
+    let mut rules = Vec::new();
+    let mut rule_index = RuleIndex::default();
+    for (i, spanned) in raw.rules.iter().enumerate() {
+        let field = format!("rules[{i}]");
+        let rule = &spanned.value;
+        let Some(mirror) = mirrors.iter().position(|m| m.name == rule.mirror.value) else {
+            problems.add(
+                &rule.mirror,
+                format!("{field}.mirror"),
+                format!("unknown mirror {:?}", rule.mirror.value),
+            );
+            continue;
+        };
+        if rule.matches.is_empty() {
+            problems.add(
+                spanned,
+                format!("{field}.match"),
+                "at least one glob is required",
+            );
+        }
+        let mut globs = Vec::new();
+        for (j, m) in rule.matches.iter().enumerate() {
+            if let Some(matcher) = compile_glob(m, &format!("{field}.match[{j}]"), problems) {
+                globs.push((canonical_glob(&m.value), matcher));
+            }
+        }
+        let exclude_matchers = rule
+            .exclude
+            .iter()
+            .enumerate()
+            .filter_map(|(j, m)| compile_glob(m, &format!("{field}.exclude[{j}]"), problems))
+            .collect();
+        let built = Rule {
+            name: rule.name.clone().unwrap_or_else(|| format!("rule-{i}")),
+            index: i,
+            matches: rule
+                .matches
+                .iter()
+                .map(|m| canonical_glob(&m.value))
+                .collect(),
+            excludes: rule
+                .exclude
+                .iter()
+                .map(|m| canonical_glob(&m.value))
+                .collect(),
+            exclude_matchers,
+            mirror,
+            overrides: overrides(
+                rule.swap,
+                rule.copy,
+                &rule.platforms,
+                &format!("{field}.platforms"),
+                problems,
+            ),
+        };
+        clash::check_rule(&built, &mirrors[mirror], spanned, &entries, problems);
+        for (glob, matcher) in globs {
+            rule_index.add(rules.len(), &glob, matcher);
+        }
+        rules.push(built);
+    }
+
+    let loose_targets = entries
+        .iter()
+        .filter(|e| e.mirror.is_none())
+        .map(|e| e.target_name.clone())
+        .collect();
+
+    Table {
+        source: file.to_string(),
+        mirrors,
+        entries,
+        entry_index,
+        rules,
+        rule_index,
+        roots,
+        loose_targets,
+        excluded_namespaces: raw
+            .namespaces
+            .as_ref()
+            .map(|n| n.exclude.iter().cloned().collect())
+            .unwrap_or_default(),
+    }
+}
+
+fn build_mirror(
+    name: &str,
+    spanned: &Spanned<RawMirror>,
+    field: &str,
+    problems: &mut ProblemList,
+) -> Option<Mirror> {
+    let raw = &spanned.value;
+    let registry = registry_host(&raw.registry.value).to_string();
+    if Reference::from_parts(&registry, "x", None, None).map(|r| r.registry().to_string())
+        != Ok(registry.clone())
+    {
+        problems.add(
+            &raw.registry,
+            format!("{field}.registry"),
+            format!("invalid registry host {:?}", raw.registry.value),
+        );
+        return None;
+    }
+    let kind = match raw.kind {
+        MirrorType::Repository => {
+            if raw.upstreams.is_some() {
+                problems.add(
+                    spanned,
+                    format!("{field}.upstreams"),
+                    "only a pull-through mirror has upstreams",
+                );
+            }
+            let prefix = raw
+                .prefix
+                .as_ref()
+                .map(|p| p.value.trim_matches('/').to_string());
+            if let (Some(p), Some(at)) = (&prefix, &raw.prefix) {
+                if !p.is_empty() && !p.split('/').all(valid_path_component) {
+                    problems.add(
+                        at,
+                        format!("{field}.prefix"),
+                        format!("invalid repository path prefix {:?}", at.value),
+                    );
+                }
+            }
+            MirrorKind::Repository {
+                prefix: prefix.unwrap_or_default(),
+                naming: raw.naming.unwrap_or(Naming::Flatten),
+            }
+        }
+        MirrorType::PullThrough => {
+            if raw.prefix.is_some() || raw.naming.is_some() {
+                problems.add(
+                    spanned,
+                    field,
+                    "a pull-through mirror takes upstreams, not prefix or naming",
+                );
+            }
+            let Some(upstreams) = &raw.upstreams else {
+                problems.add(
+                    spanned,
+                    format!("{field}.upstreams"),
+                    "a pull-through mirror needs upstreams (registry: cache prefix)",
+                );
+                return None;
+            };
+            let mut map = BTreeMap::new();
+            for (upstream, cache) in upstreams {
+                let c = cache.value.trim_matches('/');
+                if c.is_empty() || !c.split('/').all(valid_path_component) {
+                    problems.add(
+                        cache,
+                        format!("{field}.upstreams.{upstream}"),
+                        format!("invalid cache prefix {:?}", cache.value),
+                    );
+                }
+                map.insert(registry_host(upstream).to_string(), c.to_string());
+            }
+            MirrorKind::PullThrough { upstreams: map }
+        }
+    };
+    Some(Mirror {
+        name: name.to_string(),
+        registry,
+        kind,
+        pull_secret: raw.pull_secret.as_ref().map(|s| s.value.clone()),
+        overrides: overrides(
+            raw.swap,
+            raw.copy,
+            &raw.platforms,
+            &format!("{field}.platforms"),
+            problems,
+        ),
+    })
+}
+
+/// The policy overrides of a mirror, rule or entry, as written.
+fn overrides(
+    swap: Option<SwapPolicy>,
+    copy: Option<CopyPolicy>,
+    platforms: &Option<Vec<Spanned<String>>>,
+    field: &str,
+    problems: &mut ProblemList,
+) -> Overrides {
+    let platforms = platforms.as_ref().map(|raw| {
+        let mut out = Vec::new();
+        for (i, p) in raw.iter().enumerate() {
+            match Platform::parse(&p.value) {
+                Ok(platform) => out.push(platform),
+                Err(e) => problems.add(p, format!("{field}[{i}]"), e.to_string()),
+            }
+        }
+        out
+    });
+    Overrides {
+        swap,
+        copy,
+        platforms,
+    }
+}
+
+/// Splits `name[:tag][@digest]` where the tag may hold one `*`.
+fn split_tag_glob(s: &str) -> (&str, Option<&str>) {
+    let last_slash = s.rfind('/').map_or(0, |i| i + 1);
+    match s[last_slash..].find(':') {
+        Some(i) if !s[last_slash..].contains('@') && s[last_slash + i + 1..].contains('*') => {
+            (&s[..last_slash + i], Some(&s[last_slash + i + 1..]))
+        }
+        _ => (s, None),
+    }
+}
+
+/// Parses a table reference whose tag may be a glob (`name:1.29.1-*`).
+fn parse_with_glob(s: &str) -> Result<(Reference, Option<(String, String)>), String> {
+    let (name, glob) = split_tag_glob(s);
+    match glob {
+        None => Reference::parse(s)
+            .map(|r| (r, None))
+            .map_err(|e| e.to_string()),
+        Some(tag) => {
+            if tag.matches('*').count() != 1 {
+                return Err(format!("tag glob {tag:?} may hold one '*' only"));
+            }
+            let (prefix, suffix) = tag.split_once('*').unwrap_or((tag, ""));
+            // Validate with the widest stand-in: the glob must admit some valid tag.
+            let probe = format!("{name}:{}", tag.replace('*', "x"));
+            let r = Reference::parse(&probe).map_err(|e| e.to_string())?;
+            Ok((r, Some((prefix.to_string(), suffix.to_string()))))
+        }
+    }
+}
+
+fn build_entry(
+    i: usize,
+    spanned: &Spanned<RawImage>,
+    roots: &[(String, usize)],
+    problems: &mut ProblemList,
+) -> Option<Entry> {
+    let raw = &spanned.value;
+    let field = format!("images[{i}]");
+    let source = match parse_with_glob(&raw.source.value) {
+        Ok(s) => s,
+        Err(e) => {
+            problems.add(&raw.source, format!("{field}.source"), e);
+            return None;
+        }
+    };
+    let target = match parse_with_glob(&raw.target.value) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.add(&raw.target, format!("{field}.target"), e);
+            return None;
+        }
+    };
+    let (source_ref, source_glob) = source;
+    let (target_ref, target_glob) = target;
+    if target_ref.digest().is_some() {
+        problems.add(
+            &raw.target,
+            format!("{field}.target"),
+            "a target carries the source's digest; it cannot name its own",
+        );
+        return None;
+    }
+    let tag = match (&source_glob, source_ref.tag(), source_ref.digest()) {
+        (Some((p, s)), _, _) => TagSpec::Glob {
+            prefix: p.clone(),
+            suffix: s.clone(),
+        },
+        (None, _, Some(d)) => TagSpec::Digest(d.to_string()),
+        (None, Some(t), None) => TagSpec::Exact(t.to_string()),
+        (None, None, None) => TagSpec::Any,
+    };
+    let target_tag = match (&target_glob, target_ref.tag()) {
+        (Some((p, s)), _) => TargetTag::Glob {
+            prefix: p.clone(),
+            suffix: s.clone(),
+        },
+        (None, Some(t)) => TargetTag::Exact(t.to_string()),
+        (None, None) => TargetTag::Carry,
+    };
+    let mismatch = match (&tag, &target_tag) {
+        (TagSpec::Glob { .. }, TargetTag::Exact(_)) => {
+            Some("the source tag is a glob, so the target tag needs the same '*'")
+        }
+        (TagSpec::Glob { .. }, TargetTag::Carry) => None,
+        (_, TargetTag::Glob { .. }) if !matches!(tag, TagSpec::Glob { .. }) => {
+            Some("the target tag has a '*' but the source tag is not a glob")
+        }
+        (TagSpec::Any, TargetTag::Exact(_)) => {
+            Some("the source matches any tag, so the target cannot fix one")
+        }
+        _ => None,
+    };
+    if let Some(m) = mismatch {
+        problems.add(&raw.target, format!("{field}.target"), m);
+        return None;
+    }
+    let target_name = target_ref.name();
+    let mirror = roots
+        .iter()
+        .find(|(root, _)| target_name.starts_with(root.as_str()))
+        .map(|(_, i)| *i);
+    Some(Entry {
+        source: raw.source.value.clone(),
+        target: raw.target.value.clone(),
+        index: i,
+        source_name: source_ref.canonical().name().to_string(),
+        tag,
+        target_name: target_name.to_string(),
+        target_tag,
+        mirror,
+        overrides: overrides(
+            raw.swap,
+            raw.copy,
+            &raw.platforms,
+            &format!("{field}.platforms"),
+            problems,
+        ),
+    })
+}
+
+fn index_entries(
+    entries: &[Entry],
+    raw: &[Spanned<RawImage>],
+    problems: &mut ProblemList,
+) -> AHashMap<String, NameEntries> {
+    let mut index: AHashMap<String, NameEntries> = AHashMap::with_capacity(entries.len());
+    for (pos, e) in entries.iter().enumerate() {
+        let slot = index.entry(e.source_name.clone()).or_default();
+        let previous = match &e.tag {
+            TagSpec::Exact(t) => slot.by_tag.insert(t.clone(), pos),
+            TagSpec::Digest(d) => slot.by_digest.insert(d.clone(), pos),
+            TagSpec::Any => slot.any.replace(pos),
+            TagSpec::Glob { .. } => {
+                let dup = slot
+                    .globs
+                    .iter()
+                    .copied()
+                    .find(|&other| entries[other].tag == e.tag);
+                slot.globs.push(pos);
+                dup
+            }
+        };
+        if let Some(prev) = previous {
+            problems.add(
+                &raw[e.index].value.source,
+                format!("images[{}].source", e.index),
+                format!(
+                    "duplicate source: images[{}] already maps {}",
+                    entries[prev].index, entries[prev].source
+                ),
+            );
+        }
+    }
+    index
+}
+
+/// A rule glob with Docker Hub's other spellings written as `docker.io`.
+pub(super) fn canonical_glob(glob: &str) -> String {
+    match glob.split_once('/') {
+        Some((host, rest)) if canonical_host(host) == DOCKER_HUB => format!("{DOCKER_HUB}/{rest}"),
+        _ => glob.to_string(),
+    }
+}
+
+fn compile_glob(
+    at: &Spanned<String>,
+    field: &str,
+    problems: &mut ProblemList,
+) -> Option<NameMatcher> {
+    let glob = canonical_glob(&at.value);
+    if glob.is_empty() {
+        problems.add(at, field, "empty glob");
+        return None;
+    }
+    if glob.contains(['@']) || glob.rsplit('/').next().is_some_and(|l| l.contains(':')) {
+        problems.add(
+            at,
+            field,
+            format!(
+                "glob {:?} matches names only: drop the tag or digest",
+                at.value
+            ),
+        );
+        return None;
+    }
+    match NameMatcher::new(&glob) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            problems.add(
+                at,
+                field,
+                format!("invalid glob {:?}: {}", at.value, e.kind()),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_globs_split_after_the_last_slash() {
+        assert_eq!(
+            split_tag_glob("localhost:5000/a/b:1.2-*"),
+            ("localhost:5000/a/b", Some("1.2-*"))
+        );
+        assert_eq!(
+            split_tag_glob("localhost:5000/a/b:1.2"),
+            ("localhost:5000/a/b:1.2", None)
+        );
+    }
+
+    #[test]
+    fn globs_name_docker_hub_canonically() {
+        assert_eq!(
+            canonical_glob("index.docker.io/grafana/*"),
+            "docker.io/grafana/*"
+        );
+        assert_eq!(canonical_glob("registry-1.docker.io/**"), "docker.io/**");
+        assert_eq!(canonical_glob("quay.io/**"), "quay.io/**");
+    }
+}

@@ -1,0 +1,93 @@
+//! Mirror targets and how each names the copy of an image.
+
+use std::collections::BTreeMap;
+
+use super::policy::{CopyPolicy, Naming, Overrides, SwapPolicy};
+use crate::reference::{canonical_host, Reference};
+
+/// A mirror target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirror {
+    pub name: String,
+    pub registry: String,
+    pub kind: MirrorKind,
+    pub pull_secret: Option<String>,
+    pub(crate) overrides: Overrides,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum MirrorKind {
+    /// A registry we push copies into.
+    Repository { prefix: String, naming: Naming },
+    /// An ECR pull-through cache: upstream registry host → cache prefix.
+    PullThrough { upstreams: BTreeMap<String, String> },
+}
+
+impl Mirror {
+    /// Repository-name prefixes (`registry/prefix/`) under which images already are mirrored.
+    pub(crate) fn roots(&self) -> Vec<String> {
+        match &self.kind {
+            MirrorKind::Repository { prefix, .. } => vec![join_root(&self.registry, prefix)],
+            MirrorKind::PullThrough { upstreams } => upstreams
+                .values()
+                .map(|cache| join_root(&self.registry, cache))
+                .collect(),
+        }
+    }
+
+    /// Whether the mirror fills itself on first pull, so that a copy is only a warm-up.
+    pub fn is_pull_through(&self) -> bool {
+        matches!(self.kind, MirrorKind::PullThrough { .. })
+    }
+
+    pub(crate) fn default_swap(&self) -> SwapPolicy {
+        if self.is_pull_through() {
+            SwapPolicy::Always
+        } else {
+            SwapPolicy::IfPresent
+        }
+    }
+
+    pub(crate) fn default_copy(&self) -> CopyPolicy {
+        // A pull-through cache fills itself on first pull.
+        if self.is_pull_through() {
+            CopyPolicy::Off
+        } else {
+            CopyPolicy::OnDemand
+        }
+    }
+
+    /// The mirrored name of `source` (canonical spelling) under this mirror; `None` when a
+    /// pull-through mirror has no cache prefix for the source's registry.
+    pub(crate) fn target_name(&self, source: &Reference) -> Option<String> {
+        match &self.kind {
+            MirrorKind::Repository { prefix, naming } => {
+                let path = source.path();
+                let tail = match naming {
+                    Naming::Flatten => path.rsplit('/').next().unwrap_or(path).to_string(),
+                    Naming::Preserve => format!("{}/{}", host_as_path(source.registry()), path),
+                    Naming::Rancher => format!("mirrored-{}", path.replace('/', "-")),
+                };
+                Some(format!("{}{}", join_root(&self.registry, prefix), tail))
+            }
+            MirrorKind::PullThrough { upstreams } => upstreams
+                .get(canonical_host(source.registry()))
+                .map(|cache| format!("{}{}", join_root(&self.registry, cache), source.path())),
+        }
+    }
+}
+
+fn join_root(registry: &str, prefix: &str) -> String {
+    if prefix.is_empty() {
+        format!("{registry}/")
+    } else {
+        format!("{registry}/{prefix}/")
+    }
+}
+
+/// A registry host as one repository path component (`localhost:5000` → `localhost_5000`).
+fn host_as_path(host: &str) -> String {
+    host.to_ascii_lowercase()
+        .replace(':', "_")
+        .replace(['[', ']'], "")
+}

@@ -1,0 +1,443 @@
+//! The mapping table: mirrors, exact entries and rules, and the decision for one image.
+//!
+//! Pure: the table is built from YAML text ([`build`]) and then never changes; [`Table::decide`]
+//! does no I/O. Exact entries are found through a hash map keyed by the normalised name, and
+//! rule globs are indexed by the literal components they start with ([`index`]), so the cost of
+//! a decision does not grow with the table.
+
+mod build;
+mod clash;
+mod index;
+mod mirrors;
+mod policy;
+
+use std::collections::HashSet;
+use std::fmt;
+
+use ahash::{AHashMap, AHashSet};
+
+pub use build::parse_file;
+pub use mirrors::{Mirror, MirrorKind};
+pub use policy::{CopyPolicy, Naming, Overrides, Platform, Policy, SwapPolicy};
+
+use crate::problems::TableError;
+use crate::reference::{Reference, ReferenceError};
+use index::{NameEntries, NameMatcher, RuleIndex, TagSpec, TargetTag};
+
+/// The table compiled into the binary: the GHCR runbook's mirrored images plus a Docker Hub
+/// catch-all.
+pub const DEFAULT_TABLE_YAML: &str = include_str!("../../deploy/components/ghcr/config.yaml");
+/// How the embedded table is named in messages.
+pub const DEFAULT_TABLE_NAME: &str = "<embedded default table>";
+
+/// An exact `source → target` entry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The source as written in the table.
+    pub source: String,
+    /// The target as written in the table.
+    pub target: String,
+    pub index: usize,
+    source_name: String,
+    tag: TagSpec,
+    target_name: String,
+    target_tag: TargetTag,
+    mirror: Option<usize>,
+    overrides: Overrides,
+}
+
+impl Entry {
+    /// The one image this entry names, when it names one (an exact tag or a digest): what
+    /// `sync` copies. Tag globs and any-tag entries name no single image.
+    pub fn concrete_source(&self) -> Option<Reference> {
+        match &self.tag {
+            TagSpec::Exact(tag) => Reference::from_parts_str(&self.source_name, Some(tag), None),
+            TagSpec::Digest(digest) => {
+                Reference::from_parts_str(&self.source_name, None, Some(digest))
+            }
+            TagSpec::Any | TagSpec::Glob { .. } => None,
+        }
+    }
+}
+
+/// A rule: globs on the normalised name, excludes, and the mirror to send matches to.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    pub index: usize,
+    pub matches: Vec<String>,
+    pub excludes: Vec<String>,
+    exclude_matchers: Vec<NameMatcher>,
+    mirror: usize,
+    overrides: Overrides,
+}
+
+impl PartialEq for Rule {
+    fn eq(&self, other: &Self) -> bool {
+        self.index == other.index && self.matches == other.matches
+    }
+}
+
+/// A validated, immutable mapping table.
+#[derive(Debug, Clone)]
+pub struct Table {
+    source: String,
+    mirrors: Vec<Mirror>,
+    entries: Vec<Entry>,
+    entry_index: AHashMap<String, NameEntries>,
+    rules: Vec<Rule>,
+    rule_index: RuleIndex,
+    /// `registry/prefix/` roots of every mirror, with the mirror's index.
+    roots: Vec<(String, usize)>,
+    /// Names of exact-entry targets that lie under no mirror root.
+    loose_targets: AHashSet<String>,
+    excluded_namespaces: HashSet<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decisions
+
+/// What the table decided for one image string.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision<'t> {
+    Rewrite(Rewrite<'t>),
+    Keep(Keep<'t>),
+}
+
+/// A rewrite of `source` to `target`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rewrite<'t> {
+    pub source: Reference,
+    pub target: Reference,
+    pub mirror: Option<&'t Mirror>,
+    pub matched: Matched<'t>,
+    pub policy: Policy<'t>,
+}
+
+impl Rewrite<'_> {
+    /// The pull secret of the mirror, injected into Pods that use it.
+    pub fn pull_secret(&self) -> Option<&str> {
+        self.mirror.and_then(|m| m.pull_secret.as_deref())
+    }
+    pub fn mirror_name(&self) -> &str {
+        self.mirror.map_or("", |m| m.name.as_str())
+    }
+}
+
+/// The table element that produced a rewrite.
+#[derive(Debug, Clone, Copy)]
+pub enum Matched<'t> {
+    Entry(&'t Entry),
+    Rule(&'t Rule),
+}
+
+impl PartialEq for Matched<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Matched::Entry(a), Matched::Entry(b)) => a.index == b.index,
+            (Matched::Rule(a), Matched::Rule(b)) => a.index == b.index,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Matched<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Matched::Entry(e) => write!(f, "images[{}] {}", e.index, e.source),
+            Matched::Rule(r) => write!(f, "rules[{}] {}", r.index, r.name),
+        }
+    }
+}
+
+/// An image left as it is, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Keep<'t> {
+    /// The parsed image, when it parsed.
+    pub source: Option<Reference>,
+    pub reason: KeepReason<'t>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeepReason<'t> {
+    Unparsable(ReferenceError),
+    NoMatch,
+    Excluded(&'t Rule),
+    AlreadyMirrored(Option<&'t Mirror>),
+    NoCachePrefix { mirror: &'t Mirror },
+    InvalidTarget(ReferenceError),
+}
+
+/// The reason kinds without their data, as used in metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeepReasonKind {
+    Unparsable,
+    NoMatch,
+    Excluded,
+    AlreadyMirrored,
+    NoCachePrefix,
+    InvalidTarget,
+}
+
+impl KeepReasonKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            KeepReasonKind::Unparsable => "unparsable",
+            KeepReasonKind::NoMatch => "no-match",
+            KeepReasonKind::Excluded => "excluded",
+            KeepReasonKind::AlreadyMirrored => "already-mirrored",
+            KeepReasonKind::NoCachePrefix => "no-cache-prefix",
+            KeepReasonKind::InvalidTarget => "invalid-target",
+        }
+    }
+}
+
+impl KeepReason<'_> {
+    pub fn kind(&self) -> KeepReasonKind {
+        match self {
+            KeepReason::Unparsable(_) => KeepReasonKind::Unparsable,
+            KeepReason::NoMatch => KeepReasonKind::NoMatch,
+            KeepReason::Excluded(_) => KeepReasonKind::Excluded,
+            KeepReason::AlreadyMirrored(_) => KeepReasonKind::AlreadyMirrored,
+            KeepReason::NoCachePrefix { .. } => KeepReasonKind::NoCachePrefix,
+            KeepReason::InvalidTarget(_) => KeepReasonKind::InvalidTarget,
+        }
+    }
+}
+
+impl fmt::Display for KeepReason<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeepReason::Unparsable(e) => write!(f, "not a valid image reference: {e}"),
+            KeepReason::NoMatch => f.write_str("no exact entry or rule matches"),
+            KeepReason::Excluded(r) => write!(f, "excluded by rules[{}] {}", r.index, r.name),
+            KeepReason::AlreadyMirrored(Some(m)) => {
+                write!(f, "already points at mirror {}", m.name)
+            }
+            KeepReason::AlreadyMirrored(None) => {
+                f.write_str("already points at an exact entry's target")
+            }
+            KeepReason::NoCachePrefix { mirror } => write!(
+                f,
+                "pull-through mirror {} has no cache prefix for this registry",
+                mirror.name
+            ),
+            KeepReason::InvalidTarget(e) => write!(f, "the mirrored name would be invalid: {e}"),
+        }
+    }
+}
+
+impl<'t> Decision<'t> {
+    pub fn source(&self) -> Option<&Reference> {
+        match self {
+            Decision::Rewrite(r) => Some(&r.source),
+            Decision::Keep(k) => k.source.as_ref(),
+        }
+    }
+    pub fn rewrite(&self) -> Option<&Rewrite<'t>> {
+        match self {
+            Decision::Rewrite(r) => Some(r),
+            Decision::Keep(_) => None,
+        }
+    }
+}
+
+impl Table {
+    /// Parses and validates a table file, keeping only the table (its settings are dropped;
+    /// [`crate::config::Config::parse`] keeps both). `file` names it in every problem.
+    pub fn parse(file: &str, yaml: &str) -> Result<Table, TableError> {
+        parse_file(file, yaml).map(|(table, _)| table)
+    }
+
+    /// The table compiled into the binary.
+    pub fn embedded_default() -> Result<Table, TableError> {
+        Table::parse(DEFAULT_TABLE_NAME, DEFAULT_TABLE_YAML)
+    }
+
+    /// Decides what `image` becomes.
+    pub fn decide<'t>(&'t self, image: &str) -> Decision<'t> {
+        let source = match Reference::parse(image) {
+            Ok(r) => r,
+            Err(e) => {
+                return Decision::Keep(Keep {
+                    source: None,
+                    reason: KeepReason::Unparsable(e),
+                })
+            }
+        };
+        let keep = |source, reason| Decision::Keep(Keep { source, reason });
+        if source.registry().is_empty() {
+            return keep(Some(source), KeepReason::NoMatch);
+        }
+        // Entries and rules match Docker Hub under its canonical spelling, whatever the Pod wrote.
+        let found = {
+            let canonical = source.canonical();
+            let name = canonical.name();
+            if let Some(mirror) = self.mirror_owning(name) {
+                Found::Mirrored(Some(mirror))
+            } else if self.loose_targets.contains(name) {
+                Found::Mirrored(None)
+            } else if let Some((entry, glob_text)) = self.find_entry(name, &canonical) {
+                Found::Entry(entry, glob_text)
+            } else {
+                self.find_rule(name)
+            }
+        };
+        match found {
+            Found::Mirrored(m) => keep(Some(source), KeepReason::AlreadyMirrored(m)),
+            Found::Entry(entry, glob_text) => self.rewrite_by_entry(source, entry, glob_text),
+            Found::Rule(rule) => self.rewrite_by_rule(source, rule),
+            Found::Excluded(rule) => keep(Some(source), KeepReason::Excluded(rule)),
+            Found::Nothing => keep(Some(source), KeepReason::NoMatch),
+        }
+    }
+
+    fn mirror_owning(&self, name: &str) -> Option<&Mirror> {
+        self.roots
+            .iter()
+            .find(|(root, _)| name.starts_with(root.as_str()))
+            .map(|(_, i)| &self.mirrors[*i])
+    }
+
+    /// The exact entry for an image, with the text a tag glob matched.
+    fn find_entry(&self, name: &str, source: &Reference) -> Option<(&Entry, Option<String>)> {
+        let entries = self.entry_index.get(name)?;
+        if let Some(i) = source.digest().and_then(|d| entries.by_digest.get(d)) {
+            return Some((&self.entries[*i], None));
+        }
+        if let Some(tag) = source.effective_tag() {
+            if let Some(i) = entries.by_tag.get(tag) {
+                return Some((&self.entries[*i], None));
+            }
+            for &i in &entries.globs {
+                if let TagSpec::Glob { prefix, suffix } = &self.entries[i].tag {
+                    if let Some(text) = TagSpec::glob_match(prefix, suffix, tag) {
+                        return Some((&self.entries[i], Some(text.to_string())));
+                    }
+                }
+            }
+        }
+        entries.any.map(|i| (&self.entries[i], None))
+    }
+
+    /// The first rule matching `name` that does not exclude it.
+    fn find_rule(&self, name: &str) -> Found<'_> {
+        let mut excluded_by = None;
+        for i in self.rule_index.matching(name) {
+            let rule = &self.rules[i];
+            if rule.exclude_matchers.iter().any(|m| m.is_match(name)) {
+                excluded_by.get_or_insert(rule);
+                continue;
+            }
+            return Found::Rule(rule);
+        }
+        excluded_by.map_or(Found::Nothing, Found::Excluded)
+    }
+
+    fn rewrite_by_entry<'t>(
+        &'t self,
+        source: Reference,
+        entry: &'t Entry,
+        glob_text: Option<String>,
+    ) -> Decision<'t> {
+        let tag = match (&entry.target_tag, &entry.tag) {
+            (TargetTag::Carry, _) => source.tag().map(str::to_string),
+            // Same tag on both sides: keep the image's own spelling (no `:latest` added).
+            (TargetTag::Exact(t), TagSpec::Exact(s)) if t == s => source.tag().map(str::to_string),
+            (TargetTag::Exact(t), _) => Some(t.clone()),
+            (TargetTag::Glob { prefix, suffix }, _) => {
+                Some(format!("{prefix}{}{suffix}", glob_text.unwrap_or_default()))
+            }
+        };
+        let mirror = entry.mirror.map(|i| &self.mirrors[i]);
+        // An exact entry swaps always: the table promises the copy exists.
+        let policy = Overrides::resolve(
+            &[Some(&entry.overrides), mirror.map(|m| &m.overrides)],
+            SwapPolicy::Always,
+            CopyPolicy::OnDemand,
+        );
+        let matched = Matched::Entry(entry);
+        self.finish(source, &entry.target_name, tag, mirror, matched, policy)
+    }
+
+    fn rewrite_by_rule<'t>(&'t self, source: Reference, rule: &'t Rule) -> Decision<'t> {
+        let mirror = &self.mirrors[rule.mirror];
+        // Name the copy after the canonical Docker Hub spelling, whatever the Pod wrote.
+        let Some(target_name) = mirror.target_name(&source.canonical()) else {
+            return Decision::Keep(Keep {
+                source: Some(source),
+                reason: KeepReason::NoCachePrefix { mirror },
+            });
+        };
+        let policy = Overrides::resolve(
+            &[Some(&rule.overrides), Some(&mirror.overrides)],
+            mirror.default_swap(),
+            mirror.default_copy(),
+        );
+        let tag = source.tag().map(str::to_string);
+        let matched = Matched::Rule(rule);
+        self.finish(source, &target_name, tag, Some(mirror), matched, policy)
+    }
+
+    fn finish<'t>(
+        &'t self,
+        source: Reference,
+        target_name: &str,
+        tag: Option<String>,
+        mirror: Option<&'t Mirror>,
+        matched: Matched<'t>,
+        policy: Policy<'t>,
+    ) -> Decision<'t> {
+        let (registry, path) = target_name.split_once('/').unwrap_or((target_name, ""));
+        match Reference::from_parts(registry, path, tag.as_deref(), source.digest()) {
+            Ok(target) => Decision::Rewrite(Rewrite {
+                source,
+                target,
+                mirror,
+                matched,
+                policy,
+            }),
+            Err(e) => Decision::Keep(Keep {
+                source: Some(source),
+                reason: KeepReason::InvalidTarget(e),
+            }),
+        }
+    }
+
+    /// Whether Pods in `namespace` are left alone.
+    pub fn namespace_excluded(&self, namespace: &str) -> bool {
+        self.excluded_namespaces.contains(namespace)
+    }
+    pub fn mirrors(&self) -> &[Mirror] {
+        &self.mirrors
+    }
+    pub fn mirror(&self, name: &str) -> Option<&Mirror> {
+        self.mirrors.iter().find(|m| m.name == name)
+    }
+    /// The mirror a rule sends its matches to.
+    pub fn rule_mirror(&self, rule: &Rule) -> &Mirror {
+        &self.mirrors[rule.mirror]
+    }
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+    pub fn excluded_namespaces(&self) -> impl Iterator<Item = &str> {
+        self.excluded_namespaces.iter().map(String::as_str)
+    }
+    /// Where the table came from (a file path or the embedded table).
+    pub fn source_name(&self) -> &str {
+        &self.source
+    }
+}
+
+/// Where a lookup ended, before the decision is built from it.
+enum Found<'t> {
+    Mirrored(Option<&'t Mirror>),
+    Entry(&'t Entry, Option<String>),
+    Rule(&'t Rule),
+    Excluded(&'t Rule),
+    Nothing,
+}

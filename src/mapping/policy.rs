@@ -1,0 +1,162 @@
+//! The policies of a rewrite, and how entry, rule and mirror settings combine into one.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::settings::ValueError;
+
+/// Whether a match is rewritten unconditionally or only when the mirror has the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SwapPolicy {
+    Always,
+    IfPresent,
+}
+
+/// Whether an image missing from the mirror is copied there in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CopyPolicy {
+    OnDemand,
+    Off,
+}
+
+/// How a `repository` mirror names the copy of `docker.io/grafana/loki`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Naming {
+    /// `<prefix>/loki`
+    Flatten,
+    /// `<prefix>/docker.io/grafana/loki`
+    Preserve,
+    /// `<prefix>/mirrored-grafana-loki`
+    Rancher,
+}
+
+impl fmt::Display for Naming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Naming::Flatten => "flatten",
+            Naming::Preserve => "preserve",
+            Naming::Rancher => "rancher",
+        })
+    }
+}
+
+/// An `os/arch[/variant]` platform selector for copies.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    pub fn parse(s: &str) -> Result<Self, ValueError> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let word = |p: &str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        if !(2..=3).contains(&parts.len()) || !parts.iter().all(|p| word(p)) {
+            return Err(ValueError::Platform(s.to_string()));
+        }
+        Ok(Platform {
+            os: parts[0].to_string(),
+            architecture: parts[1].to_string(),
+            variant: parts.get(2).map(|v| v.to_string()),
+        })
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The policies that apply to one rewrite, after entry, rule and mirror settings are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy<'t> {
+    pub swap: SwapPolicy,
+    pub copy: CopyPolicy,
+    /// Platforms to copy; empty means all.
+    pub platforms: &'t [Platform],
+}
+
+/// The policy settings a mirror, a rule or an exact entry may set; what one leaves unset falls
+/// through to the next.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    pub swap: Option<SwapPolicy>,
+    pub copy: Option<CopyPolicy>,
+    pub platforms: Option<Vec<Platform>>,
+}
+
+impl Overrides {
+    /// Each setting from the first layer that sets it (most specific first), else the default.
+    pub fn resolve<'t>(
+        layers: &[Option<&'t Overrides>],
+        swap: SwapPolicy,
+        copy: CopyPolicy,
+    ) -> Policy<'t> {
+        let layers = layers.iter().flatten();
+        Policy {
+            swap: layers.clone().find_map(|o| o.swap).unwrap_or(swap),
+            copy: layers.clone().find_map(|o| o.copy).unwrap_or(copy),
+            platforms: layers
+                .clone()
+                .find_map(|o| o.platforms.as_deref())
+                .unwrap_or(&[]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platforms() {
+        assert!(Platform::parse("linux/amd64").is_ok());
+        assert_eq!(
+            Platform::parse("linux/arm64/v8").unwrap().to_string(),
+            "linux/arm64/v8"
+        );
+        assert!(Platform::parse("linux").is_err());
+        assert!(Platform::parse("Linux/AMD64").is_err());
+    }
+
+    #[test]
+    fn the_most_specific_setting_wins_each_kind_separately() {
+        let arm = vec![Platform::parse("linux/arm64").unwrap()];
+        let entry = Overrides {
+            copy: Some(CopyPolicy::Off),
+            ..Overrides::default()
+        };
+        let mirror = Overrides {
+            swap: Some(SwapPolicy::IfPresent),
+            copy: Some(CopyPolicy::OnDemand),
+            platforms: Some(arm.clone()),
+        };
+        let p = Overrides::resolve(
+            &[Some(&entry), Some(&mirror)],
+            SwapPolicy::Always,
+            CopyPolicy::OnDemand,
+        );
+        assert_eq!(p.swap, SwapPolicy::IfPresent);
+        assert_eq!(p.copy, CopyPolicy::Off);
+        assert_eq!(p.platforms, &arm[..]);
+        let p = Overrides::resolve(&[None], SwapPolicy::Always, CopyPolicy::Off);
+        assert_eq!(
+            (p.swap, p.copy, p.platforms.len()),
+            (SwapPolicy::Always, CopyPolicy::Off, 0)
+        );
+    }
+}

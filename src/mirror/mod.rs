@@ -1,0 +1,164 @@
+//! What the admission path and `sync` ask of mirrors: whether a mirror holds an image, and
+//! copies of the images it lacks.
+//!
+//! [`CopyRequest`] is the one copy request type (a Pod's missing image, a `sync` entry), and
+//! [`CopyRequest::for_rewrite`] the one place that decides between a copy and a pull-through
+//! warm-up. [`service`] holds the cached, single-flight checks and the copy queue.
+
+pub mod service;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use futures::FutureExt;
+
+pub use service::MirrorService;
+
+use crate::mapping::{Platform, Rewrite};
+use crate::reference::Reference;
+use crate::registry::{CopyReport, Progress, Registries, RegistryError};
+
+/// Whether the mirror holds an image, as far as the webhook could tell in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Present,
+    Absent,
+    /// No answer in time, or an answer that proves nothing (401, 5xx, garbage).
+    Unknown,
+}
+
+/// How a missing image gets into its mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMode {
+    /// Push a copy into a registry we write to.
+    Copy,
+    /// A pull-through cache fills itself: one manifest fetch through it is enough.
+    WarmUp,
+}
+
+/// A copy of `source` to `target`, asked for by a Pod whose mirror lacked it or by `sync`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyRequest {
+    pub source: Reference,
+    pub target: Reference,
+    /// Platforms to copy; empty means all.
+    pub platforms: Vec<Platform>,
+    pub mode: CopyMode,
+}
+
+/// Why a copy did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A library panicked: this copy fails, the process goes on.
+    #[error("copy of {reference} failed: internal error (panic)")]
+    Panicked { reference: String },
+}
+
+impl MirrorError {
+    /// The label of this error in metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            MirrorError::Registry(e) => e.metric_label(),
+            MirrorError::Panicked { .. } => "panic",
+        }
+    }
+
+    /// How long the registry asked us to wait before trying again.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            MirrorError::Registry(e) => e.retry_after(),
+            MirrorError::Panicked { .. } => None,
+        }
+    }
+}
+
+impl CopyRequest {
+    /// The copy that fills the mirror of `rewrite`: a warm-up for a pull-through cache, a copy
+    /// of the selected platforms otherwise.
+    pub fn for_rewrite(rewrite: &Rewrite<'_>) -> CopyRequest {
+        let pull_through = rewrite.mirror.is_some_and(|m| m.is_pull_through());
+        CopyRequest {
+            source: rewrite.source.clone(),
+            target: rewrite.target.clone(),
+            platforms: rewrite.policy.platforms.to_vec(),
+            mode: if pull_through {
+                CopyMode::WarmUp
+            } else {
+                CopyMode::Copy
+            },
+        }
+    }
+
+    /// Does it. A panic inside a library fails this copy only.
+    pub async fn run(
+        &self,
+        registries: &Registries,
+        progress: Option<Progress>,
+    ) -> Result<CopyReport, MirrorError> {
+        let work = async {
+            match self.mode {
+                CopyMode::WarmUp => registries.warm_up(&self.target).await,
+                CopyMode::Copy => {
+                    registries
+                        .copy(&self.source, &self.target, &self.platforms, progress)
+                        .await
+                }
+            }
+        };
+        match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(MirrorError::Panicked {
+                reference: self.source.to_string(),
+            }),
+        }
+    }
+}
+
+/// Asks mirrors whether they hold an image, and takes copy requests.
+pub trait MirrorAccess: Send + Sync {
+    /// Whether `target` is in its mirror; answers from a cache when it can.
+    fn presence<'a>(
+        &'a self,
+        target: &'a Reference,
+    ) -> Pin<Box<dyn Future<Output = Presence> + Send + 'a>>;
+    /// Queues a background copy (de-duplicated by the implementation).
+    fn request_copy(&self, copy: CopyRequest);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::{Decision, Table};
+
+    #[test]
+    fn a_pull_through_mirror_is_warmed_up_a_repository_mirror_copied_into() {
+        let table = Table::parse(
+            "t.yaml",
+            r#"
+mirrors:
+  m: {type: repository, registry: mirror.local, prefix: p, platforms: [linux/arm64]}
+  ecr: {type: pull-through, registry: 1.dkr.ecr.eu-west-1.amazonaws.com, upstreams: {quay.io: quay}}
+rules:
+  - {match: ["docker.io/library/*"], mirror: m}
+  - {match: ["quay.io/**"], mirror: ecr}
+"#,
+        )
+        .unwrap();
+        let request = |image: &str| match table.decide(image) {
+            Decision::Rewrite(rw) => CopyRequest::for_rewrite(&rw),
+            Decision::Keep(k) => panic!("{image}: {:?}", k.reason),
+        };
+        let hub = request("nginx:1.27");
+        assert_eq!(hub.mode, CopyMode::Copy);
+        assert_eq!(hub.target.as_str(), "mirror.local/p/nginx:1.27");
+        assert_eq!(hub.platforms, [Platform::parse("linux/arm64").unwrap()]);
+        let quay = request("quay.io/minio/minio:1");
+        assert_eq!(quay.mode, CopyMode::WarmUp);
+        assert_eq!(
+            quay.target.as_str(),
+            "1.dkr.ecr.eu-west-1.amazonaws.com/quay/minio/minio:1"
+        );
+    }
+}

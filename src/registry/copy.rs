@@ -1,0 +1,479 @@
+//! One whole-image copy: the index, every selected platform manifest, every blob the target
+//! lacks, manifests byte for byte so that every digest stays; then the tag.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use oci_client::errors::OciDistributionError;
+use oci_client::manifest::{OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
+use serde::Deserialize;
+
+use super::failure::{Failure, ImageError, RegistryError};
+use super::stream::{read_ahead, rechunk};
+use super::{to_oci, CopyReport, HostClient, Progress, Registries, MANIFEST_TYPES};
+use crate::mapping::Platform;
+use crate::reference::{wire_host, Reference};
+
+/// oci-client sends each stream item as its own PATCH; collect items into pieces this big.
+const UPLOAD_PIECE: usize = 4 * 1024 * 1024;
+/// Upload pieces fetched while the previous one is being sent (memory: pieces × 4 MiB per blob).
+const READ_AHEAD: usize = 1;
+/// Blobs of one image copied at the same time.
+const BLOB_CONCURRENCY: usize = 4;
+
+/// One copy in progress.
+pub(super) struct CopyJob<'r> {
+    pub(super) registries: &'r Registries,
+    pub(super) src: Arc<HostClient>,
+    pub(super) dst: Arc<HostClient>,
+    pub(super) source: Reference,
+    pub(super) target: Reference,
+    pub(super) bytes: Arc<AtomicU64>,
+    pub(super) progress: Option<Progress>,
+    pub(super) report: Mutex<CopyReport>,
+    pub(super) blobs_seen: Mutex<BTreeSet<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor {
+    #[serde(default)]
+    media_type: String,
+    digest: String,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    platform: Option<DescriptorPlatform>,
+    #[serde(default)]
+    urls: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DescriptorPlatform {
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+impl DescriptorPlatform {
+    fn label(&self) -> String {
+        match &self.variant {
+            Some(v) => format!("{}/{}/{}", self.os, self.architecture, v),
+            None => format!("{}/{}", self.os, self.architecture),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestDoc {
+    #[serde(default)]
+    schema_version: Option<u32>,
+    #[serde(default)]
+    media_type: Option<String>,
+    #[serde(default)]
+    manifests: Option<Vec<Descriptor>>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    blobs: Vec<Descriptor>,
+}
+
+impl ManifestDoc {
+    fn parse(bytes: &[u8], what: &str) -> Result<Self, RegistryError> {
+        let doc: ManifestDoc = serde_json::from_slice(bytes)
+            .map_err(|e| RegistryError::image(what, ImageError::NotJson(e)))?;
+        if doc.schema_version == Some(1) {
+            return Err(RegistryError::image(what, ImageError::SchemaV1));
+        }
+        Ok(doc)
+    }
+
+    fn is_index(&self) -> bool {
+        self.manifests.is_some()
+    }
+
+    /// The type to push it with: its own `mediaType`, else what its shape says (OCI makes the
+    /// field optional).
+    fn content_type(&self) -> &str {
+        match (&self.media_type, self.is_index()) {
+            (Some(t), _) if !t.is_empty() => t,
+            (_, true) => OCI_IMAGE_INDEX_MEDIA_TYPE,
+            (_, false) => OCI_IMAGE_MEDIA_TYPE,
+        }
+    }
+}
+
+type BoxedCopy<'a> = Pin<Box<dyn Future<Output = Result<(), RegistryError>> + Send + 'a>>;
+
+impl CopyJob<'_> {
+    pub(super) async fn run(&self, platforms: &[Platform]) -> Result<CopyReport, RegistryError> {
+        let src_oci = to_oci(&self.source);
+        // Blob and push calls take no credentials: oci-client uses those stored per registry.
+        self.src
+            .client
+            .store_auth_if_needed(src_oci.resolve_registry(), &self.src.auth)
+            .await;
+        self.dst
+            .client
+            .store_auth_if_needed(wire_host(self.target.registry()), &self.dst.auth)
+            .await;
+        let name = self.source.to_string();
+        // HEAD first: Docker Hub counts manifest GETs, not HEADs.
+        let digest = match self.source.digest() {
+            Some(d) => d.to_string(),
+            None => {
+                self.registries
+                    .retry(&self.src, "inspect", &name, || {
+                        self.src
+                            .client
+                            .fetch_manifest_digest(&src_oci, &self.src.auth)
+                    })
+                    .await?
+            }
+        };
+        // The target already holds this exact top manifest (under its tag, when it has one):
+        // nothing to move.
+        if platforms.is_empty() {
+            let probe = match self.target.tag() {
+                Some(tag) => self.at_tag(&self.target, tag)?,
+                None => self.target.clone(),
+            };
+            if self.target_has(&probe).await?.as_deref() == Some(digest.as_str()) {
+                let mut report = self.take_report();
+                report.digest = digest;
+                report.manifests_skipped += 1;
+                return Ok(report);
+            }
+        }
+        let pinned = self.at_digest(&self.source, &digest);
+        let (raw, got) = self.pull_manifest(&pinned).await?;
+        let doc = ManifestDoc::parse(&raw, &name)?;
+        let mut top_digest = got;
+        let mut body = raw;
+        if let Some(children) = &doc.manifests {
+            let selected: Vec<&Descriptor> = children
+                .iter()
+                .filter(|c| platforms.is_empty() || selects(platforms, c))
+                .collect();
+            if selected.is_empty() {
+                let wanted: Vec<String> = platforms.iter().map(Platform::to_string).collect();
+                return Err(RegistryError::image(
+                    name,
+                    ImageError::NoPlatformMatch(wanted.join(", ")),
+                ));
+            }
+            let filtered = selected.len() < children.len();
+            if filtered && self.target.digest().is_some() {
+                // A rebuilt index has another digest, which a pinned target could never have.
+                return Err(RegistryError::image(
+                    &self.target,
+                    ImageError::PinnedNeedsAllPlatforms,
+                ));
+            }
+            for child in &selected {
+                self.copy_manifest(child, 1).await?;
+                if let Some(p) = &child.platform {
+                    self.report().platforms.push(p.label());
+                }
+            }
+            if filtered {
+                body = filter_index(&body, &selected)
+                    .map_err(|e| RegistryError::image(&name, ImageError::NotJson(e)))?;
+                top_digest = sha256_digest(&body);
+                self.report().filtered = true;
+            }
+        } else {
+            self.copy_image_blobs(&doc).await?;
+        }
+        let content_type = doc.content_type().to_string();
+        // By digest first, then the tag, so a tag+digest reference finds both.
+        let by_digest = self.at_digest(&self.target, &top_digest);
+        self.push_manifest(&by_digest, &body, &content_type).await?;
+        if let Some(tag) = self.target.tag() {
+            let by_tag = self.at_tag(&self.target, tag)?;
+            self.push_manifest(&by_tag, &body, &content_type).await?;
+        }
+        let mut report = self.take_report();
+        report.digest = top_digest;
+        report.manifests_copied += 1;
+        report.bytes = self.bytes.load(Ordering::Relaxed);
+        Ok(report)
+    }
+
+    fn report(&self) -> std::sync::MutexGuard<'_, CopyReport> {
+        self.report.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take_report(&self) -> CopyReport {
+        std::mem::take(&mut *self.report())
+    }
+
+    fn at_digest(&self, r: &Reference, digest: &str) -> Reference {
+        Reference::from_parts(r.registry(), r.path(), None, Some(digest))
+            .unwrap_or_else(|_| r.clone())
+    }
+
+    fn at_tag(&self, r: &Reference, tag: &str) -> Result<Reference, RegistryError> {
+        Reference::from_parts(r.registry(), r.path(), Some(tag), None)
+            .map_err(|e| RegistryError::image(r, ImageError::Reference(e)))
+    }
+
+    /// The digest the target has at `r`; `None` when it has nothing there. Any other failure
+    /// stops the copy: pushing blind into a registry that does not answer helps nobody.
+    async fn target_has(&self, r: &Reference) -> Result<Option<String>, RegistryError> {
+        let oci = to_oci(r);
+        let name = r.to_string();
+        let found = self
+            .registries
+            .retry(&self.dst, "inspect", &name, || {
+                self.dst.client.fetch_manifest_digest(&oci, &self.dst.auth)
+            })
+            .await;
+        match found {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.failure() == Some(Failure::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn pull_manifest(&self, r: &Reference) -> Result<(Bytes, String), RegistryError> {
+        let oci = to_oci(r);
+        let name = r.to_string();
+        self.registries
+            .retry(&self.src, "fetch manifest", &name, || {
+                self.src
+                    .client
+                    .pull_manifest_raw(&oci, &self.src.auth, &MANIFEST_TYPES)
+            })
+            .await
+    }
+
+    async fn push_manifest(
+        &self,
+        r: &Reference,
+        body: &Bytes,
+        content_type: &str,
+    ) -> Result<(), RegistryError> {
+        // When a registry answers a push without `Location` (ECR does), oci-client strips the
+        // tag off the URL and panics if it is not there; a push by digest has no tag. Giving it
+        // the digest as its "tag" makes that suffix match. The URL uses the digest either way.
+        let oci = match r.digest() {
+            Some(d) => oci_client::Reference::with_tag_and_digest(
+                r.registry().to_string(),
+                r.path().to_string(),
+                d.to_string(),
+                d.to_string(),
+            ),
+            None => to_oci(r),
+        };
+        let name = r.to_string();
+        let header = reqwest::header::HeaderValue::from_str(content_type).map_err(|_| {
+            RegistryError::image(&name, ImageError::MediaType(content_type.to_string()))
+        })?;
+        self.registries
+            .retry(&self.dst, "push manifest", &name, || {
+                self.dst
+                    .client
+                    .push_manifest_raw(&oci, body.clone(), header.clone())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Copies one child manifest of an index (and, for a nested index, its children).
+    fn copy_manifest<'a>(&'a self, desc: &'a Descriptor, depth: usize) -> BoxedCopy<'a> {
+        Box::pin(async move {
+            let at_target = self.at_digest(&self.target, &desc.digest);
+            if self.target_has(&at_target).await?.is_some() {
+                // A registry accepts a manifest only once all it references is there.
+                self.report().manifests_skipped += 1;
+                return Ok(());
+            }
+            let at_source = self.at_digest(&self.source, &desc.digest);
+            let (raw, _) = self.pull_manifest(&at_source).await?;
+            let doc = ManifestDoc::parse(&raw, &at_source.to_string())?;
+            match &doc.manifests {
+                Some(children) if depth < 3 => {
+                    for child in children {
+                        self.copy_manifest(child, depth + 1).await?;
+                    }
+                }
+                Some(_) => return Err(RegistryError::image(&at_source, ImageError::NestedTooDeep)),
+                None => self.copy_image_blobs(&doc).await?,
+            }
+            let content_type = if desc.media_type.is_empty() {
+                doc.content_type().to_string()
+            } else {
+                desc.media_type.clone()
+            };
+            self.push_manifest(&at_target, &raw, &content_type).await?;
+            self.report().manifests_copied += 1;
+            Ok(())
+        })
+    }
+
+    /// Config and layers of one image manifest, a few at a time.
+    async fn copy_image_blobs(&self, doc: &ManifestDoc) -> Result<(), RegistryError> {
+        let blobs = doc
+            .config
+            .iter()
+            .chain(&doc.layers)
+            .chain(&doc.blobs)
+            // Foreign (non-distributable) layers live at their URLs, not in the registry.
+            .filter(|d| d.urls.is_empty() || !is_foreign(&d.media_type))
+            .filter(|d| {
+                self.blobs_seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(d.digest.clone())
+            })
+            .collect::<Vec<_>>();
+        futures::stream::iter(blobs)
+            .map(|d| self.copy_blob(d))
+            // Boxing works around rust-lang/rust#104382 (a Send future over a borrowing map).
+            .boxed()
+            .buffer_unordered(BLOB_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    async fn copy_blob(&self, desc: &Descriptor) -> Result<(), RegistryError> {
+        let src_oci = to_oci(&self.source);
+        let dst_oci = to_oci(&self.target);
+        let name = format!("{}@{}", self.target.name(), desc.digest);
+        let exists = self
+            .registries
+            .retry(&self.dst, "check blob", &name, || {
+                self.dst.client.blob_exists(&dst_oci, &desc.digest)
+            })
+            .await?;
+        if exists {
+            self.report().blobs_skipped += 1;
+            return Ok(());
+        }
+        let layer = oci_client::manifest::OciDescriptor {
+            media_type: desc.media_type.clone(),
+            digest: desc.digest.clone(),
+            size: desc.size as i64,
+            ..Default::default()
+        };
+        self.registries
+            .retry(&self.dst, "copy blob", &name, || {
+                let layer = layer.clone();
+                let src_oci = src_oci.clone();
+                let dst_oci = dst_oci.clone();
+                async move {
+                    let pulled = self.src.client.pull_blob_stream(&src_oci, &layer).await?;
+                    // Bytes are counted as they arrive; a retried blob counts again, as it moved
+                    // again.
+                    let counter = self.bytes.clone();
+                    let progress = self.progress.clone();
+                    let stream = pulled.stream.map(move |piece| {
+                        let piece = piece.map_err(OciDistributionError::from)?;
+                        counter.fetch_add(piece.len() as u64, Ordering::Relaxed);
+                        if let Some(p) = &progress {
+                            p(piece.len() as u64);
+                        }
+                        Ok(piece)
+                    });
+                    let stream: Pin<Box<dyn Stream<Item = _> + Send>> =
+                        if self.dst.access.monolithic_upload {
+                            Box::pin(stream)
+                        } else {
+                            Box::pin(read_ahead(rechunk(stream, UPLOAD_PIECE), READ_AHEAD))
+                        };
+                    self.dst
+                        .client
+                        .push_blob_stream(&dst_oci, stream, &layer.digest, Some(desc.size))
+                        .await
+                }
+            })
+            .await?;
+        self.report().blobs_copied += 1;
+        Ok(())
+    }
+}
+
+/// Foreign (Windows base) and non-distributable layers: registries serve them from their URLs
+/// and often refuse to store them, so copies leave them where they are (as skopeo does).
+fn is_foreign(media_type: &str) -> bool {
+    media_type.contains(".foreign.") || media_type.contains(".nondistributable.")
+}
+
+/// Whether an index entry is one of the selected platforms.
+fn selects(platforms: &[Platform], desc: &Descriptor) -> bool {
+    let Some(p) = &desc.platform else {
+        return false;
+    };
+    platforms.iter().any(|want| {
+        want.os == p.os
+            && want.architecture == p.architecture
+            && (want.variant.is_none() || want.variant == p.variant)
+    })
+}
+
+/// The index with only the selected entries; every other field kept as it was.
+fn filter_index(raw: &[u8], keep: &[&Descriptor]) -> Result<Bytes, serde_json::Error> {
+    let mut doc: serde_json::Value = serde_json::from_slice(raw)?;
+    if let Some(list) = doc.get_mut("manifests").and_then(|m| m.as_array_mut()) {
+        list.retain(|m| {
+            m.get("digest")
+                .and_then(|d| d.as_str())
+                .is_some_and(|d| keep.iter().any(|k| k.digest == d))
+        });
+    }
+    serde_json::to_vec(&doc).map(Bytes::from)
+}
+
+fn sha256_digest(data: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{:x}", sha2::Sha256::digest(data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreign_layers_are_recognised() {
+        assert!(is_foreign(
+            "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+        ));
+        assert!(is_foreign(
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        ));
+        assert!(!is_foreign("application/vnd.oci.image.layer.v1.tar+gzip"));
+        assert!(!is_foreign(
+            "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        ));
+    }
+
+    #[test]
+    fn platform_filter_keeps_other_fields() {
+        let raw = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{"digest":"sha256:a","platform":{"os":"linux","architecture":"amd64"}},{"digest":"sha256:b","platform":{"os":"linux","architecture":"arm64","variant":"v8"}}],"annotations":{"k":"v"}}"#;
+        let doc = ManifestDoc::parse(raw, "x").unwrap();
+        let children = doc.manifests.as_ref().unwrap();
+        let arm = [Platform::parse("linux/arm64").unwrap()];
+        let keep: Vec<&Descriptor> = children.iter().filter(|c| selects(&arm, c)).collect();
+        assert_eq!(keep.len(), 1);
+        let out: serde_json::Value =
+            serde_json::from_slice(&filter_index(raw, &keep).unwrap()).unwrap();
+        assert_eq!(out["manifests"].as_array().unwrap().len(), 1);
+        assert_eq!(out["manifests"][0]["digest"], "sha256:b");
+        assert_eq!(out["annotations"]["k"], "v");
+        let v7 = [Platform::parse("linux/arm64/v7").unwrap()];
+        assert!(children.iter().all(|c| !selects(&v7, c)));
+    }
+}

@@ -1,0 +1,250 @@
+//! How the webhook talks to registries: per-registry access, check and copy settings, and the
+//! duration syntax of the table file.
+//!
+//! Pure. These are read from the same file as the mapping table (`registries`, `checks`,
+//! `copies`) but are not part of it: the registry layer and the mirror service are built from
+//! [`Settings`], and a reload hands them the new settings (every one applies without a restart).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::problems::ProblemList;
+use crate::reference::registry_host;
+
+/// A value in the table or on the command line that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("invalid duration {0:?}: write e.g. 500ms, 30s, 10m or 1h")]
+    Duration(String),
+    #[error("invalid platform {0:?}: expected os/arch or os/arch/variant, e.g. linux/arm64")]
+    Platform(String),
+}
+
+/// Per-registry access for checks and copies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RegistryAccess {
+    pub username_env: Option<String>,
+    pub password_env: Option<String>,
+    pub docker_config: Option<String>,
+    #[serde(default)]
+    pub insecure: bool,
+    pub ca_file: Option<String>,
+    #[serde(default)]
+    pub monolithic_upload: bool,
+}
+
+/// Existence-check settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckSettings {
+    pub present_ttl: Duration,
+    pub absent_ttl: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for CheckSettings {
+    fn default() -> Self {
+        CheckSettings {
+            present_ttl: Duration::from_secs(600),
+            absent_ttl: Duration::from_secs(30),
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Background-copy settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopySettings {
+    /// Copies running at once.
+    pub concurrency: usize,
+    /// Copies waiting to start; more are dropped (and asked for again by the next Pod).
+    pub queue_size: usize,
+    /// First wait before a failed copy is tried again; doubles per failure, up to 64×.
+    pub retry_backoff: Duration,
+    /// Tries of one copy before it is given up (the next Pod that needs it queues it again).
+    pub max_attempts: u32,
+}
+
+impl Default for CopySettings {
+    fn default() -> Self {
+        CopySettings {
+            concurrency: 4,
+            queue_size: 256,
+            retry_backoff: Duration::from_secs(30),
+            max_attempts: 6,
+        }
+    }
+}
+
+/// Everything the registry layer and the mirror service are configured with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Access per canonical registry host (Docker Hub under any spelling is `docker.io`).
+    registries: BTreeMap<String, RegistryAccess>,
+    pub checks: CheckSettings,
+    pub copies: CopySettings,
+}
+
+impl Settings {
+    /// Access settings of a registry host; the defaults (anonymous HTTPS) when it has none.
+    pub fn access(&self, host: &str) -> Option<&RegistryAccess> {
+        self.registries.get(registry_host(host))
+    }
+    pub fn registries(&self) -> &BTreeMap<String, RegistryAccess> {
+        &self.registries
+    }
+}
+
+/// `checks:` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawChecks {
+    present_ttl: Option<Spanned<String>>,
+    absent_ttl: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+/// `copies:` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawCopies {
+    concurrency: Option<Spanned<usize>>,
+    queue_size: Option<Spanned<usize>>,
+    retry_backoff: Option<Spanned<String>>,
+    max_attempts: Option<Spanned<usize>>,
+}
+
+/// Validates the settings sections of a table file, reporting into `problems`.
+pub(crate) fn build(
+    registries: &BTreeMap<String, Spanned<RegistryAccess>>,
+    checks: Option<&Spanned<RawChecks>>,
+    copies: Option<&Spanned<RawCopies>>,
+    problems: &mut ProblemList,
+) -> Settings {
+    let registries = registries
+        .iter()
+        .map(|(host, access)| {
+            if access.value.username_env.is_some() != access.value.password_env.is_some() {
+                problems.add(
+                    access,
+                    format!("registries.{host}"),
+                    "usernameEnv and passwordEnv go together",
+                );
+            }
+            (registry_host(host).to_string(), access.value.clone())
+        })
+        .collect();
+    let mut settings = Settings {
+        registries,
+        ..Settings::default()
+    };
+    if let Some(c) = checks {
+        let c = &c.value;
+        let checks = &mut settings.checks;
+        for (value, name, slot) in [
+            (&c.present_ttl, "presentTtl", &mut checks.present_ttl),
+            (&c.absent_ttl, "absentTtl", &mut checks.absent_ttl),
+            (&c.timeout, "timeout", &mut checks.timeout),
+        ] {
+            if let Some(v) = value {
+                match parse_duration(&v.value) {
+                    Ok(d) => *slot = d,
+                    Err(e) => problems.add(v, format!("checks.{name}"), e.to_string()),
+                }
+            }
+        }
+    }
+    if let Some(c) = copies {
+        let c = &c.value;
+        let copies = &mut settings.copies;
+        let mut attempts = copies.max_attempts as usize;
+        for (value, name, max, slot) in [
+            (&c.concurrency, "concurrency", 64, &mut copies.concurrency),
+            (&c.queue_size, "queueSize", 100_000, &mut copies.queue_size),
+            (&c.max_attempts, "maxAttempts", 100, &mut attempts),
+        ] {
+            if let Some(n) = value {
+                if (1..=max).contains(&n.value) {
+                    *slot = n.value;
+                } else {
+                    problems.add(
+                        n,
+                        format!("copies.{name}"),
+                        format!("must be between 1 and {max}"),
+                    );
+                }
+            }
+        }
+        copies.max_attempts = attempts as u32; // at most 100
+        if let Some(v) = &c.retry_backoff {
+            match parse_duration(&v.value) {
+                Ok(d) if !d.is_zero() => copies.retry_backoff = d,
+                Ok(_) => problems.add(v, "copies.retryBackoff", "must be more than 0"),
+                Err(e) => problems.add(v, "copies.retryBackoff", e.to_string()),
+            }
+        }
+    }
+    settings
+}
+
+/// `500ms`, `30s`, `10m`, `1h`, or a sequence such as `1m30s`.
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
+    let err = || ValueError::Duration(s.to_string());
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(err());
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(err());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => return Err(err()),
+        };
+        total = total.saturating_add(unit);
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("ten minutes").is_err());
+        assert!(parse_duration("").is_err());
+        assert_eq!(
+            parse_duration("5x").unwrap_err().to_string(),
+            "invalid duration \"5x\": write e.g. 500ms, 30s, 10m or 1h"
+        );
+    }
+
+    #[test]
+    fn access_is_keyed_by_canonical_host() {
+        let mut s = Settings::default();
+        s.registries
+            .insert("docker.io".into(), RegistryAccess::default());
+        for host in ["docker.io", "index.docker.io", "registry-1.docker.io"] {
+            assert!(s.access(host).is_some(), "{host}");
+        }
+        assert!(s.access("quay.io").is_none());
+    }
+}
