@@ -84,7 +84,7 @@ fn distribution_grammar_cases() {
     assert!(check_vectors("reference_vectors_distribution.json") >= 70);
 }
 
-// --- seed 000: the embedded default table -----------------------------------------------------
+// --- The GHCR runbook's mirrored images: the embedded default table ---------------------------
 
 const SEED_000: &[(&str, &str)] = &[
     ("temporalio/server:1.29.1", "temporalio-server:1.29.1"),
@@ -138,7 +138,7 @@ const SEED_000: &[(&str, &str)] = &[
 ];
 
 #[test]
-fn every_seed_000_row_through_the_default_table() {
+fn every_row_of_the_ghcr_runbook_through_the_default_table() {
     let table = Table::embedded_default().unwrap();
     assert_eq!(table.entries().len(), 28);
     for (source, short) in SEED_000 {
@@ -245,10 +245,10 @@ fn unparsable_images_are_kept_with_the_reason() {
     assert_eq!(kept(&table, ""), KeepReasonKind::Unparsable);
 }
 
-// --- seed 001: ECR pull-through cache -----------------------------------------------------------
+// --- The ECR pull-through runbook ------------------------------------------------------------
 
 #[test]
-fn seed_001_ecr_pull_through() {
+fn the_ecr_pull_through_runbook() {
     let table = table_file("ecr-pull-through.yaml");
     let ecr = "123456789012.dkr.ecr.ca-central-1.amazonaws.com";
     let cases = [
@@ -304,10 +304,10 @@ fn pull_through_upstream_without_cache_prefix_is_not_rewritten() {
     );
 }
 
-// --- seed 004: rancher naming -------------------------------------------------------------------
+// --- rancher/image-mirror naming ----------------------------------------------------------------
 
 #[test]
-fn seed_004_rancher_naming() {
+fn rancher_image_mirror_naming() {
     let table = table_file("rancher.yaml");
     assert_eq!(
         target(&table, "banzaicloud/logging-operator:3.7.0"),

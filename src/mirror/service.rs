@@ -61,6 +61,8 @@ impl MirrorService {
     /// Starts the copy workers on the current Tokio runtime, and follows configuration reloads.
     pub fn start(config: ConfigHandle, registries: Arc<Registries>, metrics: Metrics) -> Self {
         let concurrency = config.current().settings.copies.concurrency;
+        // Subscribed now, so that no reload between here and the task's start is missed.
+        let changes = config.subscribe();
         let inner = Arc::new(Inner {
             config,
             registries,
@@ -74,7 +76,7 @@ impl MirrorService {
             concurrency: Mutex::new(concurrency),
         });
         tokio::spawn(workers(Arc::downgrade(&inner)));
-        tokio::spawn(follow_reloads(Arc::downgrade(&inner)));
+        tokio::spawn(follow_reloads(Arc::downgrade(&inner), changes));
         MirrorService { inner }
     }
 
@@ -90,10 +92,7 @@ impl MirrorService {
 }
 
 /// Hands every reloaded configuration's settings to the registries and the copy slots.
-async fn follow_reloads(inner: Weak<Inner>) {
-    let Some(mut changes) = inner.upgrade().map(|i| i.config.subscribe()) else {
-        return;
-    };
+async fn follow_reloads(inner: Weak<Inner>, mut changes: tokio::sync::watch::Receiver<u64>) {
     while changes.changed().await.is_ok() {
         let Some(inner) = inner.upgrade() else {
             return;
@@ -342,5 +341,70 @@ impl MirrorAccess for MirrorService {
         tracing::info!(source = %copy.source, target = %copy.target,
             warm_up = copy.mode == CopyMode::WarmUp, "copy queued");
         inner.enqueue(Job { copy, attempt: 1 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::registry::RegistryOptions;
+    use std::time::Duration;
+
+    fn config(copies: &str) -> Config {
+        Config::parse("t.yaml", &format!("copies: {copies}\n")).unwrap()
+    }
+
+    fn copy_to(n: usize) -> CopyRequest {
+        let r = |s: String| Reference::parse(&s).unwrap();
+        CopyRequest {
+            source: r(format!("127.0.0.1:1/src/app{n}:1")),
+            target: r(format!("127.0.0.1:1/dst/app{n}:1")),
+            platforms: Vec::new(),
+            mode: CopyMode::Copy,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reload_applies_every_copy_setting_and_the_registry_access() {
+        let first = config("{concurrency: 4, queueSize: 256}");
+        let handle = ConfigHandle::new(first.clone());
+        let (metrics, _registry) = Metrics::new();
+        let registries = Arc::new(Registries::new(
+            first.settings.clone(),
+            RegistryOptions::default(),
+            None,
+        ));
+        let service = MirrorService::start(handle.clone(), registries.clone(), metrics.clone());
+        assert_eq!(service.inner.slots.available_permits(), 4);
+
+        let next = Config::parse(
+            "t.yaml",
+            "copies: {concurrency: 1, queueSize: 2}\nregistries:\n  quay.io: {insecure: true}\n",
+        )
+        .unwrap();
+        handle.replace(next);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while service.inner.slots.available_permits() != 1 {
+            assert!(Instant::now() < deadline, "concurrency not applied");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(registries
+            .settings()
+            .access("quay.io")
+            .is_some_and(|a| a.insecure));
+
+        // Hold the one slot: copies wait in the queue, which now holds two.
+        let held = service.inner.slots.clone().acquire_owned().await.unwrap();
+        for n in 0..3 {
+            service.request_copy(copy_to(n));
+        }
+        let dropped = metrics
+            .copies
+            .get_or_create(&ResultLabels { result: "dropped" })
+            .get();
+        assert_eq!(dropped, 1);
+        assert_eq!(service.pending_copies(), 2);
+        drop(held);
     }
 }

@@ -135,6 +135,11 @@ impl Registries {
         self.settings.store(settings);
     }
 
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.load_full()
+    }
+
     /// Allows plain HTTP, or HTTPS without certificate verification, to `host` (the CLI's
     /// `--insecure-registry`).
     pub fn allow_insecure(&mut self, host: &str) {
