@@ -2,7 +2,7 @@
 //! atomically when the file changes.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -66,15 +66,34 @@ impl Config {
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
     match path {
         None => Config::embedded().map_err(ConfigError::Invalid),
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            Config::parse(&path.display().to_string(), &text).map_err(ConfigError::Invalid)
-        }
+        Some(path) => parse_text(path, &read_text(path)?.0),
     }
 }
+
+/// A table file's text and its content hash.
+fn read_text(path: &Path) -> Result<(String, [u8; 32]), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let digest = crate::watch::digest(&[text.as_bytes()]);
+    Ok((text, digest))
+}
+
+fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    Config::parse(&path.display().to_string(), text).map_err(ConfigError::Invalid)
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    Replaced,
+    /// The file's content is what is in force already.
+    Unchanged,
+}
+
+/// A table file and the content hash of what was last read from it.
+type Source = (PathBuf, [u8; 32]);
 
 /// The configuration in force, shared by every request; readers never wait for a reload.
 /// Subscribers ([`ConfigHandle::subscribe`]) hear of every swap.
@@ -82,6 +101,8 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
 pub struct ConfigHandle {
     current: Arc<ArcSwap<Config>>,
     changes: Arc<watch::Sender<u64>>,
+    /// The file it was read from and the hash of what is in force, for reloads.
+    source: Arc<Mutex<Option<Source>>>,
 }
 
 impl ConfigHandle {
@@ -89,7 +110,20 @@ impl ConfigHandle {
         ConfigHandle {
             current: Arc::new(ArcSwap::from_pointee(config)),
             changes: Arc::new(watch::channel(0).0),
+            source: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Reads `path` (or takes the embedded table) and remembers where it came from, for
+    /// [`ConfigHandle::reload`]. Blocking.
+    pub fn open(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            return Ok(ConfigHandle::new(load(None)?));
+        };
+        let (text, digest) = read_text(path)?;
+        let handle = ConfigHandle::new(parse_text(path, &text)?);
+        *lock(&handle.source) = Some((path.to_path_buf(), digest));
+        Ok(handle)
     }
 
     pub fn current(&self) -> Arc<Config> {
@@ -107,25 +141,44 @@ impl ConfigHandle {
         self.changes.send_modify(|generation| *generation += 1);
     }
 
-    /// Re-reads `path` off the runtime's workers (a large table takes a while to parse); a
-    /// valid table replaces the current one, an invalid one is logged and counted and the last
+    /// Re-reads the file the configuration came from, off the runtime's workers (a large table
+    /// takes a while to parse). Content identical to what is in force is counted and left; a
+    /// valid table replaces the current one; an invalid one is logged and counted and the last
     /// good one stays.
-    pub async fn reload(&self, path: &Path, metrics: &Metrics) -> Result<(), ConfigError> {
-        let owned = path.to_path_buf();
-        let result = tokio::task::spawn_blocking(move || load(Some(&owned)))
-            .await
-            .unwrap_or(Err(ConfigError::Cancelled));
-        let label = if result.is_ok() { "success" } else { "failure" };
+    pub async fn reload(&self, metrics: &Metrics) -> Result<Reloaded, ConfigError> {
+        let Some((path, digest)) = lock(&self.source).clone() else {
+            return Ok(Reloaded::Unchanged);
+        };
+        let file = path.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let (text, new) = read_text(&file)?;
+            if new == digest {
+                return Ok((None, new));
+            }
+            Ok((Some(parse_text(&file, &text)?), new))
+        })
+        .await
+        .unwrap_or(Err(ConfigError::Cancelled));
+        let label = match &result {
+            Ok((None, _)) => "unchanged",
+            Ok((Some(_), _)) => "success",
+            Err(_) => "failure",
+        };
         metrics
             .config_reloads
             .get_or_create(&ResultLabels { result: label })
             .inc();
         match result {
-            Ok(config) => {
+            Ok((None, _)) => {
+                tracing::debug!(file = %path.display(), "mapping table unchanged; not reloaded");
+                Ok(Reloaded::Unchanged)
+            }
+            Ok((Some(config), digest)) => {
                 tracing::info!(file = %path.display(), entries = config.table.entries().len(),
                     rules = config.table.rules().len(), "mapping table reloaded");
                 self.replace(config);
-                Ok(())
+                *lock(&self.source) = Some((path, digest));
+                Ok(Reloaded::Replaced)
             }
             Err(e) => {
                 tracing::error!(error = %crate::error::Report(&e),
@@ -135,22 +188,23 @@ impl ConfigHandle {
         }
     }
 
-    /// Reloads the table whenever the directory of `path` changes.
-    pub fn watch(
-        &self,
-        path: PathBuf,
-        metrics: Metrics,
-    ) -> notify::Result<notify::RecommendedWatcher> {
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    /// Reloads whenever the file the configuration came from changes; `None` for the embedded
+    /// table.
+    pub fn watch(&self, metrics: Metrics) -> notify::Result<Option<notify::RecommendedWatcher>> {
+        let Some((path, _)) = lock(&self.source).clone() else {
+            return Ok(None);
+        };
         let handle = self.clone();
-        crate::watch::on_change(&dir, move || {
-            let (handle, path, metrics) = (handle.clone(), path.clone(), metrics.clone());
+        crate::watch::on_change(&[&path], move || {
+            let (handle, metrics) = (handle.clone(), metrics.clone());
             async move {
-                let _ = handle.reload(&path, &metrics).await;
+                let _ = handle.reload(&metrics).await;
             }
         })
+        .map(Some)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

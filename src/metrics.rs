@@ -51,6 +51,12 @@ pub struct RegistryLabels {
     pub registry: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub registry: String,
+    pub state: &'static str,
+}
+
 /// Admission latency buckets: fine below 5 ms, where a healthy webhook lives.
 const ADMISSION_BUCKETS: [f64; 16] = [
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.01, 0.025, 0.05,
@@ -82,6 +88,8 @@ pub struct Metrics {
     pub copy_duration: Histogram,
     pub copy_queue_depth: Gauge,
     pub too_many_requests: Family<RegistryLabels, Counter>,
+    pub circuit_open: Family<RegistryLabels, Gauge>,
+    pub circuit_transitions: Family<TransitionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -105,6 +113,8 @@ impl Default for Metrics {
             copy_duration: Histogram::new(COPY_BUCKETS),
             copy_queue_depth: Gauge::default(),
             too_many_requests: Family::default(),
+            circuit_open: Family::default(),
+            circuit_transitions: Family::default(),
         }
     }
 }
@@ -199,6 +209,16 @@ impl Metrics {
             "registry_too_many_requests",
             "HTTP 429 answers from registries",
             m.too_many_requests.clone(),
+        );
+        r.register(
+            "registry_circuit_open",
+            "1 while checks of the registry are answered unknown without asking it",
+            m.circuit_open.clone(),
+        );
+        r.register(
+            "registry_circuit_transitions",
+            "Registry circuit changes, by the state entered",
+            m.circuit_transitions.clone(),
         );
         m.build_info
             .get_or_create(&BuildLabels {

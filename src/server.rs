@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::admission::{Answer, Webhook};
-use crate::config::{self, ConfigError, ConfigHandle};
+use crate::config::{ConfigError, ConfigHandle};
 use crate::metrics::Metrics;
 use crate::mirror::{MirrorAccess, MirrorService};
 use crate::registry::{Registries, RegistryOptions};
@@ -203,22 +203,19 @@ pub enum Mirrors {
 /// Loads the table and the certificate, binds both listeners and starts serving.
 pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> Result<Running, ServeError> {
     let path = opts.config.clone();
-    let loaded = tokio::task::spawn_blocking(move || config::load(path.as_deref()))
+    let config = tokio::task::spawn_blocking(move || ConfigHandle::open(path.as_deref()))
         .await
         .unwrap_or(Err(ConfigError::Cancelled))?;
     let (metrics, registry) = Metrics::new();
     let registry = Arc::new(registry);
-    let config = ConfigHandle::new(loaded);
     let mut watchers = Vec::new();
-    if let Some(path) = &opts.config {
-        let watcher = config
-            .watch(path.clone(), metrics.clone())
-            .map_err(|source| ServeError::Watch {
-                path: path.clone(),
-                source,
-            })?;
-        watchers.push(watcher);
-    }
+    let watcher = config
+        .watch(metrics.clone())
+        .map_err(|source| ServeError::Watch {
+            path: opts.config.clone().unwrap_or_default(),
+            source,
+        })?;
+    watchers.extend(watcher);
     let files = opts.tls.clone();
     let tls = tokio::task::spawn_blocking(move || files.load())
         .await
@@ -227,14 +224,14 @@ pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> Result<Running, Serv
         metrics.certificate_expiry.set(t);
     }
     let rustls = axum_server::tls_rustls::RustlsConfig::from_config(tls.config);
-    let cert_watchers = opts
+    let cert_watcher = opts
         .tls
-        .watch(rustls.clone(), metrics.clone())
+        .watch(rustls.clone(), tls.digest, metrics.clone())
         .map_err(|source| ServeError::Watch {
             path: opts.tls.cert.clone(),
             source,
         })?;
-    watchers.extend(cert_watchers);
+    watchers.push(cert_watcher);
 
     let mut webhook = Webhook::new(config.clone(), metrics.clone());
     webhook.budget = opts.budget;

@@ -42,7 +42,15 @@ pub struct RegistryAccess {
 pub struct CheckSettings {
     pub present_ttl: Duration,
     pub absent_ttl: Duration,
+    /// How long an answer that proves nothing (timeout, error, 401/403) is remembered, so that
+    /// a registry in trouble is not asked again by every Pod (with ±20 % jitter).
+    pub unknown_ttl: Duration,
     pub timeout: Duration,
+    /// Checks in a row that fail before a registry's circuit opens.
+    pub circuit_threshold: u32,
+    /// How long a circuit first stays open; doubles per failed probe.
+    pub circuit_backoff: Duration,
+    pub circuit_max_backoff: Duration,
 }
 
 impl Default for CheckSettings {
@@ -50,7 +58,11 @@ impl Default for CheckSettings {
         CheckSettings {
             present_ttl: Duration::from_secs(600),
             absent_ttl: Duration::from_secs(30),
+            unknown_ttl: Duration::from_secs(15),
             timeout: Duration::from_secs(1),
+            circuit_threshold: 3,
+            circuit_backoff: Duration::from_secs(5),
+            circuit_max_backoff: Duration::from_secs(300),
         }
     }
 }
@@ -104,7 +116,11 @@ impl Settings {
 pub(crate) struct RawChecks {
     present_ttl: Option<Spanned<String>>,
     absent_ttl: Option<Spanned<String>>,
+    unknown_ttl: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    circuit_threshold: Option<Spanned<usize>>,
+    circuit_backoff: Option<Spanned<String>>,
+    circuit_max_backoff: Option<Spanned<String>>,
 }
 
 /// `copies:` as written.
@@ -141,19 +157,47 @@ pub(crate) fn build(
         registries,
         ..Settings::default()
     };
-    if let Some(c) = checks {
-        let c = &c.value;
+    if let Some(spanned) = checks {
+        let c = &spanned.value;
         let checks = &mut settings.checks;
         for (value, name, slot) in [
             (&c.present_ttl, "presentTtl", &mut checks.present_ttl),
             (&c.absent_ttl, "absentTtl", &mut checks.absent_ttl),
+            (&c.unknown_ttl, "unknownTtl", &mut checks.unknown_ttl),
             (&c.timeout, "timeout", &mut checks.timeout),
+            (
+                &c.circuit_backoff,
+                "circuitBackoff",
+                &mut checks.circuit_backoff,
+            ),
+            (
+                &c.circuit_max_backoff,
+                "circuitMaxBackoff",
+                &mut checks.circuit_max_backoff,
+            ),
         ] {
             if let Some(v) = value {
                 match parse_duration(&v.value) {
                     Ok(d) => *slot = d,
                     Err(e) => problems.add(v, format!("checks.{name}"), e.to_string()),
                 }
+            }
+        }
+        if let Some(n) = &c.circuit_threshold {
+            match u32::try_from(n.value) {
+                Ok(t @ 1..=1000) => checks.circuit_threshold = t,
+                _ => problems.add(n, "checks.circuitThreshold", "must be between 1 and 1000"),
+            }
+        }
+        if checks.circuit_max_backoff < checks.circuit_backoff {
+            let message = "must not be shorter than circuitBackoff";
+            match c
+                .circuit_max_backoff
+                .as_ref()
+                .or(c.circuit_backoff.as_ref())
+            {
+                Some(at) => problems.add(at, "checks.circuitMaxBackoff", message),
+                None => problems.add(spanned, "checks.circuitMaxBackoff", message),
             }
         }
     }

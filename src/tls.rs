@@ -57,6 +57,8 @@ pub struct TlsFiles {
 pub struct Loaded {
     pub config: Arc<ServerConfig>,
     pub not_after: Option<i64>,
+    /// The content hash of the certificate and key files.
+    pub digest: [u8; 32],
 }
 
 impl TlsFiles {
@@ -70,6 +72,7 @@ impl TlsFiles {
         };
         let cert_pem = read(&self.cert)?;
         let key_pem = read(&self.key)?;
+        let digest = crate::watch::digest(&[&cert_pem, &key_pem]);
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
             .filter_map(Result::ok)
             .collect();
@@ -101,51 +104,46 @@ impl TlsFiles {
         Ok(Loaded {
             config: Arc::new(config),
             not_after,
+            digest,
         })
     }
 
-    /// Re-reads the files whenever their directories change, and swaps the new configuration
-    /// into `target` only when it is valid; open connections keep the old one.
+    /// Re-reads the files whenever they change (or the kubelet swaps its `..data` link), and
+    /// swaps the new configuration into `target` only when it is valid and differs from
+    /// `loaded`, the one in force; open connections keep the old one.
     pub fn watch(
         &self,
         target: axum_server::tls_rustls::RustlsConfig,
+        loaded: [u8; 32],
         metrics: Metrics,
-    ) -> notify::Result<Vec<notify::RecommendedWatcher>> {
-        let mut dirs: Vec<PathBuf> = [&self.cert, &self.key]
-            .iter()
-            .map(|p| {
-                p.parent()
-                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-            })
-            .map(|d| {
-                if d.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    d
-                }
-            })
-            .collect();
-        dirs.dedup();
-        dirs.into_iter()
-            .map(|dir| {
-                let files = self.clone();
-                let target = target.clone();
-                let metrics = metrics.clone();
-                crate::watch::on_change(&dir, move || {
-                    let (files, target, metrics) = (files.clone(), target.clone(), metrics.clone());
-                    async move { files.reload_into(&target, &metrics).await }
-                })
-            })
-            .collect()
+    ) -> notify::Result<notify::RecommendedWatcher> {
+        let files = self.clone();
+        let in_force = Arc::new(std::sync::Mutex::new(loaded));
+        crate::watch::on_change(&[&self.cert, &self.key], move || {
+            let (files, target, metrics) = (files.clone(), target.clone(), metrics.clone());
+            let in_force = in_force.clone();
+            async move { files.reload_into(&target, &in_force, &metrics).await }
+        })
     }
 
-    async fn reload_into(&self, target: &axum_server::tls_rustls::RustlsConfig, metrics: &Metrics) {
+    async fn reload_into(
+        &self,
+        target: &axum_server::tls_rustls::RustlsConfig,
+        in_force: &std::sync::Mutex<[u8; 32]>,
+        metrics: &Metrics,
+    ) {
         let files = self.clone();
         let loaded = tokio::task::spawn_blocking(move || files.load())
             .await
             .unwrap_or(Err(TlsError::Cancelled));
+        let mut current = in_force.lock().unwrap_or_else(|p| p.into_inner());
         let result = match loaded {
+            Ok(loaded) if loaded.digest == *current => {
+                tracing::debug!(cert = %self.cert.display(), "serving certificate unchanged");
+                "unchanged"
+            }
             Ok(loaded) => {
+                *current = loaded.digest;
                 target.reload_from_config(loaded.config);
                 if let Some(t) = loaded.not_after {
                     metrics.certificate_expiry.set(t);

@@ -446,6 +446,10 @@ fn errors_name_file_line_and_field() {
         ("mirrors:\n  e:\n    type: pull-through\n    registry: r.io\n", "table.yaml:3: mirrors.e.upstreams: a pull-through mirror needs upstreams"),
         ("registries:\n  docker.io: {usernameEnv: U}\n", "table.yaml:2: registries.docker.io: usernameEnv and passwordEnv go together"),
         ("images:\n  - source: a:1\n    target: r.io/a:1\n  - source: docker.io/library/a:1\n    target: r.io/b:1\n", "table.yaml:4: images[1].source: duplicate source"),
+        ("checks:\n  unknownTtl: soon\n", "table.yaml:2: checks.unknownTtl: invalid duration"),
+        ("checks:\n  circuitThreshold: 0\n", "table.yaml:2: checks.circuitThreshold: must be between 1 and 1000"),
+        ("checks:\n  circuitBackoff: 10m\n  circuitMaxBackoff: 1m\n", "table.yaml:3: checks.circuitMaxBackoff: must not be shorter than circuitBackoff"),
+        ("checks:\n  circuitBackoff: 10m\n", "table.yaml:2: checks.circuitMaxBackoff: must not be shorter than circuitBackoff"),
     ];
     for (yaml, want) in cases {
         let err = parse_err(yaml);

@@ -293,7 +293,7 @@ async fn webhook(
     mirror_host: &str,
     access: &str,
     budget: Duration,
-    check_timeout: &str,
+    checks: &str,
 ) -> Webhook {
     common::init();
     let dir = tempfile::tempdir().unwrap();
@@ -303,7 +303,7 @@ async fn webhook(
         "mirrors:\n  local:\n    type: repository\n    registry: \"{mirror_host}\"\n    prefix: mirror\n    naming: flatten\n    pullSecret: local-pull\n\
          rules:\n  - name: upstream\n    match: [\"{}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n\
          registries:\n{access}\
-         checks: {{presentTtl: 10m, absentTtl: 30s, timeout: {check_timeout}}}\n\
+         checks: {{presentTtl: 10m, absentTtl: 30s, {checks}}}\n\
          copies: {{concurrency: 2, retryBackoff: 200ms, maxAttempts: 20}}\n",
         upstream.host()
     );
@@ -436,7 +436,7 @@ async fn a_missing_image_is_kept_copied_in_the_background_then_rewritten() {
         &mirror.host(),
         &access,
         Duration::from_secs(8),
-        "5s",
+        "timeout: 5s",
     )
     .await;
     let source = format!("{}/team/app:1.0", upstream.host());
@@ -508,7 +508,9 @@ async fn registry_faults_keep_admission_in_budget_and_copies_recover() {
         upstream.table_access(&dir.path().join("u.json")),
         proxy.host()
     );
-    let hook = webhook(&upstream, &proxy.host(), &access, BUDGET, "1s").await;
+    // Every fault is asked afresh: nothing unknown is remembered, no circuit opens.
+    let checks = "timeout: 1s, unknownTtl: 0s, circuitThreshold: 1000";
+    let hook = webhook(&upstream, &proxy.host(), &access, BUDGET, checks).await;
     let source = format!("{}/team/app:1.0", upstream.host());
     let target = format!("{}/mirror/app:1.0", proxy.host());
 
@@ -546,12 +548,13 @@ async fn registry_faults_keep_admission_in_budget_and_copies_recover() {
             &format!("registry=\"{}\",result=\"timeout\"", proxy.host())
         ) >= 1.0
     );
-    assert!(
-        hook.metric(
-            "image_mirror_mirror_checks_total",
-            &format!("registry=\"{}\",result=\"error\"", proxy.host())
-        ) >= 3.0
-    );
+    let checks = |result: &str| {
+        let labels = format!("registry=\"{}\",result=\"{result}\"", proxy.host());
+        hook.metric("image_mirror_mirror_checks_total", &labels)
+    };
+    // 429 and a stopped registry are errors; a 401 is a result of its own.
+    assert!(checks("error") >= 2.0);
+    assert!(checks("unauthorized") >= 1.0);
     assert!(
         hook.metric(
             "image_mirror_registry_too_many_requests_total",
@@ -803,4 +806,87 @@ async fn monolithic_uploads_stream_whole_blobs() {
     for (digest, _) in &image.blobs {
         assert!(mirror.has_blob("ecr-like/app", digest).await, "{digest}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_mirror_is_asked_once_then_its_circuit_opens_and_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Registry::plain();
+    let mirror = Registry::plain();
+    let proxy = FaultProxy::start(mirror.addr()).await;
+    let access = format!(
+        "{}  \"{}\": {{insecure: true}}\n",
+        upstream.table_access(&dir.path().join("u.json")),
+        proxy.host()
+    );
+    let checks = "timeout: 500ms, unknownTtl: 30s, circuitThreshold: 2, circuitBackoff: 1s, \
+                  circuitMaxBackoff: 2s";
+    let hook = webhook(&upstream, &proxy.host(), &access, BUDGET, checks).await;
+    let image = |name: &str| format!("{}/team/{name}:1.0", upstream.host());
+    let checks = |result: &str| {
+        let labels = format!("registry=\"{}\",result=\"{result}\"", proxy.host());
+        hook.metric("image_mirror_mirror_checks_total", &labels)
+    };
+    let circuit = |metric: &str, labels: &str| {
+        let labels = format!("registry=\"{}\"{labels}", proxy.host());
+        hook.metric(metric, &labels)
+    };
+
+    proxy.set(Fault::Hang);
+    let (pod, _, _) = hook.review(&image("a"), false).await;
+    assert_eq!(image_of(&pod), image("a"));
+    assert_eq!(checks("timeout"), 1.0);
+    // The same image again: what was learnt is remembered; the registry is not asked.
+    let (pod, _, took) = hook.review(&image("a"), false).await;
+    assert_eq!(image_of(&pod), image("a"));
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert_eq!(checks("timeout"), 1.0);
+    assert!(hook.metric("image_mirror_mirror_check_cache_total", "result=\"hit\"") >= 1.0);
+
+    // A second image times out too: two in a row open the circuit.
+    hook.review(&image("b"), false).await;
+    assert_eq!(checks("timeout"), 2.0);
+    assert_eq!(circuit("image_mirror_registry_circuit_open", ""), 1.0);
+    assert_eq!(
+        circuit(
+            "image_mirror_registry_circuit_transitions_total",
+            ",state=\"open\""
+        ),
+        1.0
+    );
+    // Any other image of that registry is answered at once, without asking it.
+    let (pod, _, took) = hook.review(&image("c"), false).await;
+    assert_eq!(image_of(&pod), image("c"));
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert_eq!(checks("timeout"), 2.0);
+    assert_eq!(checks("circuit-open"), 1.0);
+
+    // The mirror heals; after the back-off one probe goes through and closes the circuit.
+    proxy.set(Fault::Pass);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, warnings, _) = hook.review(&image("d"), true).await;
+    assert!(
+        warnings.iter().any(|w| w.contains("mirror lacks")),
+        "{warnings:?}"
+    );
+    assert_eq!(checks("absent"), 1.0);
+    assert_eq!(circuit("image_mirror_registry_circuit_open", ""), 0.0);
+    for state in ["half-open", "closed"] {
+        let labels = format!(",state=\"{state}\"");
+        assert_eq!(
+            circuit("image_mirror_registry_circuit_transitions_total", &labels),
+            1.0,
+            "{state}"
+        );
+    }
+
+    // 401: a result of its own, remembered like unknown.
+    proxy.set(Fault::Status(401));
+    for _ in 0..2 {
+        let (pod, _, _) = hook.review(&image("e"), true).await;
+        assert_eq!(image_of(&pod), image("e"));
+    }
+    assert_eq!(checks("unauthorized"), 1.0);
+    assert_eq!(circuit("image_mirror_registry_circuit_open", ""), 0.0);
+    hook.running.shutdown().await.unwrap();
 }

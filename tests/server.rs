@@ -404,3 +404,71 @@ async fn sigterm_drains_in_flight_requests() {
 }
 
 use futures::StreamExt as _;
+
+/// Writes `text` as `name` the way the kubelet updates a mounted ConfigMap: a new timestamped
+/// directory, then a `..data` link swapped to it by rename; `name` links into `..data`.
+fn kubelet_write(dir: &std::path::Path, version: u32, name: &str, text: &str) {
+    use std::os::unix::fs::symlink;
+    let data = dir.join(format!("..v{version}"));
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join(name), text).unwrap();
+    let tmp = dir.join("..data_tmp");
+    symlink(format!("..v{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    if !dir.join(name).exists() {
+        symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_happen_for_the_watched_files_only_and_only_when_they_changed() {
+    let tls = Tls::new();
+    let dir = tempfile::tempdir().unwrap();
+    let original = std::fs::read_to_string(data("table.yaml")).unwrap();
+    kubelet_write(dir.path(), 1, "table.yaml", &original);
+    let s = tls
+        .start(Some(dir.path().join("table.yaml")), Mirrors::Off)
+        .await;
+    let reloads = |result: &'static str| s.metrics.config_reloads.get_or_create(&res(result)).get();
+    let certs = |result: &'static str| {
+        s.metrics
+            .certificate_reloads
+            .get_or_create(&res(result))
+            .get()
+    };
+
+    // A log file beside the table, and one beside the certificate: nothing is reloaded.
+    for i in 0..10 {
+        std::fs::write(dir.path().join("serve.log"), format!("line {i}\n")).unwrap();
+        std::fs::write(tls.dir.path().join("serve.log"), format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let all = |f: &dyn Fn(&'static str) -> u64| f("success") + f("failure") + f("unchanged");
+    assert_eq!(all(&reloads), 0);
+    assert_eq!(all(&certs), 0);
+
+    // The same content again: counted as unchanged, not parsed into a new table.
+    kubelet_write(dir.path(), 2, "table.yaml", &original);
+    wait_for(|| reloads("unchanged") == 1).await;
+    assert_eq!(reloads("success"), 0);
+
+    // New content through the kubelet's link swap: reloaded and in force.
+    kubelet_write(
+        dir.path(),
+        3,
+        "table.yaml",
+        "namespaces: {exclude: [team-a]}\n",
+    );
+    wait_for(|| reloads("success") == 1).await;
+    let c = tls.client(Version::HTTP_11);
+    let resp = review_over(&c, &s, &fixture("pod_plain"), Version::HTTP_11).await;
+    assert!(resp["response"].get("patch").is_none(), "{resp}");
+
+    // Rewriting the certificate with what it already holds changes nothing either.
+    let pem = std::fs::read(&tls.files.cert).unwrap();
+    std::fs::write(&tls.files.cert, pem).unwrap();
+    wait_for(|| certs("unchanged") == 1).await;
+    assert_eq!(certs("success"), 0);
+    s.shutdown().await.unwrap();
+}

@@ -5,6 +5,7 @@
 //! [`CopyRequest::for_rewrite`] the one place that decides between a copy and a pull-through
 //! warm-up. [`service`] holds the cached, single-flight checks and the copy queue.
 
+pub mod circuit;
 pub mod service;
 
 use std::future::Future;

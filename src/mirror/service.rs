@@ -1,8 +1,10 @@
 //! The [`MirrorAccess`] the admission path uses: cached, single-flight mirror checks for the
 //! `if-present` policy, and the background copy queue.
 //!
-//! Checks are cached (present for minutes, absent for seconds), shared between concurrent
-//! requests for one image and bounded by the check timeout. Copies run in a bounded,
+//! Checks are cached (present for minutes, absent and unknown for seconds), shared between
+//! concurrent requests for one image, bounded by the check timeout, and go through a circuit
+//! breaker per registry ([`super::circuit`]), so that a registry in trouble costs admission
+//! nothing once it has failed. Copies run in a bounded,
 //! de-duplicated queue with back-off; a finished copy marks its target present, so the next Pod
 //! is rewritten. Every setting is read from the configuration in force, so a reload applies
 //! them all: TTLs and timeouts at the next check, `queueSize` at the next copy queued,
@@ -12,17 +14,22 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{Notify, Semaphore};
 
+use super::circuit::{Admit, CircuitSettings, Circuits, Transition};
 use super::{CopyMode, CopyRequest, MirrorAccess, MirrorError, Presence};
 use crate::config::ConfigHandle;
 use crate::error::Report;
-use crate::metrics::{CheckLabels, Metrics, ResultLabels};
+use crate::metrics::{CheckLabels, Metrics, RegistryLabels, ResultLabels, TransitionLabels};
 use crate::reference::Reference;
-use crate::registry::{backoff, Failure, Registries};
+use crate::registry::{backoff, Failure, Registries, RegistryError};
+use crate::settings::CheckSettings;
+
+/// How often the "check unauthorized" warning is repeated per registry (DEBUG in between).
+const UNAUTHORIZED_WARNING_EVERY: Duration = Duration::from_secs(600);
 
 type SharedCheck = Shared<BoxFuture<'static, Presence>>;
 
@@ -45,6 +52,53 @@ struct Inner {
     /// One permit per copy that may run; resized when `copies.concurrency` changes.
     slots: Arc<Semaphore>,
     concurrency: Mutex<usize>,
+    circuits: Mutex<Circuits>,
+    /// When each registry's "unauthorized" warning was last logged.
+    warned: Mutex<HashMap<String, Instant>>,
+}
+
+/// How one check ended, as the checks metric counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Present,
+    Absent,
+    /// 401 or 403: the registry works, but not for us.
+    Unauthorized,
+    Error,
+    Timeout,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Present => "present",
+            Outcome::Absent => "absent",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::Error => "error",
+            Outcome::Timeout => "timeout",
+        }
+    }
+
+    fn presence(self) -> Presence {
+        match self {
+            Outcome::Present => Presence::Present,
+            Outcome::Absent => Presence::Absent,
+            Outcome::Unauthorized | Outcome::Error | Outcome::Timeout => Presence::Unknown,
+        }
+    }
+
+    /// Whether the registry failed to answer at all (what trips its circuit).
+    fn is_trouble(self) -> bool {
+        matches!(self, Outcome::Error | Outcome::Timeout)
+    }
+}
+
+fn circuit_settings(c: &CheckSettings) -> CircuitSettings {
+    CircuitSettings {
+        threshold: c.circuit_threshold,
+        backoff: c.circuit_backoff,
+        max_backoff: c.circuit_max_backoff,
+    }
 }
 
 struct Job {
@@ -74,6 +128,8 @@ impl MirrorService {
             queued: Arc::new(Notify::new()),
             slots: Arc::new(Semaphore::new(concurrency)),
             concurrency: Mutex::new(concurrency),
+            circuits: Mutex::new(Circuits::default()),
+            warned: Mutex::new(HashMap::new()),
         });
         tokio::spawn(workers(Arc::downgrade(&inner)));
         tokio::spawn(follow_reloads(Arc::downgrade(&inner), changes));
@@ -133,7 +189,10 @@ impl Inner {
         let ttl = match presence {
             Presence::Present => checks.present_ttl,
             Presence::Absent => checks.absent_ttl,
-            Presence::Unknown => return,
+            // Jittered, so that images which failed together are not all asked again at once.
+            Presence::Unknown => checks
+                .unknown_ttl
+                .mul_f64(0.8 + 0.4 * rand::random::<f64>()),
         };
         let mut cache = lock(&self.cache);
         // Drop expired entries now and then, so the map does not grow with every image ever seen.
@@ -144,37 +203,130 @@ impl Inner {
         cache.insert(key.to_string(), (presence, Instant::now() + ttl));
     }
 
-    /// One registry check, recorded in metrics and the cache.
+    /// One registry check, recorded in metrics, the cache and the registry's circuit.
     async fn check(self: Arc<Self>, target: Reference) -> Presence {
-        let timeout = self.config.current().settings.checks.timeout;
+        let checks = self.config.current().settings.checks;
         let started = Instant::now();
-        let answer = tokio::time::timeout(timeout, self.registries.manifest_digest(&target)).await;
-        let (presence, result) = match &answer {
-            Ok(Ok(_)) => (Presence::Present, "present"),
-            Ok(Err(e)) if e.failure() == Some(Failure::NotFound) => (Presence::Absent, "absent"),
-            Ok(Err(e)) => {
-                tracing::warn!(target = %target, error = %Report(e), "mirror check failed; image kept");
-                (Presence::Unknown, "error")
-            }
+        let answer =
+            tokio::time::timeout(checks.timeout, self.registries.manifest_digest(&target)).await;
+        let outcome = match &answer {
+            Ok(Ok(_)) => Outcome::Present,
+            Ok(Err(e)) => match e.failure() {
+                Some(Failure::NotFound) => Outcome::Absent,
+                Some(Failure::Denied) => {
+                    self.warn_unauthorized(&target, e);
+                    Outcome::Unauthorized
+                }
+                _ => {
+                    tracing::warn!(target = %target, error = %Report(e), "mirror check failed; image kept");
+                    Outcome::Error
+                }
+            },
             Err(_) => {
-                tracing::warn!(target = %target, timeout_ms = timeout.as_millis() as u64,
+                tracing::warn!(target = %target, timeout_ms = checks.timeout.as_millis() as u64,
                     "mirror check timed out; image kept");
-                (Presence::Unknown, "timeout")
+                Outcome::Timeout
             }
         };
+        let registry = target.registry();
         self.metrics
             .check_duration
             .observe(started.elapsed().as_secs_f64());
         self.metrics
             .checks
             .get_or_create(&CheckLabels {
-                registry: target.registry().to_string(),
-                result,
+                registry: registry.to_string(),
+                result: outcome.label(),
             })
             .inc();
+        let transition = lock(&self.circuits).record(
+            registry,
+            outcome.is_trouble(),
+            circuit_settings(&checks),
+            Instant::now(),
+        );
+        self.circuit_moved(registry, transition);
+        let presence = outcome.presence();
         self.remember(target.as_str(), presence);
         lock(&self.inflight).remove(target.as_str());
         presence
+    }
+
+    /// Says once per registry per period what to configure when checks are refused.
+    fn warn_unauthorized(&self, target: &Reference, e: &RegistryError) {
+        let registry = target.registry();
+        let now = Instant::now();
+        let due = {
+            let mut warned = lock(&self.warned);
+            let due = warned
+                .get(registry)
+                .is_none_or(|last| now.duration_since(*last) >= UNAUTHORIZED_WARNING_EVERY);
+            if due {
+                warned.insert(registry.to_string(), now);
+            }
+            due
+        };
+        if !due {
+            tracing::debug!(target = %target, error = %Report(e), "mirror check unauthorized");
+            return;
+        }
+        let settings = self.config.current().settings.clone();
+        let fix = match settings.access(registry) {
+            None => format!(
+                "add a `registries` entry for {registry} to the table, with usernameEnv and \
+                 passwordEnv or a dockerConfig file"
+            ),
+            Some(a) if a.docker_config.is_some() => format!(
+                "check the credentials for {registry} in {} (the mounted mirror credentials \
+                 Secret; when it is absent, checks are anonymous)",
+                a.docker_config.as_deref().unwrap_or_default()
+            ),
+            Some(a) if a.username_env.is_some() => format!(
+                "check the credentials in the environment variables {} and {} (the optional \
+                 registry credentials Secret)",
+                a.username_env.as_deref().unwrap_or_default(),
+                a.password_env.as_deref().unwrap_or_default()
+            ),
+            Some(_) => "its `registries` entry has no credentials: add usernameEnv and \
+                        passwordEnv or a dockerConfig file"
+                .to_string(),
+        };
+        tracing::warn!(registry, target = %target, error = %Report(e),
+            "mirror checks are unauthorized (401/403), so images stay where they are: {fix}; \
+             repeated at most every 10 minutes");
+    }
+
+    fn circuit_moved(&self, registry: &str, transition: Option<Transition>) {
+        let Some(transition) = transition else {
+            return;
+        };
+        self.metrics
+            .circuit_transitions
+            .get_or_create(&TransitionLabels {
+                registry: registry.to_string(),
+                state: transition.label(),
+            })
+            .inc();
+        let open = lock(&self.circuits).is_open(registry);
+        self.metrics
+            .circuit_open
+            .get_or_create(&RegistryLabels {
+                registry: registry.to_string(),
+            })
+            .set(i64::from(open));
+        match transition {
+            Transition::Opened { for_ } => tracing::warn!(
+                registry,
+                open_for_ms = for_.as_millis() as u64,
+                "registry circuit open: checks answered unknown without asking it"
+            ),
+            Transition::HalfOpened => {
+                tracing::info!(registry, "registry circuit half-open: one probe")
+            }
+            Transition::Closed => {
+                tracing::info!(registry, "registry circuit closed: checks resume")
+            }
+        }
     }
 
     fn enqueue(&self, job: Job) {
@@ -316,20 +468,33 @@ impl MirrorAccess for MirrorService {
             .check_cache
             .get_or_create(&ResultLabels { result: "miss" })
             .inc();
-        let shared = {
-            let mut inflight = lock(&inner.inflight);
-            inflight
-                .entry(target.as_str().to_string())
-                .or_insert_with(|| {
-                    // Spawned, so the check finishes and fills the cache even when the review
-                    // that asked has stopped waiting.
-                    let task = tokio::spawn(inner.clone().check(target.clone()));
-                    task.map(|r| r.unwrap_or(Presence::Unknown))
-                        .boxed()
-                        .shared()
+        let mut inflight = lock(&inner.inflight);
+        if let Some(shared) = inflight.get(target.as_str()) {
+            return Box::pin(shared.clone());
+        }
+        let registry = target.registry();
+        let (admit, transition) = lock(&inner.circuits).admit(registry, Instant::now());
+        inner.circuit_moved(registry, transition);
+        if admit == Admit::ShortCircuit {
+            drop(inflight);
+            inner
+                .metrics
+                .checks
+                .get_or_create(&CheckLabels {
+                    registry: registry.to_string(),
+                    result: "circuit-open",
                 })
-                .clone()
-        };
+                .inc();
+            return Box::pin(std::future::ready(Presence::Unknown));
+        }
+        // Spawned, so the check finishes and fills the cache even when the review that asked
+        // has stopped waiting.
+        let task = tokio::spawn(inner.clone().check(target.clone()));
+        let shared = task
+            .map(|r| r.unwrap_or(Presence::Unknown))
+            .boxed()
+            .shared();
+        inflight.insert(target.as_str().to_string(), shared.clone());
         Box::pin(shared)
     }
 
