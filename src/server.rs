@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use bytes::BytesMut;
 use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -63,6 +64,9 @@ impl ServeError {
 
 /// Request bodies above this are refused with 413 (a Pod review is far below it).
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// A body over the limit is still read (and dropped) up to this much, so that the client gets
+/// its 413 and can use the connection again; past it the connection is closed.
+const DRAIN_BYTES: usize = 64 * 1024 * 1024;
 /// Where the admission endpoint listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
 /// Where `/metrics` listens unless told otherwise.
@@ -96,11 +100,59 @@ pub fn router(webhook: Arc<Webhook>, ready: Readiness) -> Router {
         .route(MUTATE_PATH, post(mutate))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // `mutate` applies the limit itself (axum's refuses without reading the body, and the
+        // client, still sending, sees the connection cut instead of the status).
+        .layer(DefaultBodyLimit::disable())
         .with_state(AppState { webhook, ready })
 }
 
-async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
+/// Why a request body was not read.
+enum BodyError {
+    TooLarge,
+    Broken,
+}
+
+/// The body when it is at most `limit` bytes; a longer one is drained up to [`DRAIN_BYTES`].
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    use futures::StreamExt as _;
+    let mut stream = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|_| BodyError::Broken)?;
+        seen = seen.saturating_add(piece.len());
+        if seen <= limit {
+            buf.extend_from_slice(&piece);
+        } else if seen > DRAIN_BYTES {
+            return Err(BodyError::TooLarge);
+        }
+    }
+    if seen > limit {
+        Err(BodyError::TooLarge)
+    } else {
+        Ok(buf.freeze())
+    }
+}
+
+async fn mutate(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let too_large = || {
+        let text = format!("request body larger than {} MiB", MAX_BODY_BYTES >> 20);
+        (StatusCode::PAYLOAD_TOO_LARGE, text).into_response()
+    };
+    if declared.is_some_and(|n| n > DRAIN_BYTES) {
+        return too_large();
+    }
+    let body = match read_body(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return too_large(),
+        Err(BodyError::Broken) => {
+            return (StatusCode::BAD_REQUEST, "request body could not be read").into_response()
+        }
+    };
     match state.webhook.review(&body).await {
         Answer::Review(json) => {
             ([(header::CONTENT_TYPE, "application/json")], json).into_response()

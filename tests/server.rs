@@ -59,7 +59,7 @@ async fn reviews_over_http1_and_http2_answer_as_the_router_does() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_bodies_get_400_and_413_on_both_protocols() {
+async fn bad_bodies_get_400_and_413_on_both_protocols_and_the_connection_stays_usable() {
     let tls = Tls::new();
     let s = tls.start(Some(data("table.yaml")), Mirrors::Off).await;
     for v in [Version::HTTP_11, Version::HTTP_2] {
@@ -71,16 +71,38 @@ async fn bad_bodies_get_400_and_413_on_both_protocols() {
             .await
             .unwrap();
         assert_eq!(resp.status(), 400);
-        let mut big = fixture("pod_plain");
-        big["request"]["object"]["metadata"]["annotations"] =
-            json!({"padding": "x".repeat(4 * 1024 * 1024)});
-        let resp = c.post(url(&s, "/mutate")).json(&big).send().await.unwrap();
-        assert_eq!(resp.status(), 413);
-        // After a 413 the server closes that connection; health is asked on a fresh one.
-        let fresh = tls.client(v);
-        for path in ["/healthz", "/readyz"] {
-            assert_eq!(fresh.get(url(&s, path)).send().await.unwrap().status(), 200);
-        }
+    }
+    // curl, as an independent client, says whether the second request reused the connection.
+    let big = tls.dir.path().join("big.json");
+    let mut review = fixture("pod_plain");
+    review["request"]["object"]["metadata"]["annotations"] =
+        json!({"padding": "x".repeat(4 * 1024 * 1024)});
+    std::fs::write(&big, serde_json::to_vec(&review).unwrap()).unwrap();
+    let ca = tls.dir.path().join("ca.crt");
+    std::fs::write(&ca, &tls.ca_pem).unwrap();
+    for protocol in ["--http1.1", "--http2"] {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", protocol, "--cacert"])
+            .arg(&ca)
+            .args(["-o", "/dev/null", "-w", "%{http_code} %{num_connects}\\n"])
+            .args(["-H", "content-type: application/json", "--data-binary"])
+            .arg(format!("@{}", big.display()))
+            .arg(url(&s, "/mutate"))
+            .args(["--next", "-sS", protocol, "--cacert"])
+            .arg(&ca)
+            .args(["-o", "/dev/null", "-w", "%{http_code} %{num_connects}\\n"])
+            .arg(url(&s, "/healthz"))
+            .output()
+            .await
+            .expect("curl runs");
+        let said = String::from_utf8_lossy(&out.stdout);
+        // 413 on a new connection, then 200 on the same one (no new connect).
+        assert_eq!(
+            said,
+            "413 1\n200 0\n",
+            "{protocol}: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for path in ["/healthz", "/readyz"] {
         let r = reqwest::get(format!("http://{}{path}", s.metrics_addr))
@@ -471,4 +493,112 @@ async fn reloads_happen_for_the_watched_files_only_and_only_when_they_changed() 
     wait_for(|| certs("unchanged") == 1).await;
     assert_eq!(certs("success"), 0);
     s.shutdown().await.unwrap();
+}
+
+/// `serve` with the given arguments and environment in `dir`, until it has said `serving` or
+/// exited; its exit status (None when it was serving, then stopped) and what it logged.
+async fn serve_briefly(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<std::process::ExitStatus>, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .current_dir(dir)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut said = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Ok(Ok(Some(line))) = tokio::time::timeout_at(deadline.into(), lines.next_line()).await
+    {
+        said.push_str(&line);
+        said.push('\n');
+        if line.contains("serving") && !line.contains("development") {
+            let _ = child.kill().await;
+            return (None, said);
+        }
+    }
+    (child.wait().await.ok(), said)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_errors_name_the_file_and_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, said) = serve_briefly(
+        dir.path(),
+        &[
+            "--tls-cert",
+            "/nonexistent/tls.crt",
+            "--tls-key",
+            "/nonexistent/tls.key",
+        ],
+        &[],
+    )
+    .await;
+    assert!(status.is_some_and(|s| !s.success()), "{said}");
+    assert!(said.contains("/nonexistent/tls.crt"), "{said}");
+    assert_eq!(said.matches("(os error 2)").count(), 1, "{said}");
+
+    let tls = Tls::new();
+    let cert = tls.files.cert.display().to_string();
+    let key = tls.files.key.display().to_string();
+    let (status, said) = serve_briefly(
+        dir.path(),
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--config",
+            "/nonexistent/table.yaml",
+        ],
+        &[],
+    )
+    .await;
+    assert!(status.is_some_and(|s| !s.success()), "{said}");
+    assert!(
+        said.contains("cannot read mapping table /nonexistent/table.yaml"),
+        "{said}"
+    );
+    assert_eq!(said.matches("(os error 2)").count(), 1, "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn development_certificates_are_announced_and_never_made_in_a_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, said) = serve_briefly(dir.path(), &[], &[]).await;
+    assert!(status.is_none(), "serves: {said}");
+    assert!(
+        said.contains("WARN") && said.contains("made development certificates"),
+        "{said}"
+    );
+    assert!(dir.path().join("certs/tls.crt").exists());
+    let (status, said) = serve_briefly(dir.path(), &[], &[]).await;
+    assert!(status.is_none(), "serves: {said}");
+    assert!(
+        said.contains("development certificates made earlier"),
+        "{said}"
+    );
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (status, said) = serve_briefly(
+        elsewhere.path(),
+        &[],
+        &[("KUBERNETES_SERVICE_HOST", "10.0.0.1")],
+    )
+    .await;
+    assert!(status.is_some_and(|s| !s.success()), "{said}");
+    assert!(
+        said.contains("mount the serving certificate Secret"),
+        "{said}"
+    );
+    assert!(!elsewhere.path().join("certs").exists());
 }

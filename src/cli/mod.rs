@@ -182,8 +182,10 @@ pub fn run(cli: Cli) -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or a collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -195,19 +197,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     init_tracing(args.log_format);
     let tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => crate::tls::TlsFiles { cert, key },
-        _ => {
-            let dir = PathBuf::from(DEFAULT_CERT_DIR);
-            let files = crate::tls::TlsFiles {
-                cert: dir.join("tls.crt"),
-                key: dir.join("tls.key"),
-            };
-            if !files.cert.exists() || !files.key.exists() {
-                crate::certs::DevCerts::generate(&crate::certs::default_dns_names())?
-                    .write(&dir)?;
-                tracing::info!(dir = %dir.display(), "generated development certificates");
-            }
-            files
-        }
+        _ => development_certificates()?,
     };
     let opts = crate::server::ServeOptions {
         listen: args.listen,
@@ -227,6 +217,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         running.run_until_signal().await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The development certificates in `certs/`, made now when they are not there. Never in a
+/// cluster: a serving-certificate Secret that is not mounted must stop `serve`, not end in a
+/// silently self-signed server.
+fn development_certificates() -> anyhow::Result<crate::tls::TlsFiles> {
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        anyhow::bail!(
+            "no --tls-cert and --tls-key (IMAGE_MIRROR_TLS_CERT, IMAGE_MIRROR_TLS_KEY) given, and \
+             this runs in a Kubernetes cluster: mount the serving certificate Secret and name its \
+             files; development certificates are never made in a cluster"
+        );
+    }
+    let dir = PathBuf::from(DEFAULT_CERT_DIR);
+    let files = crate::tls::TlsFiles {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+    };
+    if files.cert.exists() && files.key.exists() {
+        tracing::warn!(dir = %dir.display(),
+            "no --tls-cert/--tls-key: serving with the development certificates made earlier");
+    } else {
+        crate::certs::DevCerts::generate(&crate::certs::default_dns_names())?.write(&dir)?;
+        tracing::warn!(dir = %dir.display(),
+            "no --tls-cert/--tls-key: made development certificates (a CA of their own) and \
+             serving with them; for development only");
+    }
+    Ok(files)
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {

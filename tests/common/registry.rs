@@ -78,6 +78,11 @@ impl Registry {
         Registry::start(Some(()), true)
     }
 
+    /// Plain HTTP with htpasswd auth (a fault proxy in front of it can then answer 401 or 429).
+    pub fn plain_with_auth() -> Registry {
+        Registry::start(None, true)
+    }
+
     fn start(tls: Option<()>, auth: bool) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -98,7 +103,8 @@ impl Registry {
         }
         let mut creds = None;
         if auth {
-            let user = "mirror-robot".to_string();
+            // Made now, so that a test can look for it where it must never appear.
+            let user = format!("robot-{}", random_secret().to_lowercase().replace('_', "-"));
             let pass = random_secret();
             let out = Command::new("htpasswd")
                 .args(["-Bbn", &user, &pass])
