@@ -3,6 +3,7 @@
 #   promtool       (Debian: prometheus)       checks every /metrics scrape
 #   docker-registry, skopeo, htpasswd         real OCI registries for registry tests
 #   kubectl                                   renders deploy/ offline (already on the machine)
+#   curl                                      an independent HTTP/1.1 and HTTP/2 client
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   sudo_cmd=""

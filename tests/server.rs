@@ -602,3 +602,88 @@ async fn development_certificates_are_announced_and_never_made_in_a_cluster() {
     );
     assert!(!elsewhere.path().join("certs").exists());
 }
+
+/// The soak of `benches/soak.sh`, small: reviews over HTTP/2 to the real binary, whose memory
+/// must not grow with them once warm (the bench holds the +5 MiB target over 1,000,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_soak_keeps_memory_flat() {
+    use futures::StreamExt as _;
+    use tokio::io::AsyncBufReadExt;
+    let tls = Tls::new();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-format", "json", "--shutdown-delay", "0s"])
+        .arg("--tls-cert")
+        .arg(&tls.files.cert)
+        .arg("--tls-key")
+        .arg(&tls.files.key)
+        .arg("--config")
+        .arg(data("table.yaml"))
+        .env("RUST_LOG", "warn,image_mirror_webhook::server=info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let port = loop {
+        let line = lines.next_line().await.unwrap().expect("server starts");
+        let v: Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "serving" {
+            break v["addr"]
+                .as_str()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .to_string();
+        }
+    };
+    let pid = child.id().unwrap();
+    let rss_kib = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let c = tls.client(Version::HTTP_2);
+    let body = serde_json::to_vec(&fixture("pod_three_containers")).unwrap();
+    let url = format!("https://localhost:{port}/mutate");
+    let round = |n: usize| {
+        let (c, body, url) = (c.clone(), body.clone(), url.clone());
+        async move {
+            futures::stream::iter(0..n)
+                .map(|_| {
+                    let (c, body, url) = (c.clone(), body.clone(), url.clone());
+                    async move {
+                        let resp = c
+                            .post(url)
+                            .header("content-type", "application/json")
+                            .body(body)
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(resp.status(), 200);
+                        resp.bytes().await.unwrap();
+                    }
+                })
+                .buffer_unordered(32)
+                .collect::<Vec<()>>()
+                .await;
+        }
+    };
+    round(3000).await;
+    let warm = rss_kib();
+    round(15000).await;
+    let after = rss_kib();
+    let growth_mib = after.saturating_sub(warm) as f64 / 1024.0;
+    assert!(growth_mib < 16.0, "RSS {warm} KiB -> {after} KiB");
+    child.kill().await.unwrap();
+}

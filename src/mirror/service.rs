@@ -178,10 +178,14 @@ impl Inner {
     }
 
     fn cached(&self, key: &str) -> Option<Presence> {
+        self.lookup(key).filter(|(_, fresh)| *fresh).map(|(p, _)| p)
+    }
+
+    /// What the cache holds for `key`, and whether it is still fresh.
+    fn lookup(&self, key: &str) -> Option<(Presence, bool)> {
         lock(&self.cache)
             .get(key)
-            .filter(|(_, until)| *until > Instant::now())
-            .map(|(p, _)| *p)
+            .map(|(p, until)| (*p, *until > Instant::now()))
     }
 
     fn remember(&self, key: &str, presence: Presence) {
@@ -455,22 +459,33 @@ impl MirrorAccess for MirrorService {
         target: &'a Reference,
     ) -> Pin<Box<dyn Future<Output = Presence> + Send + 'a>> {
         let inner = &self.inner;
-        if let Some(p) = inner.cached(target.as_str()) {
+        let key = target.as_str();
+        let known = inner.lookup(key);
+        let count = |result: &'static str| {
             inner
                 .metrics
                 .check_cache
-                .get_or_create(&ResultLabels { result: "hit" })
+                .get_or_create(&ResultLabels { result })
                 .inc();
+        };
+        if let Some((p, true)) = known {
+            count("hit");
             return Box::pin(std::future::ready(p));
         }
-        inner
-            .metrics
-            .check_cache
-            .get_or_create(&ResultLabels { result: "miss" })
-            .inc();
+        // The last answer proved nothing: say so again at once and ask afresh in the
+        // background, so that a registry in trouble never holds a review twice.
+        let stale_unknown = known == Some((Presence::Unknown, false));
+        count(if stale_unknown { "stale" } else { "miss" });
+        let answer = |shared: SharedCheck| -> Pin<Box<dyn Future<Output = Presence> + Send + 'a>> {
+            if stale_unknown {
+                Box::pin(std::future::ready(Presence::Unknown))
+            } else {
+                Box::pin(shared)
+            }
+        };
         let mut inflight = lock(&inner.inflight);
-        if let Some(shared) = inflight.get(target.as_str()) {
-            return Box::pin(shared.clone());
+        if let Some(shared) = inflight.get(key) {
+            return answer(shared.clone());
         }
         let registry = target.registry();
         let (admit, transition) = lock(&inner.circuits).admit(registry, Instant::now());
@@ -487,15 +502,14 @@ impl MirrorAccess for MirrorService {
                 .inc();
             return Box::pin(std::future::ready(Presence::Unknown));
         }
-        // Spawned, so the check finishes and fills the cache even when the review that asked
-        // has stopped waiting.
+        // Spawned, so the check finishes and fills the cache even when no review waits for it.
         let task = tokio::spawn(inner.clone().check(target.clone()));
         let shared = task
             .map(|r| r.unwrap_or(Presence::Unknown))
             .boxed()
             .shared();
-        inflight.insert(target.as_str().to_string(), shared.clone());
-        Box::pin(shared)
+        inflight.insert(key.to_string(), shared.clone());
+        answer(shared)
     }
 
     fn request_copy(&self, copy: CopyRequest) {
