@@ -32,10 +32,17 @@ fn split(file: &Path) -> (PathBuf, OsString) {
 /// Whether an event on `path` concerns one of `watched` (directory, file name) pairs.
 fn concerns(watched: &[(PathBuf, OsString)], path: &Path) -> bool {
     let (dir, name) = split(path);
-    watched.iter().any(|(d, n)| {
-        (name == *n || name == KUBELET_DATA_LINK)
-            && (dir == *d || dir.canonicalize().ok() == d.canonicalize().ok())
-    })
+    watched
+        .iter()
+        .any(|(d, n)| (name == *n || name == KUBELET_DATA_LINK) && (dir == *d || same_dir(&dir, d)))
+}
+
+/// Whether two spellings of a directory (`./x`, `/abs/x`) are one directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// Runs `reload` (on the tokio runtime) after changes to any of `files` settle, one reload at a

@@ -199,6 +199,11 @@ impl Inner {
                 .mul_f64(0.8 + 0.4 * rand::random::<f64>()),
         };
         let mut cache = lock(&self.cache);
+        if ttl.is_zero() {
+            // Not to be remembered at all (`unknownTtl: 0s`): not even as a stale answer.
+            cache.remove(key);
+            return;
+        }
         // Drop expired entries now and then, so the map does not grow with every image ever seen.
         if cache.len() > 10_000 {
             let now = Instant::now();
