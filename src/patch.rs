@@ -41,14 +41,8 @@ pub fn build_patch(pod: &Pod, changes: &[ImageChange], pull_secrets: &[&str]) ->
     if changes.is_empty() {
         return PodPatch::default();
     }
-    let mut ops = Vec::with_capacity(changes.len() + 2);
+    let mut ops = image_ops(changes);
     let mut added_secrets = Vec::new();
-    for c in changes {
-        ops.push(PatchOperation::Replace(ReplaceOperation {
-            path: PointerBuf::from_tokens(["spec", c.list.field(), &c.index.to_string(), "image"]),
-            value: Value::String(c.image.clone()),
-        }));
-    }
     if let Some((op, added)) = pull_secrets_op(pod, pull_secrets) {
         ops.push(op);
         added_secrets = added;
@@ -57,6 +51,18 @@ pub fn build_patch(pod: &Pod, changes: &[ImageChange], pull_secrets: &[&str]) ->
         ops.push(op);
     }
     PodPatch { ops, added_secrets }
+}
+
+/// One `replace` of each changed image, and nothing else.
+pub fn image_ops(changes: &[ImageChange]) -> Vec<PatchOperation> {
+    let mut ops = Vec::with_capacity(changes.len() + 2);
+    for c in changes {
+        ops.push(PatchOperation::Replace(ReplaceOperation {
+            path: PointerBuf::from_tokens(["spec", c.list.field(), &c.index.to_string(), "image"]),
+            value: Value::String(c.image.clone()),
+        }));
+    }
+    ops
 }
 
 /// `add /spec/imagePullSecrets` with the Pod's list plus the missing secrets, or nothing when
@@ -82,10 +88,12 @@ fn pull_secrets_op(pod: &Pod, wanted: &[&str]) -> Option<(PatchOperation, Vec<St
     Some((op, missing.into_iter().map(str::to_string).collect()))
 }
 
-/// Records the original images, merged with a record an earlier invocation left.
-fn annotation_op(pod: &Pod, changes: &[ImageChange]) -> Option<PatchOperation> {
-    let metadata = pod.metadata();
-    let annotations = pod.annotations();
+/// The original-images record (JSON: container name → image) for `changes`, merged with the
+/// one an earlier invocation left; `None` when there is nothing to record.
+pub fn original_images(pod: &Pod, changes: &[ImageChange]) -> Option<String> {
+    if changes.is_empty() {
+        return None;
+    }
     let mut record: Map<String, Value> = pod
         .annotation(ORIGINAL_IMAGES_ANNOTATION)
         .and_then(|s| serde_json::from_str(s).ok())
@@ -96,7 +104,14 @@ fn annotation_op(pod: &Pod, changes: &[ImageChange]) -> Option<PatchOperation> {
             .entry(c.container.clone())
             .or_insert_with(|| Value::String(c.original.clone()));
     }
-    let value = Value::String(Value::Object(record).to_string());
+    Some(Value::Object(record).to_string())
+}
+
+/// Records the original images in the Pod's annotation.
+fn annotation_op(pod: &Pod, changes: &[ImageChange]) -> Option<PatchOperation> {
+    let metadata = pod.metadata();
+    let annotations = pod.annotations();
+    let value = Value::String(original_images(pod, changes)?);
     let op = match (metadata, annotations) {
         (None, _) => AddOperation {
             path: PointerBuf::from_tokens(["metadata"]),

@@ -34,6 +34,7 @@ macro_rules! unchanged {
 const COVERED: &[&str] = &[
     "deployment_create",
     "ephemeral_container_update",
+    "ephemeral_container_update_with_pull_secret",
     "pod_digest_pinned",
     "pod_dry_run",
     "pod_image_already_on_mirror",
@@ -174,20 +175,43 @@ fixture!(pod_with_null_containers, |_req, _resp, pod| {
     );
 });
 
-fixture!(ephemeral_container_update, |_req, _resp, pod| {
-    // Only the container this update adds; the existing one cannot change.
-    assert_eq!(
-        images(&pod, "ephemeralContainers"),
-        [
-            "busybox:1.36".to_string(),
-            format!("{MIRROR}/docker.io/library/busybox:1.36")
-        ]
-    );
-    assert_eq!(
-        images(&pod, "containers"),
-        [format!("{MIRROR}/docker.io/library/nginx:1.27")]
+fixture!(ephemeral_container_update, |req, resp, pod| {
+    // The Pod has no pull secret for the mirror, and this subresource cannot add one: the
+    // debug container keeps its image, and the warning says why.
+    assert!(resp["response"].get("patch").is_none(), "{resp}");
+    assert_eq!(pod, req["request"]["object"]);
+    assert!(
+        warnings(&resp)
+            .iter()
+            .any(|w| w.contains("does not reference the mirror's pull secret \"ghcr-pull\"")),
+        "{resp}"
     );
 });
+
+fixture!(
+    ephemeral_container_update_with_pull_secret,
+    |_req, resp, pod| {
+        // Only the container this update adds; the existing one cannot change.
+        assert_eq!(
+            images(&pod, "ephemeralContainers"),
+            [
+                "busybox:1.36".to_string(),
+                format!("{MIRROR}/docker.io/library/busybox:1.36")
+            ]
+        );
+        // Nothing outside /spec/ephemeralContainers: the API server would drop it.
+        for op in decoded_patch(&resp) {
+            let path = op["path"].as_str().unwrap();
+            assert!(path.starts_with("/spec/ephemeralContainers/"), "{path}");
+        }
+        assert!(
+            warnings(&resp)
+                .iter()
+                .any(|w| w.starts_with("image-mirror: original images: {")),
+            "{resp}"
+        );
+    }
+);
 
 fixture!(pod_dry_run, |_req, resp, pod| {
     assert_eq!(
@@ -223,6 +247,10 @@ async fn every_fixture_is_counted() {
         1.0
     );
     assert_eq!(
+        count("image_mirror_skips_total{reason=\"pull-secret-missing\"}"),
+        1.0
+    );
+    assert_eq!(
         count("image_mirror_admission_requests_total{operation=\"CREATE\",result=\"skipped\"}"),
         3.0
     );
@@ -243,9 +271,10 @@ async fn every_fixture_is_counted() {
         count("image_mirror_rewrites_total{namespace=\"team-a\",source_registry=\"docker.io\",mirror=\"ghcr\"}")
             >= 300.0
     );
+    // Every patched CREATE but one (its Pod has the secret); never on the ephemeral subresource.
     assert_eq!(
         count("image_mirror_pull_secrets_injected_total{secret=\"ghcr-pull\"}"),
-        12.0
+        11.0
     );
     assert_eq!(count("image_mirror_build_info{version=\"0.1.0\"}"), 1.0);
 }

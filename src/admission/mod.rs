@@ -140,6 +140,9 @@ pub enum Skip {
     Image(KeepReasonKind),
     MirrorAbsent,
     MirrorUnknown,
+    /// The mirror needs a pull secret the namespace does not have (or, on the ephemeral
+    /// containers subresource, the Pod does not reference).
+    PullSecretMissing,
 }
 
 impl Skip {
@@ -151,6 +154,7 @@ impl Skip {
             Skip::Image(kind) => kind.label(),
             Skip::MirrorAbsent => "mirror-absent",
             Skip::MirrorUnknown => "mirror-unknown",
+            Skip::PullSecretMissing => "pull-secret-missing",
         }
     }
 
@@ -171,6 +175,8 @@ struct ContainerPlan<'t> {
     name: String,
     image: String,
     decision: Decision<'t>,
+    /// Why the rewrite cannot happen for want of a pull secret (the warning's words).
+    secret_missing: Option<String>,
 }
 
 /// What the table decided for each container of a request, before mirror presence is known.
@@ -180,7 +186,13 @@ pub struct Plan<'t> {
     /// The request as a whole is not for us (with the reason), or nothing is.
     skipped: Option<Skip>,
     dry_run: bool,
+    /// The `pods/ephemeralcontainers` subresource: the API server keeps only changes under
+    /// `/spec/ephemeralContainers` and silently drops the rest.
+    ephemeral: bool,
 }
+
+/// Whether a namespace holds a pull secret (or is about to): `(namespace, secret) → bool`.
+pub type SecretLookup<'a> = &'a dyn Fn(&str, &str) -> bool;
 
 /// A rewrite that happened, for metrics and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,13 +215,15 @@ pub struct Mutation {
     pub copies: Vec<CopyRequest>,
 }
 
-/// Decides each container of the request against the table (pure).
-pub fn plan<'t>(review: &Review, table: &'t Table) -> Plan<'t> {
+/// Decides each container of the request against the table, given which pull secrets exist
+/// (pure).
+pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Plan<'t> {
     let req = &review.request;
     let skipped = |skip| Plan {
         containers: Vec::new(),
         skipped: Some(skip),
         dry_run: review.dry_run(),
+        ephemeral: false,
     };
     let is_pods = req.resource.group.is_empty() && req.resource.resource == "pods";
     let sub = req.sub_resource.as_deref().unwrap_or("");
@@ -236,30 +250,62 @@ pub fn plan<'t>(review: &Review, table: &'t Table) -> Plan<'t> {
         }
         _ => Vec::new(),
     };
+    let ephemeral = lists == [ContainerList::EphemeralContainers];
+    let namespace = review.namespace();
+    let referenced = pod.pull_secrets();
     let containers = pod
         .containers(lists)
         .into_iter()
         .filter(|c| !old_names.contains(&c.name))
-        .map(|c| ContainerPlan {
-            decision: table.decide(c.image),
-            list: c.list,
-            index: c.index,
-            name: c.name,
-            image: c.image.to_string(),
+        .map(|c| {
+            let decision = table.decide(c.image);
+            let secret_missing =
+                decision
+                    .rewrite()
+                    .and_then(|rw| rw.pull_secret())
+                    .and_then(|secret| {
+                        if ephemeral && !referenced.contains(&secret) {
+                            Some(format!(
+                            "the Pod does not reference the mirror's pull secret {secret:?}, and \
+                             on the ephemeral containers subresource it cannot be added"
+                        ))
+                        } else if !secrets(namespace, secret) {
+                            Some(format!(
+                                "the mirror's pull secret {secret:?} is missing in namespace \
+                             {namespace:?}"
+                            ))
+                        } else {
+                            None
+                        }
+                    });
+            ContainerPlan {
+                decision,
+                secret_missing,
+                list: c.list,
+                index: c.index,
+                name: c.name,
+                image: c.image.to_string(),
+            }
         })
         .collect();
     Plan {
         containers,
         skipped: None,
         dry_run: review.dry_run(),
+        ephemeral,
     }
 }
 
 impl<'t> Plan<'t> {
-    /// The mirror targets whose presence decides the outcome (`if-present` rewrites).
+    /// The mirror targets whose presence decides the outcome (`if-present` rewrites that
+    /// nothing else holds back).
     pub fn targets_to_check(&self) -> Vec<&Reference> {
         let mut out: Vec<&Reference> = Vec::new();
-        for c in &self.containers {
+        for c in self
+            .containers
+            .iter()
+            .filter(|c| c.secret_missing.is_none())
+        {
             if let Decision::Rewrite(rw) = &c.decision {
                 if rw.policy.swap == SwapPolicy::IfPresent && !out.contains(&&rw.target) {
                     out.push(&rw.target);
@@ -292,6 +338,14 @@ impl<'t> Plan<'t> {
                     continue;
                 }
             };
+            if let Some(why) = &c.secret_missing {
+                m.skips.push(Skip::PullSecretMissing);
+                m.warnings.push(format!(
+                    "image-mirror: container {:?}: kept {}: {why}",
+                    c.name, c.image
+                ));
+                continue;
+            }
             if rw.policy.swap == SwapPolicy::IfPresent {
                 match presence(&rw.target) {
                     Presence::Present => {}
@@ -341,9 +395,19 @@ impl<'t> Plan<'t> {
             });
         }
         if let Some(pod) = pod {
-            let built = patch::build_patch(pod, &changes, &secrets);
-            m.patch = built.ops;
-            m.pull_secrets_added = built.added_secrets;
+            if self.ephemeral {
+                // Only the images: the API server would drop the pull secrets and the record,
+                // so the kubectl user gets the record as a warning instead.
+                m.patch = patch::image_ops(&changes);
+                if let Some(record) = patch::original_images(pod, &changes) {
+                    m.warnings
+                        .push(format!("image-mirror: original images: {record}"));
+                }
+            } else {
+                let built = patch::build_patch(pod, &changes, &secrets);
+                m.patch = built.ops;
+                m.pull_secrets_added = built.added_secrets;
+            }
         }
         m
     }

@@ -40,7 +40,16 @@ fn review(operation: &str, containers: &[(&str, &str)], extra: Value) -> Review 
 }
 
 fn finish(review: &Review, table: &Table, presence: Presence) -> Mutation {
-    plan(review, table).finish(review.request.object.as_ref(), &|_| presence)
+    finish_with(review, table, presence, &|_, _| true)
+}
+
+fn finish_with(
+    review: &Review,
+    table: &Table,
+    presence: Presence,
+    secrets: SecretLookup,
+) -> Mutation {
+    plan(review, table, secrets).finish(review.request.object.as_ref(), &|_| presence)
 }
 
 /// The Pod after the mutation's patch.
@@ -72,7 +81,7 @@ fn plan_asks_only_about_if_present_targets_once_each() {
         ],
         json!({}),
     );
-    let p = plan(&r, &t);
+    let p = plan(&r, &t, &|_, _| true);
     let targets: Vec<&str> = p.targets_to_check().iter().map(|t| t.as_str()).collect();
     // redis is an exact entry (always); the quay rule swaps if present on a pull-through cache.
     assert_eq!(
@@ -228,10 +237,10 @@ fn unparsable_and_unmatched_images_are_kept_with_their_reason() {
     assert!(m.patch.is_empty());
 }
 
-#[test]
-fn ephemeral_updates_touch_only_the_added_container() {
-    let t = table();
+/// A `kubectl debug` review: a Pod with `secrets`, adding a debug container running nginx:2.
+fn debug_review(secrets: Value) -> Review {
     let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": "nginx:1"}],
+        "imagePullSecrets": secrets,
         "ephemeralContainers": [{"name": "old", "image": "busybox:2"}, {"name": "debug", "image": "nginx:2"}]}});
     let old = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": "nginx:1"}],
         "ephemeralContainers": [{"name": "old", "image": "busybox:2"}]}});
@@ -239,8 +248,26 @@ fn ephemeral_updates_touch_only_the_added_container() {
         "request": {"uid": "u", "resource": {"group": "", "version": "v1", "resource": "pods"},
             "subResource": "ephemeralcontainers", "namespace": "team-a", "operation": "UPDATE",
             "object": pod, "oldObject": old}});
-    let r = Review::parse(&serde_json::to_vec(&body).unwrap()).unwrap();
+    Review::parse(&serde_json::to_vec(&body).unwrap()).unwrap()
+}
+
+#[test]
+fn ephemeral_updates_touch_only_the_added_container_and_only_its_image() {
+    let t = table();
+    let r = debug_review(json!([{"name": "ghcr-pull"}]));
     let m = finish(&r, &t, Presence::Present);
+    // The API server keeps nothing else on this subresource: no secret, no annotation.
+    let paths: Vec<String> = m
+        .patch
+        .iter()
+        .map(|op| {
+            serde_json::to_value(op).unwrap()["path"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(paths, ["/spec/ephemeralContainers/1/image"]);
     let out = patched(&r, &m);
     assert_eq!(
         out["spec"]["ephemeralContainers"][1]["image"],
@@ -248,6 +275,58 @@ fn ephemeral_updates_touch_only_the_added_container() {
     );
     assert_eq!(out["spec"]["ephemeralContainers"][0]["image"], "busybox:2");
     assert_eq!(out["spec"]["containers"][0]["image"], "nginx:1");
+    // What the annotation would have said goes to the kubectl user.
+    assert!(
+        m.warnings
+            .iter()
+            .any(|w| w == r#"image-mirror: original images: {"debug":"nginx:2"}"#),
+        "{:?}",
+        m.warnings
+    );
+}
+
+#[test]
+fn a_debug_container_stays_put_when_the_pod_lacks_the_mirror_s_pull_secret() {
+    let t = table();
+    for secrets in [Value::Null, json!([{"name": "other"}])] {
+        let r = debug_review(secrets);
+        let m = finish(&r, &t, Presence::Present);
+        assert!(m.patch.is_empty(), "{:?}", m.patch);
+        assert_eq!(m.skips, [Skip::PullSecretMissing]);
+        assert!(
+            m.warnings[0].contains("does not reference the mirror's pull secret \"ghcr-pull\""),
+            "{:?}",
+            m.warnings
+        );
+    }
+}
+
+#[test]
+fn a_namespace_without_the_pull_secret_keeps_the_image_and_asks_no_registry() {
+    let t = table();
+    let r = review(
+        "CREATE",
+        &[("web", "nginx:1"), ("q", "quay.io/x/y:1")],
+        json!({}),
+    );
+    let only_elsewhere = |ns: &str, secret: &str| ns == "team-b" && secret == "ghcr-pull";
+    let p = plan(&r, &t, &only_elsewhere);
+    // The ECR mirror needs no secret, so only its target is asked about.
+    let targets: Vec<&str> = p.targets_to_check().iter().map(|t| t.as_str()).collect();
+    assert_eq!(targets, ["1.dkr.ecr.eu-west-1.amazonaws.com/quay/x/y:1"]);
+    let m = finish_with(&r, &t, Presence::Present, &only_elsewhere);
+    let pod = patched(&r, &m);
+    assert_eq!(
+        images(&pod),
+        ["nginx:1", "1.dkr.ecr.eu-west-1.amazonaws.com/quay/x/y:1"]
+    );
+    assert!(pod["spec"].get("imagePullSecrets").is_none());
+    assert_eq!(m.skips, [Skip::PullSecretMissing]);
+    assert_eq!(
+        m.warnings[0],
+        "image-mirror: container \"web\": kept nginx:1: the mirror's pull secret \"ghcr-pull\" \
+         is missing in namespace \"team-a\""
+    );
 }
 
 #[test]

@@ -13,6 +13,12 @@ use crate::metrics::{Metrics, ReasonLabels, RequestLabels, RewriteLabels, Secret
 use crate::mirror::{MirrorAccess, Presence};
 use crate::reference::Reference;
 
+/// Which namespaces hold a pull secret, or are about to (the Kubernetes layer's cache). Without
+/// one, every secret counts as there, as it did before the webhook could look.
+pub trait PullSecrets: Send + Sync {
+    fn available(&self, namespace: &str, secret: &str) -> bool;
+}
+
 /// The admission service: table, metrics, mirror access and the time budget.
 pub struct Webhook {
     pub config: ConfigHandle,
@@ -20,6 +26,7 @@ pub struct Webhook {
     /// How long a review may take before it is answered *allowed, unchanged*.
     pub budget: Duration,
     pub mirrors: Option<Arc<dyn MirrorAccess>>,
+    pub pull_secrets: Option<Arc<dyn PullSecrets>>,
     /// Refuse the Pod instead of admitting it unchanged when the webhook cannot do its job
     /// (internal error, mirror state unknown, unparsable image).
     pub strict: bool,
@@ -39,6 +46,7 @@ impl Webhook {
             metrics,
             budget: Duration::from_secs(2),
             mirrors: None,
+            pull_secrets: None,
             strict: false,
         }
     }
@@ -94,7 +102,12 @@ impl Webhook {
     }
 
     async fn mutate(&self, review: &Review, table: &Table) -> Result<Mutation, AdmissionError> {
-        let plan = catch(|| plan(review, table))?;
+        let secrets = |namespace: &str, secret: &str| {
+            self.pull_secrets
+                .as_ref()
+                .is_none_or(|p| p.available(namespace, secret))
+        };
+        let plan = catch(|| plan(review, table, &secrets))?;
         let mut known: HashMap<&Reference, Presence> = HashMap::new();
         let targets = plan.targets_to_check();
         if let (Some(mirrors), false) = (&self.mirrors, targets.is_empty()) {
