@@ -4,12 +4,14 @@
 //! The pure core does no I/O: [`reference`] (the grammar), [`mapping`] (the table and
 //! `decide`), [`settings`] and [`problems`] (the rest of the table file), [`pod`] (reading the
 //! review's Pod) and [`patch`] (writing the JSON Patch); [`admission`]'s core turns a review
-//! into a response. Around it: [`mirror`] and [`registry`] (checks and copies), [`server`],
+//! into a response. Around it: [`mirror`] and [`registry`] (checks and copies), [`cluster`]
+//! (the Kubernetes API: pull secrets), [`server`],
 //! [`tls`], [`config`], [`watch`], [`metrics`], [`certs`] and the [`cli`].
 
 pub mod admission;
 pub mod certs;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod mapping;

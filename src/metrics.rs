@@ -90,6 +90,9 @@ pub struct Metrics {
     pub too_many_requests: Family<RegistryLabels, Counter>,
     pub circuit_open: Family<RegistryLabels, Gauge>,
     pub circuit_transitions: Family<TransitionLabels, Counter>,
+    pub pull_secrets_managed: Family<SecretLabels, Gauge>,
+    pub pull_secret_conflicts: Family<SecretLabels, Counter>,
+    pub pull_secret_reconcile_errors: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -115,6 +118,9 @@ impl Default for Metrics {
             too_many_requests: Family::default(),
             circuit_open: Family::default(),
             circuit_transitions: Family::default(),
+            pull_secrets_managed: Family::default(),
+            pull_secret_conflicts: Family::default(),
+            pull_secret_reconcile_errors: Family::default(),
         }
     }
 }
@@ -219,6 +225,21 @@ impl Metrics {
             "registry_circuit_transitions",
             "Registry circuit changes, by the state entered",
             m.circuit_transitions.clone(),
+        );
+        r.register(
+            "pull_secrets_managed",
+            "Namespaces holding the webhook's copy of a mirror's pull secret",
+            m.pull_secrets_managed.clone(),
+        );
+        r.register(
+            "pull_secret_conflicts",
+            "Namespaces where a pull secret of that name exists and is not the webhook's",
+            m.pull_secret_conflicts.clone(),
+        );
+        r.register(
+            "pull_secret_reconcile_errors",
+            "Pull secret reconciles that failed, by reason",
+            m.pull_secret_reconcile_errors.clone(),
         );
         m.build_info
             .get_or_create(&BuildLabels {

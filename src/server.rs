@@ -47,6 +47,8 @@ pub enum ServeError {
     Serve(#[source] std::io::Error),
     #[error("a listener task ended abnormally")]
     Task(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl ServeError {
@@ -58,6 +60,7 @@ impl ServeError {
             ServeError::Watch { .. } => "watch",
             ServeError::Listen { .. } => "listen",
             ServeError::Serve(_) | ServeError::Task(_) => "serve",
+            ServeError::Cluster(e) => e.metric_label(),
         }
     }
 }
@@ -74,16 +77,36 @@ pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
 /// The admission path the MutatingWebhookConfiguration calls.
 pub const MUTATE_PATH: &str = "/mutate";
 
-/// Readiness, shared by both listeners: false until serving, false again once draining.
+/// Something readiness waits for besides the listeners (the Kubernetes caches).
+pub type Gate = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Readiness, shared by both listeners: false until serving and every gate is open, false
+/// again once draining.
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    serving: Arc<AtomicBool>,
+    gates: Arc<std::sync::Mutex<Vec<Gate>>>,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.serving.store(ready, Ordering::SeqCst);
+    }
+    /// Makes readiness wait for `gate` too.
+    pub fn require(&self, gate: Gate) {
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(gate);
     }
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.serving.load(Ordering::SeqCst)
+            && self
+                .gates
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .all(|g| g())
     }
 }
 
@@ -222,6 +245,8 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Refuse Pods instead of admitting them unchanged when the webhook cannot do its job.
     pub strict: bool,
+    /// Whether to use the Kubernetes API (pull secrets), when there is a client configuration.
+    pub kubernetes: crate::cluster::Access,
 }
 
 /// A server that is up: its addresses, and the means to stop it.
@@ -308,6 +333,26 @@ pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> Result<Running, Serv
         webhook.mirrors = Some(service.clone());
     }
     let ready = Readiness::default();
+    match crate::cluster::connect(opts.kubernetes).await? {
+        Some(client) => {
+            let instance = std::env::var("POD_NAME")
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .unwrap_or_else(|_| "image-mirror-webhook".to_string());
+            let index = crate::cluster::pull_secrets::start(
+                client,
+                config.clone(),
+                metrics.clone(),
+                instance,
+            );
+            let gate = index.clone();
+            ready.require(Arc::new(move || gate.ready()));
+            webhook.pull_secrets = Some(index);
+            tracing::info!("Kubernetes API in use: pull secrets are checked and provisioned");
+        }
+        None => tracing::info!(
+            "no Kubernetes API: pull secrets are injected unchecked and none are provisioned"
+        ),
+    }
 
     let listen_error = |addr| move |source| ServeError::Listen { addr, source };
     let listener = std::net::TcpListener::bind(opts.listen).map_err(listen_error(opts.listen))?;

@@ -321,6 +321,7 @@ async fn webhook(
         shutdown_delay: Duration::ZERO,
         drain_timeout: Duration::from_secs(5),
         strict: false,
+        kubernetes: image_mirror_webhook::cluster::Access::Off,
     };
     let running = server::start(opts, Mirrors::Registries(quick()))
         .await

@@ -117,6 +117,10 @@ pub struct ServeArgs {
     /// state (slow or failing registry) or an unparsable image. Off by default.
     #[arg(long, env = "IMAGE_MIRROR_STRICT")]
     pub strict: bool,
+    /// Use the Kubernetes API (in-cluster, or KUBECONFIG) to check and provision pull secrets:
+    /// `auto` when a client configuration is there, `off` never.
+    #[arg(long, env = "IMAGE_MIRROR_KUBERNETES", value_enum, default_value_t = crate::cluster::Access::Auto)]
+    pub kubernetes: crate::cluster::Access,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -208,6 +212,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         shutdown_delay: args.shutdown_delay,
         drain_timeout: args.drain_timeout,
         strict: args.strict,
+        kubernetes: args.kubernetes,
     };
     let runtime = runtime()?;
     runtime.block_on(async move {

@@ -9,7 +9,7 @@ use serde_saphyr::Spanned;
 
 use super::clash;
 use super::index::{NameEntries, NameMatcher, RuleIndex, TagSpec, TargetTag};
-use super::mirrors::{Mirror, MirrorKind};
+use super::mirrors::{valid_object_name, Mirror, MirrorKind, SecretRef};
 use super::policy::{CopyPolicy, Naming, Overrides, Platform, SwapPolicy};
 use super::{Entry, Rule, Table};
 use crate::problems::{yaml_error, ProblemList, TableError};
@@ -53,6 +53,7 @@ struct RawMirror {
     prefix: Option<Spanned<String>>,
     naming: Option<Naming>,
     pull_secret: Option<Spanned<String>>,
+    pull_secret_from: Option<Spanned<String>>,
     upstreams: Option<BTreeMap<String, Spanned<String>>>,
     swap: Option<SwapPolicy>,
     copy: Option<CopyPolicy>,
@@ -114,10 +115,29 @@ pub fn parse_file(file: &str, yaml: &str) -> Result<(Table, Settings), TableErro
 }
 
 fn build(file: &str, raw: &RawFile, problems: &mut ProblemList) -> Table {
-    let mut mirrors = Vec::new();
+    let mut mirrors: Vec<Mirror> = Vec::new();
     for (name, spanned) in &raw.mirrors {
         let field = format!("mirrors.{name}");
         if let Some(mirror) = build_mirror(name, spanned, &field, problems) {
+            // One name in a namespace holds one Secret: two sources for it cannot both be kept.
+            let clash = mirrors.iter().find(|m| {
+                m.pull_secret.is_some()
+                    && m.pull_secret == mirror.pull_secret
+                    && m.pull_secret_from.is_some()
+                    && mirror.pull_secret_from.is_some()
+                    && m.pull_secret_from != mirror.pull_secret_from
+            });
+            if let (Some(other), Some(at)) = (clash, &spanned.value.pull_secret_from) {
+                problems.add(
+                    at,
+                    format!("{field}.pullSecretFrom"),
+                    format!(
+                        "mirror {} already provisions pullSecret {:?} from another Secret",
+                        other.name,
+                        mirror.pull_secret.as_deref().unwrap_or_default()
+                    ),
+                );
+            }
             mirrors.push(mirror);
         }
     }
@@ -304,6 +324,7 @@ fn build_mirror(
         registry,
         kind,
         pull_secret: raw.pull_secret.as_ref().map(|s| s.value.clone()),
+        pull_secret_from: pull_secret_from(raw, field, problems),
         overrides: overrides(
             raw.swap,
             raw.copy,
@@ -312,6 +333,50 @@ fn build_mirror(
             problems,
         ),
     })
+}
+
+/// `pullSecret` checked, and `pullSecretFrom: namespace/name` read.
+fn pull_secret_from(raw: &RawMirror, field: &str, problems: &mut ProblemList) -> Option<SecretRef> {
+    if let Some(secret) = &raw.pull_secret {
+        if !valid_object_name(&secret.value, 253, true) {
+            problems.add(
+                secret,
+                format!("{field}.pullSecret"),
+                format!(
+                    "{:?} is not a Secret name (lowercase DNS subdomain)",
+                    secret.value
+                ),
+            );
+        }
+    }
+    let from = raw.pull_secret_from.as_ref()?;
+    let at = format!("{field}.pullSecretFrom");
+    if raw.pull_secret.is_none() {
+        problems.add(
+            from,
+            at,
+            "needs pullSecret: the name the copies get in each namespace",
+        );
+        return None;
+    }
+    match from.value.split_once('/') {
+        Some((namespace, name))
+            if valid_object_name(namespace, 63, false) && valid_object_name(name, 253, true) =>
+        {
+            Some(SecretRef {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })
+        }
+        _ => {
+            problems.add(
+                from,
+                at,
+                format!("{:?} is not namespace/name of a Secret", from.value),
+            );
+            None
+        }
+    }
 }
 
 /// The policy overrides of a mirror, rule or entry, as written.

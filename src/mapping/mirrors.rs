@@ -12,7 +12,35 @@ pub struct Mirror {
     pub registry: String,
     pub kind: MirrorKind,
     pub pull_secret: Option<String>,
+    /// The Secret whose data the webhook copies into every opted-in namespace as
+    /// `pull_secret` (`pullSecretFrom: namespace/name`).
+    pub pull_secret_from: Option<SecretRef>,
     pub(crate) overrides: Overrides,
+}
+
+/// A Secret by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SecretRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Kubernetes object name: a DNS-1123 subdomain (Secrets) or label (namespaces).
+pub(crate) fn valid_object_name(s: &str, max: usize, dots: bool) -> bool {
+    let ok =
+        |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || (dots && c == b'.');
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= max
+        && b.iter().all(|&c| ok(c))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
 }
 
 #[derive(Debug, Clone, PartialEq)]

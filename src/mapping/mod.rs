@@ -17,7 +17,7 @@ use std::fmt;
 use ahash::{AHashMap, AHashSet};
 
 pub use build::parse_file;
-pub use mirrors::{Mirror, MirrorKind};
+pub use mirrors::{Mirror, MirrorKind, SecretRef};
 pub use policy::{CopyPolicy, Naming, Overrides, Platform, Policy, SwapPolicy};
 
 use crate::problems::TableError;

@@ -1,7 +1,8 @@
-//! What the integration tests share: real registries on loopback ([`registry`]), and reviews,
-//! fixtures and a webhook to send them to ([`webhook`]).
+//! What the integration tests share: real registries on loopback ([`registry`]), reviews,
+//! fixtures and a webhook to send them to ([`webhook`]), and a real API server ([`envtest`]).
 #![allow(dead_code)]
 
+pub mod envtest;
 pub mod registry;
 pub mod webhook;
 

@@ -244,6 +244,7 @@ impl Tls {
             shutdown_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(5),
             strict: false,
+            kubernetes: image_mirror_webhook::cluster::Access::Off,
         }
     }
 
