@@ -4,6 +4,9 @@
 #   docker-registry, skopeo, htpasswd         real OCI registries for registry tests
 #   kubectl                                   renders deploy/ offline (already on the machine)
 #   curl                                      an independent HTTP/1.1 and HTTP/2 client
+# The Kubernetes end-to-end tests (tests/kube.rs) run when KUBEBUILDER_ASSETS names a directory
+# with kube-apiserver and etcd, as envtest users expect; .ci/run sets it from
+# ../shared/envtest/setup.sh. Without it they are skipped, and this script says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +24,14 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+kube_note=""
+if [ -z "${KUBEBUILDER_ASSETS:-}" ]; then
+  kube_note="Kubernetes end-to-end tests skipped: KUBEBUILDER_ASSETS is not set (export KUBEBUILDER_ASSETS=\$(../shared/envtest/setup.sh target/envtest))"
+elif [ ! -x "$KUBEBUILDER_ASSETS/kube-apiserver" ] || [ ! -x "$KUBEBUILDER_ASSETS/etcd" ]; then
+  kube_note="Kubernetes end-to-end tests skipped: KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS has no kube-apiserver and etcd"
+fi
+[ -z "$kube_note" ] || echo "$kube_note"
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 log=$(mktemp)
@@ -29,3 +40,4 @@ cargo test --locked 2>&1 | tee "$log"
 # One closing line for the whole run (cargo's last line is the doc-test count).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
+[ -z "$kube_note" ] || echo "$kube_note"

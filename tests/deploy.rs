@@ -12,6 +12,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -93,6 +94,10 @@ impl Rendered {
                 "Deployment" => drop(strict::<Deployment>(o)),
                 "PodDisruptionBudget" => drop(strict::<PodDisruptionBudget>(o)),
                 "NetworkPolicy" => drop(strict::<NetworkPolicy>(o)),
+                "ClusterRole" => drop(strict::<ClusterRole>(o)),
+                "ClusterRoleBinding" => drop(strict::<ClusterRoleBinding>(o)),
+                "Role" => drop(strict::<Role>(o)),
+                "RoleBinding" => drop(strict::<RoleBinding>(o)),
                 "MutatingWebhookConfiguration" => drop(strict::<MutatingWebhookConfiguration>(o)),
                 "Issuer" | "Certificate" => assert_eq!(o["apiVersion"], "cert-manager.io/v1"),
                 "ServiceMonitor" | "PrometheusRule" => {
@@ -110,8 +115,64 @@ impl Rendered {
         strict(found[0])
     }
 
-    fn has(&self, kind: &str) -> bool {
-        self.objects.iter().any(|o| o["kind"] == kind)
+    fn all<T: DeserializeOwned>(&self, kind: &str) -> Vec<T> {
+        self.objects
+            .iter()
+            .filter(|o| o["kind"] == kind)
+            .map(strict)
+            .collect()
+    }
+
+    /// Every rule granted to the webhook's ServiceAccount, with the namespace it holds in
+    /// (`None`: cluster-wide).
+    fn granted(&self) -> Vec<(Option<String>, PolicyRule)> {
+        let ours = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
+            subjects.as_ref().is_some_and(|s| {
+                s.iter().any(|s| {
+                    s.kind == "ServiceAccount"
+                        && s.name == "image-mirror-webhook"
+                        && s.namespace.as_deref() == Some("image-mirror-system")
+                })
+            })
+        };
+        let mut out = Vec::new();
+        for b in self.all::<ClusterRoleBinding>("ClusterRoleBinding") {
+            if ours(&b.subjects) {
+                let role: Vec<ClusterRole> = self.all("ClusterRole");
+                let role = role
+                    .iter()
+                    .find(|r| r.metadata.name.as_deref() == Some(b.role_ref.name.as_str()))
+                    .expect("bound ClusterRole is rendered");
+                out.extend(
+                    role.rules
+                        .clone()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|r| (None, r)),
+                );
+            }
+        }
+        for b in self.all::<RoleBinding>("RoleBinding") {
+            if ours(&b.subjects) {
+                let ns = b.metadata.namespace.clone();
+                let roles: Vec<Role> = self.all("Role");
+                let role = roles
+                    .iter()
+                    .find(|r| {
+                        r.metadata.name.as_deref() == Some(b.role_ref.name.as_str())
+                            && r.metadata.namespace == ns
+                    })
+                    .expect("bound Role is rendered");
+                out.extend(
+                    role.rules
+                        .clone()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|r| (ns.clone(), r)),
+                );
+            }
+        }
+        out
     }
 }
 
@@ -196,7 +257,14 @@ fn check_common(r: &Rendered) -> Deployment {
     let pod = spec.template.spec.as_ref().unwrap();
     assert!(pod.topology_spread_constraints.is_some());
     assert!(pod.affinity.as_ref().unwrap().pod_anti_affinity.is_some());
-    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(pod.automount_service_account_token, Some(true));
+    let container = &pod.containers[0];
+    assert!(container
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|e| e.name == "POD_NAME"));
     let psc = pod.security_context.as_ref().unwrap();
     assert_eq!(psc.run_as_non_root, Some(true));
     assert_eq!(
@@ -321,17 +389,46 @@ fn check_common(r: &Rendered) -> Deployment {
             > secs("--shutdown-delay") + secs("--drain-timeout")
     );
 
-    // Service 443 → https; PDB; NetworkPolicy; no RBAC beyond a token-less ServiceAccount.
+    // Service 443 → https; PDB; NetworkPolicy (the API server's port too); a ServiceAccount
+    // with a token that may read namespaces.
     let s: Service = r.one("Service");
     let sp = s.spec.unwrap().ports.unwrap();
     let https = sp.iter().find(|p| p.port == 443).unwrap();
     assert_eq!(serde_json::to_value(&https.target_port).unwrap(), "https");
     assert!(sp.iter().any(|p| p.name.as_deref() == Some("metrics")));
     let _: PodDisruptionBudget = r.one("PodDisruptionBudget");
-    let _: NetworkPolicy = r.one("NetworkPolicy");
+    let np: NetworkPolicy = r.one("NetworkPolicy");
+    let egress_ports: Vec<i32> = np
+        .spec
+        .unwrap()
+        .egress
+        .unwrap()
+        .iter()
+        .flat_map(|e| e.ports.clone().unwrap_or_default())
+        .filter_map(|p| match p.port {
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => Some(n),
+            _ => None,
+        })
+        .collect();
+    for port in [53, 443, 6443] {
+        assert!(
+            egress_ports.contains(&port),
+            "egress {port}: {egress_ports:?}"
+        );
+    }
     let sa: ServiceAccount = r.one("ServiceAccount");
-    assert_eq!(sa.automount_service_account_token, Some(false));
-    assert!(!r.has("Role") && !r.has("ClusterRole"));
+    assert_eq!(sa.automount_service_account_token, Some(true));
+    let granted = r.granted();
+    assert!(granted.iter().any(|(ns, rule)| ns.is_none()
+        && rule.resources.as_deref() == Some(&["namespaces".to_string()][..])
+        && rule.verbs == ["get", "list", "watch"]));
+    for (_, rule) in &granted {
+        assert!(!rule.verbs.iter().any(|v| v == "*"), "{rule:?}");
+        assert!(
+            !rule.resources.iter().flatten().any(|r| r == "*"),
+            "{rule:?}"
+        );
+    }
     let nsobj: Namespace = r.one("Namespace");
     assert_eq!(nsobj.metadata.name.as_deref(), Some("image-mirror-system"));
     d
@@ -367,6 +464,49 @@ fn ghcr_overlay() {
         Some("ghcr-pull")
     );
     assert_eq!(table.entries().len(), 28);
+    check_pull_secret_rights(&r, &table);
+}
+
+/// The pull-secrets component: Secret rights narrowed to the table's names, events to create.
+fn check_pull_secret_rights(r: &Rendered, table: &Table) {
+    let ghcr = table.mirror("ghcr").unwrap();
+    let copies = ghcr.pull_secret.clone().unwrap();
+    let source = ghcr.pull_secret_from.clone().unwrap();
+    let granted = r.granted();
+    let secret_rules: Vec<&(Option<String>, PolicyRule)> = granted
+        .iter()
+        .filter(|(_, r)| r.resources.iter().flatten().any(|x| x == "secrets"))
+        .collect();
+    let verbs_for = |ns: Option<&str>, name: &str| -> Vec<String> {
+        secret_rules
+            .iter()
+            .filter(|(n, r)| {
+                n.as_deref() == ns
+                    && r.resource_names
+                        .as_ref()
+                        .is_some_and(|names| names.contains(&name.to_string()))
+            })
+            .flat_map(|(_, r)| r.verbs.clone())
+            .collect()
+    };
+    assert_eq!(
+        verbs_for(None, &copies),
+        ["get", "list", "watch", "patch", "delete"]
+    );
+    assert_eq!(
+        verbs_for(Some(&source.namespace), &source.name),
+        ["get", "list", "watch"]
+    );
+    // Only create is not narrowed by name (RBAC cannot: the object does not exist yet).
+    let unnamed: Vec<&String> = secret_rules
+        .iter()
+        .filter(|(_, r)| r.resource_names.is_none())
+        .flat_map(|(_, r)| &r.verbs)
+        .collect();
+    assert_eq!(unnamed, ["create"]);
+    assert!(granted.iter().any(|(_, r)| r.api_groups.as_deref()
+        == Some(&["events.k8s.io".to_string()][..])
+        && r.verbs == ["create", "patch"]));
 }
 
 #[test]
@@ -378,6 +518,12 @@ fn ecr_overlay() {
     let table = Table::parse("config.yaml", &cm.data.unwrap()["config.yaml"]).unwrap();
     let ecr = table.mirror("ecr").unwrap();
     assert_eq!(ecr.pull_secret, None);
+    // No pull secret, so no right on Secrets at all.
+    assert!(!r.granted().iter().any(|(_, rule)| rule
+        .resources
+        .iter()
+        .flatten()
+        .any(|x| x == "secrets")));
     let policy: Value = serde_json::from_str(
         &std::fs::read_to_string(root().join("deploy/components/ecr/node-iam-policy.json"))
             .unwrap(),
@@ -404,6 +550,9 @@ fn self_signed_overlay_with_generated_certificates() {
     let printed_bundle = String::from_utf8(status.stdout).unwrap().trim().to_string();
     let r = Rendered::new(&copy.join("overlays/self-signed"));
     check_common(&r);
+    let cm: ConfigMap = r.one("ConfigMap");
+    let table = Table::parse("config.yaml", &cm.data.unwrap()["config.yaml"]).unwrap();
+    check_pull_secret_rights(&r, &table);
     let mwc: MutatingWebhookConfiguration = r.one("MutatingWebhookConfiguration");
     let bundle = mwc.webhooks.unwrap()[0]
         .client_config

@@ -40,7 +40,7 @@ fn table(secret: &str, source: Option<&str>) -> String {
 fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
-        random_secret().to_lowercase().replace(['_', '-'], "")[..8].to_string()
+        &random_secret().to_lowercase().replace(['_', '-'], "")[..8]
     )
 }
 
@@ -68,6 +68,7 @@ async fn a_labelled_namespace_gets_the_secret_and_a_rotation_follows() {
     let first = c.docker_secret(SYSTEM, source, "ghcr.io");
     let h = hook(c, &table(name, Some(source))).await;
     let ns = unique("team");
+    let _opted_in = OptedIn::new(c, &[&ns]);
     let started = Instant::now();
     c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
     let copy = h.eventually(10, "the copy", || secret(c, &ns, name)).await;
@@ -115,6 +116,304 @@ async fn a_labelled_namespace_gets_the_secret_and_a_rotation_follows() {
         ) >= 1.0,
         "{text}"
     );
-    c.ok(&["label", "namespace", &ns, "image-mirror/inject-"]);
     drop(h);
+}
+
+/// Takes the opt-in label off namespaces.
+fn opt_out(c: &Cluster, namespaces: &[&str]) {
+    for ns in namespaces {
+        c.ok(&["label", "namespace", ns, "image-mirror/inject-"]);
+    }
+}
+
+/// Namespaces a test opts in, opted out again when it ends, even by a panic: a later test's
+/// controller would otherwise act on them.
+struct OptedIn(&'static Cluster, Vec<String>);
+
+impl OptedIn {
+    fn new(c: &'static Cluster, namespaces: &[&str]) -> OptedIn {
+        OptedIn(c, namespaces.iter().map(|n| n.to_string()).collect())
+    }
+}
+
+impl Drop for OptedIn {
+    fn drop(&mut self) {
+        for ns in &self.1 {
+            let _ = self
+                .0
+                .kubectl(&["label", "namespace", ns, "image-mirror/inject-"]);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opting_out_removes_only_managed_secrets_and_a_foreign_one_is_left_alone() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    c.docker_secret(SYSTEM, SOURCE, "ghcr.io");
+    let (ours, theirs) = (unique("ours"), unique("theirs"));
+    let _opted_in = OptedIn::new(c, &[&ours, &theirs]);
+    c.namespace(&theirs, &[]);
+    let foreign = c.docker_secret(&theirs, PULL, "ghcr.io");
+    let h = hook(c, &table(PULL, Some(SOURCE))).await;
+    c.namespace(&ours, &[("image-mirror/inject", "enabled")]);
+    c.namespace(&theirs, &[("image-mirror/inject", "enabled")]);
+    h.eventually(10, "our copy", || secret(c, &ours, PULL))
+        .await;
+
+    // Someone else's Secret of that name: counted once, an Event on the namespace, untouched.
+    let conflicts = format!("image_mirror_pull_secret_conflicts_total{{secret=\"{PULL}\"}}");
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = h.metrics().await;
+        if sample(&text, &conflicts) >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sample(&text, &conflicts), 1.0, "{text}\n{}", h.log());
+    let event = h
+        .eventually(10, "the conflict Event", || {
+            let events = c.get(&["-n", "default", "events.events.k8s.io"])?;
+            events["items"]
+                .as_array()?
+                .iter()
+                .find(|e| e["regarding"]["name"] == theirs.as_str())
+                .cloned()
+        })
+        .await;
+    assert_eq!(event["reason"], "PullSecretConflict");
+    assert_eq!(event["type"], "Warning");
+    assert!(event["note"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("{theirs}/{PULL}")));
+    let theirs_now = secret(c, &theirs, PULL).unwrap();
+    assert!(theirs_now["metadata"]["labels"]
+        .get("app.kubernetes.io/managed-by")
+        .is_none());
+    let config = theirs_now["data"][".dockerconfigjson"].as_str().unwrap();
+    assert_eq!(
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, config).unwrap(),
+        foreign.as_bytes()
+    );
+
+    // Both opt out: ours goes, theirs stays.
+    opt_out(c, &[&ours, &theirs]);
+    h.eventually(10, "our copy gone", || {
+        secret(c, &ours, PULL).is_none().then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        secret(c, &theirs, PULL).is_some(),
+        "a foreign Secret was deleted"
+    );
+}
+
+/// `kubectl run` as admin in `ns`: the stored Pod, and what kubectl printed as warnings.
+fn run_pod(c: &Cluster, ns: &str, name: &str, image: &str) -> (Value, String) {
+    let out = c.kubectl(&[
+        "-n",
+        ns,
+        "run",
+        name,
+        &format!("--image={image}"),
+        "--restart=Never",
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "kubectl run: {said}");
+    (c.get(&["-n", ns, "pod", name]).unwrap(), said)
+}
+
+fn image_of<'a>(pod: &'a Value, list: &str, i: usize) -> &'a str {
+    pod["spec"][list][i]["image"].as_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_is_sent_to_the_mirror_only_where_its_pull_secret_exists() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    let (with, without) = (unique("with"), unique("without"));
+    let _opted_in = OptedIn::new(c, &[&with, &without]);
+    for ns in [&with, &without] {
+        c.namespace(ns, &[("image-mirror/inject", "enabled")]);
+    }
+    c.docker_secret(&with, PULL, "ghcr.io");
+    // Nothing provisioned: the table names the secret but no source for it.
+    let h = hook(c, &table(PULL, None)).await;
+    c.register(&unique("mwc"), &h, &[&with, &without]);
+
+    let (pod, said) = run_pod(c, &with, "web", "nginx:1.27");
+    assert_eq!(
+        image_of(&pod, "containers", 0),
+        "ghcr.io/acme/mirror/docker.io/library/nginx:1.27"
+    );
+    assert_eq!(pod["spec"]["imagePullSecrets"], json!([{"name": PULL}]));
+    assert!(
+        said.contains("image-mirror: container \"web\": nginx:1.27 -> ghcr.io/acme/mirror"),
+        "{said}"
+    );
+
+    let (pod, said) = run_pod(c, &without, "web", "nginx:1.27");
+    assert_eq!(image_of(&pod, "containers", 0), "nginx:1.27");
+    assert!(pod["spec"].get("imagePullSecrets").is_none(), "{pod}");
+    assert!(
+        said.contains(&format!(
+            "kept nginx:1.27: the mirror's pull secret \"{PULL}\" is missing in namespace \"{without}\""
+        )),
+        "{said}"
+    );
+    let text = h.metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            "image_mirror_skips_total{reason=\"pull-secret-missing\"}"
+        ),
+        1.0
+    );
+    opt_out(c, &[&with, &without]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_debug_goes_to_the_mirror_only_when_the_pod_has_its_pull_secret() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    let ns = unique("debug");
+    let _opted_in = OptedIn::new(c, &[&ns]);
+    c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+    c.docker_secret(&ns, PULL, "ghcr.io");
+    // Created before the webhook is there: a Pod without the mirror's pull secret.
+    let (plain, _) = run_pod(c, &ns, "before", "nginx:1.27");
+    assert!(plain["spec"].get("imagePullSecrets").is_none());
+    let h = hook(c, &table(PULL, None)).await;
+    c.register(&unique("mwc"), &h, &[&ns]);
+    let (with, _) = run_pod(c, &ns, "after", "nginx:1.27");
+    assert_eq!(with["spec"]["imagePullSecrets"], json!([{"name": PULL}]));
+
+    let debug = |pod: &str| {
+        let out = c.kubectl(&[
+            "-n",
+            &ns,
+            "debug",
+            pod,
+            "--image=busybox:1.36",
+            "--container=debugger",
+        ]);
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "kubectl debug: {said}");
+        (c.get(&["-n", &ns, "pod", pod]).unwrap(), said)
+    };
+    let (pod, said) = debug("after");
+    assert_eq!(
+        image_of(&pod, "ephemeralContainers", 0),
+        "ghcr.io/acme/mirror/docker.io/library/busybox:1.36"
+    );
+    // The record the annotation would have got (merged with the Pod's earlier one).
+    assert!(
+        said.lines()
+            .any(|l| l.contains("image-mirror: original images: {")
+                && l.contains("\"debugger\":\"busybox:1.36\"")),
+        "{said}"
+    );
+
+    let (pod, said) = debug("before");
+    assert_eq!(image_of(&pod, "ephemeralContainers", 0), "busybox:1.36");
+    assert!(pod["spec"].get("imagePullSecrets").is_none(), "{pod}");
+    assert!(
+        said.contains("does not reference the mirror's pull secret"),
+        "{said}"
+    );
+    opt_out(c, &[&ns]);
+    drop(h);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_apply_the_same_secret_and_never_flap() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    c.docker_secret(SYSTEM, SOURCE, "ghcr.io");
+    let t = table(PULL, Some(SOURCE));
+    let (a, b) = (hook(c, &t).await, hook(c, &t).await);
+    let ns = unique("pair");
+    let _opted_in = OptedIn::new(c, &[&ns]);
+    c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+    let first = a.eventually(10, "the copy", || secret(c, &ns, PULL)).await;
+    let version = |s: &Value| {
+        s["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // Both replicas reconcile it, and it does not change: one field manager, one content.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = secret(c, &ns, PULL).unwrap();
+    assert_eq!(
+        version(&later),
+        version(&first),
+        "the copy changed while nothing else did"
+    );
+    let managers = later["metadata"]["managedFields"].as_array().unwrap();
+    assert_eq!(managers.len(), 1, "{managers:?}");
+    // A rotation lands once, and stays.
+    let rotated = c.docker_secret(SYSTEM, SOURCE, "ghcr.io");
+    let decoded = |s: &Value| {
+        let d = s["data"][".dockerconfigjson"].as_str().unwrap();
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, d).unwrap()
+    };
+    let after = a
+        .eventually(10, "the rotation", || {
+            secret(c, &ns, PULL).filter(|s| decoded(s) == rotated.as_bytes())
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(version(&secret(c, &ns, PULL).unwrap()), version(&after));
+    // Opting out: deleted once; neither replica fails over the other's delete.
+    opt_out(c, &[&ns]);
+    a.eventually(10, "the copy gone", || {
+        secret(c, &ns, PULL).is_none().then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for h in [&a, &b] {
+        let text = h.metrics().await;
+        assert!(
+            !text.contains("image_mirror_pull_secret_reconcile_errors_total{"),
+            "{text}\n{}",
+            h.log()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_pull_secrets_component_secrets_are_injected_unchecked() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    // An identity with only the base's rights (namespaces), as the ECR overlay has.
+    let sa = unique("base-only");
+    c.ok(&["-n", SYSTEM, "create", "serviceaccount", &sa]);
+    c.ok(&[
+        "create",
+        "clusterrolebinding",
+        &sa,
+        "--clusterrole=image-mirror-webhook",
+        &format!("--serviceaccount={SYSTEM}:{sa}"),
+    ]);
+    let ns = unique("unchecked");
+    let _opted_in = OptedIn::new(c, &[&ns]);
+    c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+    let h = Hook::start(&table(PULL, Some(SOURCE)), &c.token_kubeconfig(SYSTEM, &sa)).await;
+    assert!(h.log().contains("no right to read Secrets"), "{}", h.log());
+    c.register(&unique("mwc"), &h, &[&ns]);
+    let (pod, _) = run_pod(c, &ns, "web", "nginx:1.27");
+    assert_eq!(
+        image_of(&pod, "containers", 0),
+        "ghcr.io/acme/mirror/docker.io/library/nginx:1.27"
+    );
+    assert_eq!(pod["spec"]["imagePullSecrets"], json!([{"name": PULL}]));
+    assert!(
+        secret(c, &ns, PULL).is_none(),
+        "nothing is provisioned without the rights"
+    );
+    opt_out(c, &[&ns]);
 }

@@ -45,6 +45,8 @@ pub const MANAGED_BY_VALUE: &str = "image-mirror-webhook";
 /// Where a managed Secret says which Secret it is a copy of.
 pub const SOURCE_ANNOTATION: &str = "image-mirror/pull-secret-from";
 const DOCKER_CONFIG_JSON: &str = "kubernetes.io/dockerconfigjson";
+/// Reconciles the controller runs at once.
+const RECONCILES_AT_ONCE: u16 = 8;
 /// Namespace label values that opt a namespace in.
 const OPTED_IN: [&str; 2] = ["enabled", "report"];
 
@@ -278,10 +280,13 @@ async fn wire(
     }
     let mut namespaces = None;
     if !wiring.provisioned.is_empty() {
+        // A few reconciles at once: a thousand namespaces opted in together are worked through
+        // in a steady stream instead of a thousand requests (and their buffers) at once.
         let controller = Controller::new(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default(),
-        );
+        )
+        .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILES_AT_ONCE));
         namespaces = Some(controller.store());
         let ctx = Arc::new(Context {
             client: client.clone(),
