@@ -126,7 +126,11 @@ pub fn summary(config: &Config) -> String {
     let _ = writeln!(s, "{}: OK", table.source_name());
     let _ = writeln!(s, "mirrors ({}):", table.mirrors().len());
     for m in table.mirrors() {
-        let secret = m.pull_secret.as_deref().unwrap_or("none");
+        let secret = match (&m.pull_secret, &m.pull_secret_from) {
+            (Some(s), Some(from)) => format!("{s} (from {from})"),
+            (Some(s), None) => s.clone(),
+            (None, _) => "none".to_string(),
+        };
         match &m.kind {
             MirrorKind::Repository { prefix, naming } => {
                 let _ = writeln!(
