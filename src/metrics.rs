@@ -18,6 +18,8 @@ pub struct RewriteLabels {
     pub namespace: String,
     pub source_registry: String,
     pub mirror: String,
+    /// `container`, `init-container`, `ephemeral-container` or `image-volume`.
+    pub kind: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

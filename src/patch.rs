@@ -13,17 +13,18 @@ use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
 use jsonptr::PointerBuf;
 use serde_json::{Map, Value};
 
-use crate::pod::{ContainerList, Pod};
+use crate::pod::{ImageSite, Pod};
 
 /// The annotation recording each container's original image (JSON: container name → image).
 pub const ORIGINAL_IMAGES_ANNOTATION: &str = "image-mirror/original-images";
 
-/// One container's image rewrite.
+/// One image's rewrite.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageChange {
-    pub list: ContainerList,
+    pub site: ImageSite,
     pub index: usize,
-    pub container: String,
+    /// Its key in the original-images record.
+    pub key: String,
     pub original: String,
     pub image: String,
 }
@@ -57,8 +58,12 @@ pub fn build_patch(pod: &Pod, changes: &[ImageChange], pull_secrets: &[&str]) ->
 pub fn image_ops(changes: &[ImageChange]) -> Vec<PatchOperation> {
     let mut ops = Vec::with_capacity(changes.len() + 2);
     for c in changes {
+        let index = c.index.to_string();
+        let tokens = ["spec", c.site.field(), index.as_str()]
+            .into_iter()
+            .chain(c.site.image_path().iter().copied());
         ops.push(PatchOperation::Replace(ReplaceOperation {
-            path: PointerBuf::from_tokens(["spec", c.list.field(), &c.index.to_string(), "image"]),
+            path: PointerBuf::from_tokens(tokens),
             value: Value::String(c.image.clone()),
         }));
     }
@@ -101,7 +106,7 @@ pub fn original_images(pod: &Pod, changes: &[ImageChange]) -> Option<String> {
     for c in changes {
         // A re-invocation keeps the first original, not our own earlier rewrite.
         record
-            .entry(c.container.clone())
+            .entry(c.key.clone())
             .or_insert_with(|| Value::String(c.original.clone()));
     }
     Some(Value::Object(record).to_string())
@@ -137,11 +142,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn change(list: ContainerList, index: usize, name: &str, from: &str, to: &str) -> ImageChange {
+    fn change(site: ImageSite, index: usize, name: &str, from: &str, to: &str) -> ImageChange {
         ImageChange {
-            list,
+            site,
             index,
-            container: name.into(),
+            key: name.into(),
             original: from.into(),
             image: to.into(),
         }
@@ -162,13 +167,7 @@ mod tests {
         let pod = json!({"metadata": {"annotations": {"a/b~c": "x"}}, "spec": {"containers": [{"name": "c", "image": "nginx"}]}});
         let ops = build(
             &pod,
-            &[change(
-                ContainerList::Containers,
-                0,
-                "c",
-                "nginx",
-                "m/nginx",
-            )],
+            &[change(ImageSite::Containers, 0, "c", "nginx", "m/nginx")],
             &[],
         )
         .ops;
@@ -187,7 +186,7 @@ mod tests {
 
     #[test]
     fn shapes_of_annotations_and_secrets() {
-        let c = [change(ContainerList::Containers, 0, "c", "a", "b")];
+        let c = [change(ImageSite::Containers, 0, "c", "a", "b")];
         for pod in [
             json!({"metadata": {}, "spec": {"containers": [{"name": "c", "image": "a"}]}}),
             json!({"metadata": {"annotations": null}, "spec": {"containers": [{"name": "c", "image": "a"}], "imagePullSecrets": null}}),
@@ -204,7 +203,7 @@ mod tests {
     #[test]
     fn secrets_are_merged_without_duplicates() {
         let pod = json!({"spec": {"containers": [{"name": "c", "image": "a"}], "imagePullSecrets": [{"name": "other"}, {"name": "s"}]}});
-        let c = [change(ContainerList::Containers, 0, "c", "a", "b")];
+        let c = [change(ImageSite::Containers, 0, "c", "a", "b")];
         let patch = build(&pod, &c, &["s", "s"]);
         assert!(patch.added_secrets.is_empty());
         let ops = patch.ops;
@@ -227,13 +226,7 @@ mod tests {
             &pod,
             build(
                 &pod,
-                &[change(
-                    ContainerList::Containers,
-                    1,
-                    "b",
-                    "redis",
-                    "m/redis",
-                )],
+                &[change(ImageSite::Containers, 1, "b", "redis", "m/redis")],
                 &[],
             )
             .ops,
@@ -242,6 +235,25 @@ mod tests {
             out["metadata"]["annotations"][ORIGINAL_IMAGES_ANNOTATION],
             r#"{"a":"nginx","b":"redis"}"#
         );
+    }
+
+    #[test]
+    fn an_image_volume_s_reference_is_replaced() {
+        let pod = json!({"spec": {"volumes": [{"name": "cfg", "configMap": {"name": "x"}},
+            {"name": "models", "image": {"reference": "redis:7", "pullPolicy": "Always"}}]}});
+        let c = [change(
+            ImageSite::Volumes,
+            1,
+            "volumes/models",
+            "redis:7",
+            "m/redis:7",
+        )];
+        let out = apply(&pod, build(&pod, &c, &["s"]).ops);
+        assert_eq!(
+            out["spec"]["volumes"][1]["image"],
+            json!({"reference": "m/redis:7", "pullPolicy": "Always"})
+        );
+        assert_eq!(out["spec"]["imagePullSecrets"], json!([{"name": "s"}]));
     }
 
     #[test]

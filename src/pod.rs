@@ -19,6 +19,9 @@ enum Keep {
     All,
     /// Keep these keys of an object (anything that is not an object is kept whole).
     Keys(&'static [(&'static str, Keep)]),
+    /// Keep every item of a list, each pruned by this (anything that is not a list is kept
+    /// whole).
+    Items(&'static Keep),
 }
 
 const METADATA: Keep = Keep::Keys(&[
@@ -29,11 +32,15 @@ const METADATA: Keep = Keep::Keys(&[
     ("annotations", Keep::All),
 ]);
 
+/// A volume: only its name and, for an image volume, the image.
+const VOLUME: Keep = Keep::Keys(&[("name", Keep::All), ("image", Keep::All)]);
+
 const SPEC: Keep = Keep::Keys(&[
     ("containers", Keep::All),
     ("initContainers", Keep::All),
     ("ephemeralContainers", Keep::All),
     ("imagePullSecrets", Keep::All),
+    ("volumes", Keep::Items(&VOLUME)),
 ]);
 
 const POD: Keep = Keep::Keys(&[
@@ -54,33 +61,73 @@ pub fn pruned<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pod>, D::Error> 
 /// The label (on Pods and namespaces) that opts a workload out (`disabled`) or a namespace in.
 pub const INJECT_LABEL: &str = "image-mirror/inject";
 
-/// The three container lists of a Pod spec.
+/// Where in a Pod spec an image is named: the three container lists, and image volumes
+/// (`spec.volumes[].image.reference`, which the kubelet pulls like a container image).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ContainerList {
+pub enum ImageSite {
     Containers,
     InitContainers,
     EphemeralContainers,
+    Volumes,
 }
 
-impl ContainerList {
+impl ImageSite {
     /// The field name in `spec`.
     pub fn field(self) -> &'static str {
         match self {
-            ContainerList::Containers => "containers",
-            ContainerList::InitContainers => "initContainers",
-            ContainerList::EphemeralContainers => "ephemeralContainers",
+            ImageSite::Containers => "containers",
+            ImageSite::InitContainers => "initContainers",
+            ImageSite::EphemeralContainers => "ephemeralContainers",
+            ImageSite::Volumes => "volumes",
+        }
+    }
+
+    /// The path of the image under one item of the list.
+    pub fn image_path(self) -> &'static [&'static str] {
+        match self {
+            ImageSite::Volumes => &["image", "reference"],
+            _ => &["image"],
+        }
+    }
+
+    /// The `kind` label of the rewrite metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ImageSite::Containers => "container",
+            ImageSite::InitContainers => "init-container",
+            ImageSite::EphemeralContainers => "ephemeral-container",
+            ImageSite::Volumes => "image-volume",
+        }
+    }
+
+    /// How warnings name one item: `container "web"`, `volume "models"`.
+    pub fn noun(self) -> &'static str {
+        match self {
+            ImageSite::Volumes => "volume",
+            _ => "container",
         }
     }
 }
 
-/// A well-formed container: an object in one of the lists, with a string `image`.
+/// A well-formed image: an object in one of the lists, with a string image.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerRef<'a> {
-    pub list: ContainerList,
+pub struct ImageRef<'a> {
+    pub site: ImageSite,
     pub index: usize,
-    /// The container's name; `containers[2]`-style when the Pod gave none.
+    /// The container's or volume's name; `containers[2]`-style when the Pod gave none.
     pub name: String,
     pub image: &'a str,
+}
+
+impl ImageRef<'_> {
+    /// Its key in the original-images record: the container's name, `volumes/NAME` for an
+    /// image volume (volume and container names may be the same).
+    pub fn record_key(&self) -> String {
+        match self.site {
+            ImageSite::Volumes => format!("volumes/{}", self.name),
+            _ => self.name.clone(),
+        }
+    }
 }
 
 /// A Pod as a review carries it, pruned ([`pruned`]). Nothing here assumes the Pod is well
@@ -154,26 +201,32 @@ impl Pod {
             .unwrap_or_default()
     }
 
-    /// The well-formed containers of `lists`; anything malformed is passed over.
-    pub fn containers(&self, lists: &[ContainerList]) -> Vec<ContainerRef<'_>> {
+    /// The well-formed images of `sites`; anything malformed (and any volume that is not an
+    /// image volume) is passed over.
+    pub fn images(&self, sites: &[ImageSite]) -> Vec<ImageRef<'_>> {
         let Some(spec) = self.0.get("spec").and_then(Value::as_object) else {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for &list in lists {
-            let Some(items) = spec.get(list.field()).and_then(Value::as_array) else {
+        for &site in sites {
+            let Some(items) = spec.get(site.field()).and_then(Value::as_array) else {
                 continue;
             };
             for (index, item) in items.iter().enumerate() {
-                let Some(image) = item.get("image").and_then(Value::as_str) else {
+                let image = site
+                    .image_path()
+                    .iter()
+                    .try_fold(item, |v, key| v.get(key))
+                    .and_then(Value::as_str);
+                let Some(image) = image else {
                     continue;
                 };
                 let name = match item.get("name").and_then(Value::as_str) {
                     Some(n) => n.to_string(),
-                    None => format!("{}[{index}]", list.field()),
+                    None => format!("{}[{index}]", site.field()),
                 };
-                out.push(ContainerRef {
-                    list,
+                out.push(ImageRef {
+                    site,
                     index,
                     name,
                     image,
@@ -192,12 +245,12 @@ impl<'de> DeserializeSeed<'de> for Pruned {
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         match self.0 {
             Keep::All => Value::deserialize(d),
-            Keep::Keys(keys) => d.deserialize_any(PrunedVisitor(keys)),
+            keep => d.deserialize_any(PrunedVisitor(keep)),
         }
     }
 }
 
-struct PrunedVisitor(&'static [(&'static str, Keep)]);
+struct PrunedVisitor(Keep);
 
 impl<'de> Visitor<'de> for PrunedVisitor {
     type Value = Value;
@@ -207,9 +260,17 @@ impl<'de> Visitor<'de> for PrunedVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let Keep::Keys(keys) = self.0 else {
+            // Not the object this rule expects: kept whole, as the full parse would have it.
+            let mut out = Map::new();
+            while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                out.insert(k, v);
+            }
+            return Ok(Value::Object(out));
+        };
         let mut out = Map::new();
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match self.0.iter().find(|(k, _)| *k == key) {
+            match keys.iter().find(|(k, _)| *k == key) {
                 Some((k, keep)) => {
                     let v = map.next_value_seed(Pruned(*keep))?;
                     out.insert((*k).to_string(), v);
@@ -222,11 +283,20 @@ impl<'de> Visitor<'de> for PrunedVisitor {
         Ok(Value::Object(out))
     }
 
-    // Not an object: kept whole, as the full parse would have it.
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut out = Vec::new();
-        while let Some(v) = seq.next_element::<Value>()? {
-            out.push(v);
+        match self.0 {
+            Keep::Items(item) => {
+                while let Some(v) = seq.next_element_seed(Pruned(*item))? {
+                    out.push(v);
+                }
+            }
+            // Not a list this rule expects: kept whole, as the full parse would have it.
+            _ => {
+                while let Some(v) = seq.next_element::<Value>()? {
+                    out.push(v);
+                }
+            }
         }
         Ok(Value::Array(out))
     }
@@ -271,7 +341,10 @@ mod tests {
                         .filter_map(|(k, r)| m.get(*k).map(|v| (k.to_string(), keep(v, *r))))
                         .collect(),
                 ),
-                (Keep::Keys(_), v) => v.clone(),
+                (Keep::Items(item), Value::Array(a)) => {
+                    Value::Array(a.iter().map(|v| keep(v, *item)).collect())
+                }
+                (_, v) => v.clone(),
             }
         }
         keep(full, POD)
@@ -350,6 +423,8 @@ mod tests {
             "status",
             "managedFields",
             "kind",
+            "volumes",
+            "reference",
             "other",
         ]);
         let leaf = prop_oneof![
@@ -380,14 +455,38 @@ mod tests {
     #[test]
     fn malformed_containers_are_passed_over() {
         let pod = Pod::from_value(&json!({"spec": {"containers": [{"name": "a"}, 7, {"name": "b", "image": 3}, {"image": "x"}], "initContainers": null}})).unwrap();
-        let found = pod.containers(&[ContainerList::Containers, ContainerList::InitContainers]);
+        let found = pod.images(&[ImageSite::Containers, ImageSite::InitContainers]);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].name, "containers[3]");
         assert_eq!(found[0].index, 3);
         for odd in [json!({"spec": 1}), json!({})] {
             let pod = Pod::from_value(&odd).unwrap();
-            assert!(pod.containers(&[ContainerList::Containers]).is_empty());
+            assert!(pod.images(&[ImageSite::Containers]).is_empty());
         }
+    }
+
+    #[test]
+    fn image_volumes_are_images_other_volumes_are_not() {
+        let pod = Pod::from_value(&json!({"spec": {"volumes": [
+            {"name": "models", "image": {"reference": "quay.io/crio/artifact:v2", "pullPolicy": "IfNotPresent"}},
+            {"name": "config", "configMap": {"name": "c", "items": [{"key": "k", "path": "p"}]}},
+            {"name": "odd", "image": {"reference": 7}},
+            {"image": {"reference": "redis:7"}}]}}))
+        .unwrap();
+        let found = pod.images(&[ImageSite::Volumes]);
+        let seen: Vec<(String, &str, usize)> = found
+            .iter()
+            .map(|i| (i.record_key(), i.image, i.index))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("volumes/models".to_string(), "quay.io/crio/artifact:v2", 0),
+                ("volumes/volumes[3]".to_string(), "redis:7", 3)
+            ]
+        );
+        // The configMap volume is pruned to its name.
+        assert_eq!(pod.json()["spec"]["volumes"][1], json!({"name": "config"}));
     }
 
     #[test]

@@ -48,6 +48,7 @@ const COVERED: &[&str] = &[
     "pod_update",
     "pod_with_escaped_annotation_keys",
     "pod_with_existing_pull_secrets",
+    "pod_with_image_volume",
     "pod_with_init_containers",
     "pod_with_mirror_pull_secret",
     "pod_with_null_containers",
@@ -131,6 +132,26 @@ fixture!(pod_with_mirror_pull_secret, |_req, resp, pod| {
         !ops.iter().any(|o| o["path"] == "/spec/imagePullSecrets"),
         "no secret op when present: {ops:?}"
     );
+});
+
+fixture!(pod_with_image_volume, |_req, resp, pod| {
+    // The kubelet pulls image volumes like containers: the Docker Hub one goes to the mirror
+    // and brings the pull secret; the container and the quay.io volume are not the table's.
+    assert_eq!(
+        pod["spec"]["volumes"][0]["image"],
+        json!({"reference": format!("{MIRROR}/redis:7.2.5"), "pullPolicy": "IfNotPresent"})
+    );
+    assert_eq!(
+        pod["spec"]["volumes"][1]["image"]["reference"],
+        "quay.io/crio/artifact:v2"
+    );
+    assert_eq!(images(&pod, "containers"), ["quay.io/acme/inference:2.1"]);
+    assert_eq!(secrets(&pod), ["ghcr-pull"]);
+    assert_eq!(
+        original_images(&pod),
+        json!({"volumes/models": "redis:7.2.5"})
+    );
+    assert!(warnings(&resp)[0].starts_with("image-mirror: volume \"models\": redis:7.2.5 -> "));
 });
 
 fixture!(pod_with_escaped_annotation_keys, |_req, resp, pod| {
@@ -240,7 +261,7 @@ async fn every_fixture_is_counted() {
     let count = |sample: &str| scrape(&text, sample);
     assert_eq!(
         count("image_mirror_admission_requests_total{operation=\"CREATE\",result=\"patched\"}"),
-        12.0
+        13.0
     );
     assert_eq!(
         count("image_mirror_admission_requests_total{operation=\"UPDATE\",result=\"patched\"}"),
@@ -268,13 +289,17 @@ async fn every_fixture_is_counted() {
     );
     assert_eq!(count("image_mirror_unparsable_images_total"), 1.0);
     assert!(
-        count("image_mirror_rewrites_total{namespace=\"team-a\",source_registry=\"docker.io\",mirror=\"ghcr\"}")
+        count("image_mirror_rewrites_total{namespace=\"team-a\",source_registry=\"docker.io\",mirror=\"ghcr\",kind=\"container\"}")
             >= 300.0
     );
     // Every patched CREATE but one (its Pod has the secret); never on the ephemeral subresource.
     assert_eq!(
         count("image_mirror_pull_secrets_injected_total{secret=\"ghcr-pull\"}"),
-        11.0
+        12.0
+    );
+    assert_eq!(
+        count("image_mirror_rewrites_total{namespace=\"team-a\",source_registry=\"docker.io\",mirror=\"ghcr\",kind=\"image-volume\"}"),
+        1.0
     );
     assert_eq!(count("image_mirror_build_info{version=\"0.1.0\"}"), 1.0);
 }

@@ -18,7 +18,7 @@ pub use webhook::{Answer, Webhook};
 use crate::mapping::{CopyPolicy, Decision, KeepReason, KeepReasonKind, SwapPolicy, Table};
 use crate::mirror::{CopyRequest, Presence};
 use crate::patch::{self, ImageChange};
-use crate::pod::{ContainerList, Pod};
+use crate::pod::{ImageSite, Pod};
 use crate::reference::Reference;
 
 /// The admission layer's error: a body that is no review (HTTP 400), or trouble of our own
@@ -167,12 +167,14 @@ impl Skip {
     }
 }
 
-/// One container's decision within a request.
+/// One image's decision within a request.
 #[derive(Debug)]
 struct ContainerPlan<'t> {
-    list: ContainerList,
+    site: ImageSite,
     index: usize,
     name: String,
+    /// Its key in the original-images record.
+    key: String,
     image: String,
     decision: Decision<'t>,
     /// Why the rewrite cannot happen for want of a pull secret (the warning's words).
@@ -197,6 +199,7 @@ pub type SecretLookup<'a> = &'a dyn Fn(&str, &str) -> bool;
 /// A rewrite that happened, for metrics and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RewriteRecord {
+    pub site: ImageSite,
     pub container: String,
     pub source: String,
     pub source_registry: String,
@@ -227,11 +230,13 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
     };
     let is_pods = req.resource.group.is_empty() && req.resource.resource == "pods";
     let sub = req.sub_resource.as_deref().unwrap_or("");
-    let lists: &[ContainerList] = match (is_pods, sub, &req.operation) {
-        (true, "", Operation::Create) => {
-            &[ContainerList::Containers, ContainerList::InitContainers]
-        }
-        (true, "ephemeralcontainers", Operation::Update) => &[ContainerList::EphemeralContainers],
+    let sites: &[ImageSite] = match (is_pods, sub, &req.operation) {
+        (true, "", Operation::Create) => &[
+            ImageSite::Containers,
+            ImageSite::InitContainers,
+            ImageSite::Volumes,
+        ],
+        (true, "ephemeralcontainers", Operation::Update) => &[ImageSite::EphemeralContainers],
         _ => return skipped(Skip::NotAPod),
     };
     let Some(pod) = req.object.as_ref() else {
@@ -244,17 +249,17 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
         return skipped(Skip::NamespaceExcluded);
     }
     // Ephemeral containers cannot change once added: touch only the ones this update adds.
-    let old_names: Vec<String> = match (lists, req.old_object.as_ref()) {
-        ([ContainerList::EphemeralContainers], Some(old)) => {
-            old.containers(lists).into_iter().map(|c| c.name).collect()
+    let old_names: Vec<String> = match (sites, req.old_object.as_ref()) {
+        ([ImageSite::EphemeralContainers], Some(old)) => {
+            old.images(sites).into_iter().map(|c| c.name).collect()
         }
         _ => Vec::new(),
     };
-    let ephemeral = lists == [ContainerList::EphemeralContainers];
+    let ephemeral = sites == [ImageSite::EphemeralContainers];
     let namespace = review.namespace();
     let referenced = pod.pull_secrets();
     let containers = pod
-        .containers(lists)
+        .images(sites)
         .into_iter()
         .filter(|c| !old_names.contains(&c.name))
         .map(|c| {
@@ -281,7 +286,8 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
             ContainerPlan {
                 decision,
                 secret_missing,
-                list: c.list,
+                key: c.record_key(),
+                site: c.site,
                 index: c.index,
                 name: c.name,
                 image: c.image.to_string(),
@@ -331,8 +337,10 @@ impl<'t> Plan<'t> {
                     m.skips.push(Skip::Image(keep.reason.kind()));
                     if let KeepReason::Unparsable(e) = &keep.reason {
                         m.warnings.push(format!(
-                            "image-mirror: container {:?}: image {:?} left unchanged: {e}",
-                            c.name, c.image
+                            "image-mirror: {} {:?}: image {:?} left unchanged: {e}",
+                            c.site.noun(),
+                            c.name,
+                            c.image
                         ));
                     }
                     continue;
@@ -341,8 +349,10 @@ impl<'t> Plan<'t> {
             if let Some(why) = &c.secret_missing {
                 m.skips.push(Skip::PullSecretMissing);
                 m.warnings.push(format!(
-                    "image-mirror: container {:?}: kept {}: {why}",
-                    c.name, c.image
+                    "image-mirror: {} {:?}: kept {}: {why}",
+                    c.site.noun(),
+                    c.name,
+                    c.image
                 ));
                 continue;
             }
@@ -356,7 +366,8 @@ impl<'t> Plan<'t> {
                             m.copies.push(CopyRequest::for_rewrite(rw));
                         }
                         m.warnings.push(format!(
-                            "image-mirror: container {:?}: mirror lacks {}; kept {}{}",
+                            "image-mirror: {} {:?}: mirror lacks {}; kept {}{}",
+                            c.site.noun(),
                             c.name,
                             rw.target,
                             c.image,
@@ -376,10 +387,14 @@ impl<'t> Plan<'t> {
                 }
             }
             m.warnings.push(format!(
-                "image-mirror: container {:?}: {} -> {}",
-                c.name, c.image, rw.target
+                "image-mirror: {} {:?}: {} -> {}",
+                c.site.noun(),
+                c.name,
+                c.image,
+                rw.target
             ));
             m.rewrites.push(RewriteRecord {
+                site: c.site,
                 container: c.name.clone(),
                 source: c.image.clone(),
                 source_registry: rw.source.registry().to_string(),
@@ -387,9 +402,9 @@ impl<'t> Plan<'t> {
                 mirror: rw.mirror_name().to_string(),
             });
             changes.push(ImageChange {
-                list: c.list,
+                site: c.site,
                 index: c.index,
-                container: c.name.clone(),
+                key: c.key.clone(),
                 original: c.image.clone(),
                 image: rw.target.to_string(),
             });

@@ -152,6 +152,7 @@ impl Webhook {
                     namespace: namespace.to_string(),
                     source_registry: r.source_registry.clone(),
                     mirror: r.mirror.clone(),
+                    kind: r.site.label(),
                 })
                 .inc();
         }
