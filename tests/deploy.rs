@@ -609,6 +609,7 @@ fn monitoring_names_only_metrics_the_binary_exports() {
             namespace: "x".into(),
             source_registry: "x".into(),
             mirror: "x".into(),
+            kind: "x",
         })
         .inc();
     m.skips.get_or_create(&ReasonLabels { reason: "x" }).inc();
