@@ -3,7 +3,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use image_mirror_webhook::admission::{plan, response_body, Review, Webhook};
+use image_mirror_webhook::admission::{plan, response_body, Mode, Review, Webhook};
 use image_mirror_webhook::config::{Config, ConfigHandle};
 use image_mirror_webhook::metrics::Metrics;
 use image_mirror_webhook::mirror::Presence;
@@ -43,7 +43,7 @@ fn bench(c: &mut Criterion) {
         .build()
         .expect("runtime");
     c.bench_function("admission/webhook_3_containers", |b| {
-        b.iter(|| black_box(rt.block_on(webhook.review(black_box(&body)))))
+        b.iter(|| black_box(rt.block_on(webhook.review(black_box(&body), Mode::Enforce))))
     });
 }
 

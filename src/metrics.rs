@@ -75,6 +75,7 @@ pub struct Metrics {
     pub admission_requests: Family<RequestLabels, Counter>,
     pub admission_duration: Histogram,
     pub rewrites: Family<RewriteLabels, Counter>,
+    pub would_rewrite: Family<RewriteLabels, Counter>,
     pub skips: Family<ReasonLabels, Counter>,
     pub pull_secrets_injected: Family<SecretLabels, Counter>,
     pub unparsable_images: Counter,
@@ -103,6 +104,7 @@ impl Default for Metrics {
             admission_requests: Family::default(),
             admission_duration: Histogram::new(ADMISSION_BUCKETS),
             rewrites: Family::default(),
+            would_rewrite: Family::default(),
             skips: Family::default(),
             pull_secrets_injected: Family::default(),
             unparsable_images: Counter::default(),
@@ -146,6 +148,11 @@ impl Metrics {
             "rewrites",
             "Container images rewritten to a mirror",
             m.rewrites.clone(),
+        );
+        r.register(
+            "would_rewrite",
+            "Images report-only mode would have rewritten",
+            m.would_rewrite.clone(),
         );
         r.register(
             "skips",

@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::admission::{Answer, Webhook};
+use crate::admission::{Answer, Mode, Webhook};
 use crate::config::{ConfigError, ConfigHandle};
 use crate::metrics::Metrics;
 use crate::mirror::{MirrorAccess, MirrorService};
@@ -74,8 +74,10 @@ const DRAIN_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
 /// Where `/metrics` listens unless told otherwise.
 pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
-/// The admission path the MutatingWebhookConfiguration calls.
+/// The admission path the MutatingWebhookConfiguration calls (in the `serve --mode`).
 pub const MUTATE_PATH: &str = "/mutate";
+/// The path of the report-only webhook (namespaces labelled `image-mirror/inject=report`).
+pub const REPORT_PATH: &str = "/report";
 
 /// Something readiness waits for besides the listeners (the Kubernetes caches).
 pub type Gate = Arc<dyn Fn() -> bool + Send + Sync>;
@@ -114,19 +116,26 @@ impl Readiness {
 struct AppState {
     webhook: Arc<Webhook>,
     ready: Readiness,
+    /// What `/mutate` does (`/report` always reports).
+    mode: Mode,
 }
 
 /// The admission router: `/mutate`, `/healthz`, `/readyz`. Exposed so tests can drive the HTTP
 /// surface without a socket.
-pub fn router(webhook: Arc<Webhook>, ready: Readiness) -> Router {
+pub fn router(webhook: Arc<Webhook>, ready: Readiness, mode: Mode) -> Router {
     Router::new()
         .route(MUTATE_PATH, post(mutate))
+        .route(REPORT_PATH, post(report))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         // `mutate` applies the limit itself (axum's refuses without reading the body, and the
         // client, still sending, sees the connection cut instead of the status).
         .layer(DefaultBodyLimit::disable())
-        .with_state(AppState { webhook, ready })
+        .with_state(AppState {
+            webhook,
+            ready,
+            mode,
+        })
 }
 
 /// Why a request body was not read.
@@ -158,6 +167,15 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, BodyError> {
 }
 
 async fn mutate(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let mode = state.mode;
+    answer(state, headers, body, mode).await
+}
+
+async fn report(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    answer(state, headers, body, Mode::Report).await
+}
+
+async fn answer(state: AppState, headers: HeaderMap, body: Body, mode: Mode) -> Response {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -176,7 +194,7 @@ async fn mutate(State(state): State<AppState>, headers: HeaderMap, body: Body) -
             return (StatusCode::BAD_REQUEST, "request body could not be read").into_response()
         }
     };
-    match state.webhook.review(&body).await {
+    match state.webhook.review(&body, mode).await {
         Answer::Review(json) => {
             ([(header::CONTENT_TYPE, "application/json")], json).into_response()
         }
@@ -247,6 +265,8 @@ pub struct ServeOptions {
     pub strict: bool,
     /// Whether to use the Kubernetes API (pull secrets), when there is a client configuration.
     pub kubernetes: crate::cluster::Access,
+    /// What `/mutate` does: patch, or only report.
+    pub mode: Mode,
 }
 
 /// A server that is up: its addresses, and the means to stop it.
@@ -364,7 +384,7 @@ pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> Result<Running, Serv
     let https = axum_server::from_tcp_rustls(listener, rustls)
         .map_err(listen_error(opts.listen))?
         .handle(handle.clone())
-        .serve(router(Arc::new(webhook), ready.clone()).into_make_service());
+        .serve(router(Arc::new(webhook), ready.clone(), opts.mode).into_make_service());
 
     let metrics_listener = tokio::net::TcpListener::bind(opts.metrics_listen)
         .await

@@ -358,3 +358,116 @@ async fn the_embedded_table_rewrites_what_the_runbook_mirrored() {
     );
     assert_eq!(secrets(&pod), ["ghcr-pull"]);
 }
+
+/// Report-only mode, fixture by fixture: the same decisions as `/mutate`, nothing patched, the
+/// kubectl user told what would change, and the audit log given the record.
+#[tokio::test]
+async fn report_mode_decides_the_same_and_patches_nothing() {
+    let app = App::new();
+    let mut reported = 0;
+    for name in COVERED {
+        let req = fixture(name);
+        let enforced = app.review(&req).await;
+        let report = app.review_at("/report", &req).await;
+        let r = &report["response"];
+        assert!(
+            r.get("patch").is_none() && r.get("patchType").is_none(),
+            "{name}: {report}"
+        );
+        let done: Vec<String> = warnings(&enforced)
+            .into_iter()
+            .filter(|w| w.contains(" -> "))
+            .collect();
+        for w in &done {
+            let (head, change) = w.split_once(": ").unwrap().1.split_once(": ").unwrap();
+            let would = format!("image-mirror: {head}: would rewrite {change}");
+            assert!(
+                warnings(&report).contains(&would),
+                "{name}: no {would:?} in {report}"
+            );
+        }
+        let audit = r["auditAnnotations"]["would-rewrite"].as_str();
+        if done.is_empty() {
+            assert!(audit.is_none(), "{name}: {report}");
+            continue;
+        }
+        reported += 1;
+        let record: Value = serde_json::from_str(audit.unwrap()).unwrap();
+        assert_eq!(record.as_object().unwrap().len(), done.len(), "{name}");
+        // Each target is what `/mutate` put there.
+        let pod = patched(&req, &enforced);
+        for (key, target) in record.as_object().unwrap() {
+            let found = ["containers", "initContainers", "ephemeralContainers"]
+                .iter()
+                .flat_map(|l| images(&pod, l))
+                .chain(
+                    pod["spec"]["volumes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|v| v["image"]["reference"].as_str().map(str::to_string)),
+                )
+                .any(|i| i == *target);
+            assert!(
+                found,
+                "{name}: {key} -> {target} is not in the enforced Pod"
+            );
+        }
+    }
+    assert!(reported >= 10, "{reported}");
+    let text = app.metrics_text();
+    promtool_check(&text);
+    assert!(
+        scrape(
+            &text,
+            "image_mirror_would_rewrite_total{namespace=\"team-a\",source_registry=\"docker.io\",mirror=\"ghcr\",kind=\"container\"}"
+        ) >= 300.0
+    );
+    assert!(
+        scrape(
+            &text,
+            "image_mirror_admission_requests_total{operation=\"CREATE\",result=\"reported\"}"
+        ) >= 10.0
+    );
+}
+
+/// A mirror that lacks everything, and remembers the copies asked of it.
+#[derive(Default)]
+struct EmptyMirror(std::sync::Mutex<Vec<String>>);
+
+impl image_mirror_webhook::mirror::MirrorAccess for EmptyMirror {
+    fn presence<'a>(
+        &'a self,
+        _target: &'a image_mirror_webhook::Reference,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = image_mirror_webhook::mirror::Presence> + Send + 'a>,
+    > {
+        Box::pin(std::future::ready(
+            image_mirror_webhook::mirror::Presence::Absent,
+        ))
+    }
+    fn request_copy(&self, copy: image_mirror_webhook::mirror::CopyRequest) {
+        self.0.lock().unwrap().push(copy.target.to_string());
+    }
+}
+
+#[tokio::test]
+async fn report_mode_still_queues_copies_so_mirrors_are_warm_before_the_switch() {
+    let mirror = std::sync::Arc::new(EmptyMirror::default());
+    let table = "mirrors:\n  m: {type: repository, registry: ghcr.io, prefix: m, naming: preserve}\n\
+                 rules:\n  - {match: [\"docker.io/**\"], mirror: m, swap: if-present, copy: on-demand}\n";
+    let app = App::with_mirrors(table, mirror.clone());
+    let req = fixture("pod_plain");
+    let report = app.review_at("/report", &req).await;
+    assert!(report["response"].get("patch").is_none());
+    assert!(
+        warnings(&report)
+            .iter()
+            .any(|w| w.contains("mirror lacks") && w.contains("copy queued")),
+        "{report}"
+    );
+    assert_eq!(
+        *mirror.0.lock().unwrap(),
+        ["ghcr.io/m/docker.io/library/nginx:1.27"]
+    );
+}

@@ -6,7 +6,9 @@ use std::process::Command;
 
 use base64::Engine as _;
 use image_mirror_webhook::mapping::Table;
-use image_mirror_webhook::server::{DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, MUTATE_PATH};
+use image_mirror_webhook::server::{
+    DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, MUTATE_PATH, REPORT_PATH,
+};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
@@ -188,12 +190,12 @@ fn port_of(addr: &str) -> i32 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
 }
 
-fn check_common(r: &Rendered) -> Deployment {
-    // The MutatingWebhookConfiguration.
-    let mwc: MutatingWebhookConfiguration = r.one("MutatingWebhookConfiguration");
-    let hooks = mwc.webhooks.unwrap();
-    assert_eq!(hooks.len(), 1);
-    let w = &hooks[0];
+/// One webhook of the configuration: how the API server calls it and for which Pods.
+fn check_webhook(
+    w: &k8s_openapi::api::admissionregistration::v1::MutatingWebhook,
+    path: &str,
+    label: &str,
+) {
     assert_eq!(w.failure_policy.as_deref(), Some("Ignore"));
     assert_eq!(w.side_effects, "NoneOnDryRun");
     assert_eq!(w.reinvocation_policy.as_deref(), Some("IfNeeded"));
@@ -201,7 +203,7 @@ fn check_common(r: &Rendered) -> Deployment {
     assert_eq!(w.match_policy.as_deref(), Some("Equivalent"));
     assert_eq!(w.admission_review_versions, ["v1"]);
     let svc = w.client_config.service.as_ref().unwrap();
-    assert_eq!(svc.path.as_deref(), Some(MUTATE_PATH));
+    assert_eq!(svc.path.as_deref(), Some(path));
     assert_eq!(
         (svc.name.as_str(), svc.namespace.as_str(), svc.port),
         ("image-mirror-webhook", "image-mirror-system", Some(443))
@@ -224,7 +226,7 @@ fn check_common(r: &Rendered) -> Deployment {
     let ns = w.namespace_selector.as_ref().unwrap();
     assert_eq!(
         ns.match_labels.as_ref().unwrap()["image-mirror/inject"],
-        "enabled"
+        label
     );
     let never = ns
         .match_expressions
@@ -249,6 +251,20 @@ fn check_common(r: &Rendered) -> Deployment {
         ("image-mirror/inject", "NotIn")
     );
     assert_eq!(obj[0].values.as_ref().unwrap(), &["disabled"]);
+}
+
+fn check_common(r: &Rendered) -> Deployment {
+    // The MutatingWebhookConfiguration: one webhook per opt-in label value, one path each.
+    let mwc: MutatingWebhookConfiguration = r.one("MutatingWebhookConfiguration");
+    let hooks = mwc.webhooks.unwrap();
+    assert_eq!(hooks.len(), 2);
+    for (w, path, label) in [
+        (&hooks[0], MUTATE_PATH, "enabled"),
+        (&hooks[1], REPORT_PATH, "report"),
+    ] {
+        check_webhook(w, path, label);
+    }
+    assert_ne!(hooks[0].name, hooks[1].name);
 
     // The Deployment runs the binary with its real flags, ports and paths.
     let d: Deployment = r.one("Deployment");
@@ -554,12 +570,9 @@ fn self_signed_overlay_with_generated_certificates() {
     let table = Table::parse("config.yaml", &cm.data.unwrap()["config.yaml"]).unwrap();
     check_pull_secret_rights(&r, &table);
     let mwc: MutatingWebhookConfiguration = r.one("MutatingWebhookConfiguration");
-    let bundle = mwc.webhooks.unwrap()[0]
-        .client_config
-        .ca_bundle
-        .clone()
-        .unwrap()
-        .0;
+    let hooks = mwc.webhooks.unwrap();
+    let bundle = hooks[0].client_config.ca_bundle.clone().unwrap().0;
+    assert_eq!(hooks[1].client_config.ca_bundle.clone().unwrap().0, bundle);
     let pem = String::from_utf8(bundle).unwrap();
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
     let printed = base64::engine::general_purpose::STANDARD

@@ -417,3 +417,96 @@ async fn without_the_pull_secrets_component_secrets_are_injected_unchecked() {
     );
     opt_out(c, &[&ns]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_in_a_report_namespace_is_stored_unchanged_while_kubectl_shows_what_would_change() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    let (report, enabled) = (unique("report"), unique("enabled"));
+    let _opted_in = OptedIn::new(c, &[&report, &enabled]);
+    c.namespace(&report, &[("image-mirror/inject", "report")]);
+    c.namespace(&enabled, &[("image-mirror/inject", "enabled")]);
+    for ns in [&report, &enabled] {
+        c.docker_secret(ns, PULL, "ghcr.io");
+    }
+    let h = hook(c, &table(PULL, None)).await;
+    c.register(&unique("mwc"), &h, &[&report, &enabled]);
+
+    let (pod, said) = run_pod(c, &report, "web", "nginx:1.27");
+    assert_eq!(image_of(&pod, "containers", 0), "nginx:1.27");
+    assert!(pod["spec"].get("imagePullSecrets").is_none(), "{pod}");
+    assert!(pod["metadata"]["annotations"]
+        .get("image-mirror/original-images")
+        .is_none());
+    assert!(
+        said.contains(
+            "image-mirror: container \"web\": would rewrite nginx:1.27 -> ghcr.io/acme/mirror/docker.io/library/nginx:1.27"
+        ),
+        "{said}"
+    );
+    // The audit log has the record, under the report webhook's name.
+    let event = h
+        .eventually(10, "the audit event", || {
+            c.audit_events(&report, "web")
+                .into_iter()
+                .find(|e| e["verb"] == "create" && e["stage"] == "ResponseComplete")
+        })
+        .await;
+    let key = "report.pods.image-mirror-webhook.image-mirror.io/would-rewrite";
+    let record: Value = serde_json::from_str(
+        event["annotations"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{event}")),
+    )
+    .unwrap();
+    assert_eq!(
+        record,
+        json!({"web": "ghcr.io/acme/mirror/docker.io/library/nginx:1.27"})
+    );
+
+    // The same webhook in an `enabled` namespace patches as usual.
+    let (pod, _) = run_pod(c, &enabled, "web", "nginx:1.27");
+    assert_eq!(
+        image_of(&pod, "containers", 0),
+        "ghcr.io/acme/mirror/docker.io/library/nginx:1.27"
+    );
+    let text = h.metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            &format!(
+                "image_mirror_would_rewrite_total{{namespace=\"{report}\",source_registry=\"docker.io\",mirror=\"ghcr\",kind=\"container\"}}"
+            )
+        ),
+        1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_volume_is_rewritten_and_brings_the_pull_secret() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    let ns = unique("volumes");
+    let _opted_in = OptedIn::new(c, &[&ns]);
+    c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+    c.docker_secret(&ns, PULL, "ghcr.io");
+    let h = hook(c, &table(PULL, None)).await;
+    c.register(&unique("mwc"), &h, &[&ns]);
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "inference", "namespace": ns},
+        "spec": {"containers": [{"name": "server", "image": "quay.io/acme/inference:2.1",
+            "volumeMounts": [{"name": "models", "mountPath": "/models"}]}],
+        "volumes": [{"name": "models", "image": {"reference": "redis:7.2.5", "pullPolicy": "IfNotPresent"}}]}});
+    c.apply(&pod.to_string());
+    let stored = c.get(&["-n", &ns, "pod", "inference"]).unwrap();
+    assert_eq!(
+        stored["spec"]["volumes"][0]["image"]["reference"],
+        "ghcr.io/acme/mirror/docker.io/library/redis:7.2.5"
+    );
+    assert_eq!(
+        image_of(&stored, "containers", 0),
+        "quay.io/acme/inference:2.1"
+    );
+    assert_eq!(stored["spec"]["imagePullSecrets"], json!([{"name": PULL}]));
+    drop(h);
+}

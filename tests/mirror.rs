@@ -322,6 +322,7 @@ async fn webhook(
         drain_timeout: Duration::from_secs(5),
         strict: false,
         kubernetes: image_mirror_webhook::cluster::Access::Off,
+        mode: image_mirror_webhook::admission::Mode::Enforce,
     };
     let running = server::start(opts, Mirrors::Registries(quick()))
         .await

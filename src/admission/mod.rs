@@ -12,8 +12,8 @@ use kube::core::admission::Operation;
 use kube::core::GroupVersionResource;
 use serde::Deserialize;
 
-pub use response::{refusal_body, response_body};
-pub use webhook::{Answer, Webhook};
+pub use response::{refusal_body, response_body, WOULD_REWRITE_AUDIT_KEY};
+pub use webhook::{Answer, PullSecrets, Webhook};
 
 use crate::mapping::{CopyPolicy, Decision, KeepReason, KeepReasonKind, SwapPolicy, Table};
 use crate::mirror::{CopyRequest, Presence};
@@ -196,15 +196,45 @@ pub struct Plan<'t> {
 /// Whether a namespace holds a pull secret (or is about to): `(namespace, secret) → bool`.
 pub type SecretLookup<'a> = &'a dyn Fn(&str, &str) -> bool;
 
-/// A rewrite that happened, for metrics and logs.
+/// What the webhook does with its decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Mode {
+    /// Patch the Pod.
+    #[default]
+    Enforce,
+    /// Decide everything, patch nothing: say what would change (warnings, audit annotations,
+    /// metrics). Copies are still queued, so that mirrors are warm before the switch.
+    Report,
+}
+
+/// A rewrite that happened (or, in report mode, would have), for metrics and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RewriteRecord {
     pub site: ImageSite,
+    /// Its key in the original-images record.
+    pub key: String,
     pub container: String,
     pub source: String,
     pub source_registry: String,
     pub target: String,
     pub mirror: String,
+}
+
+impl RewriteRecord {
+    /// The warning the kubectl user gets for it.
+    fn warning(&self, mode: Mode) -> String {
+        let verb = match mode {
+            Mode::Enforce => "",
+            Mode::Report => "would rewrite ",
+        };
+        format!(
+            "image-mirror: {} {:?}: {verb}{} -> {}",
+            self.site.noun(),
+            self.container,
+            self.source,
+            self.target
+        )
+    }
 }
 
 /// The outcome of a request.
@@ -213,9 +243,30 @@ pub struct Mutation {
     pub patch: Vec<json_patch::PatchOperation>,
     pub warnings: Vec<String>,
     pub rewrites: Vec<RewriteRecord>,
+    /// Report mode: the rewrites that were decided and not made.
+    pub would_rewrite: Vec<RewriteRecord>,
     pub pull_secrets_added: Vec<String>,
     pub skips: Vec<Skip>,
     pub copies: Vec<CopyRequest>,
+}
+
+impl Mutation {
+    /// The same decisions, reported instead of made: no patch, "would rewrite" warnings, and
+    /// the rewrites kept for the audit annotation and the metrics. Copies stay queued.
+    pub fn into_report(mut self) -> Mutation {
+        self.patch.clear();
+        self.pull_secrets_added.clear();
+        for r in &self.rewrites {
+            let done = r.warning(Mode::Enforce);
+            if let Some(w) = self.warnings.iter_mut().find(|w| **w == done) {
+                *w = r.warning(Mode::Report);
+            }
+        }
+        self.warnings
+            .retain(|w| !w.starts_with("image-mirror: original images: "));
+        self.would_rewrite = std::mem::take(&mut self.rewrites);
+        self
+    }
 }
 
 /// Decides each container of the request against the table, given which pull secrets exist
@@ -386,21 +437,17 @@ impl<'t> Plan<'t> {
                     secrets.push(secret);
                 }
             }
-            m.warnings.push(format!(
-                "image-mirror: {} {:?}: {} -> {}",
-                c.site.noun(),
-                c.name,
-                c.image,
-                rw.target
-            ));
-            m.rewrites.push(RewriteRecord {
+            let record = RewriteRecord {
                 site: c.site,
+                key: c.key.clone(),
                 container: c.name.clone(),
                 source: c.image.clone(),
                 source_registry: rw.source.registry().to_string(),
                 target: rw.target.to_string(),
                 mirror: rw.mirror_name().to_string(),
-            });
+            };
+            m.warnings.push(record.warning(Mode::Enforce));
+            m.rewrites.push(record);
             changes.push(ImageChange {
                 site: c.site,
                 index: c.index,

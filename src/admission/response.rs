@@ -8,6 +8,9 @@ use serde::Serialize;
 
 use super::Mutation;
 
+/// The audit annotation of report mode.
+pub const WOULD_REWRITE_AUDIT_KEY: &str = "would-rewrite";
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ReviewOut<'a> {
@@ -77,6 +80,20 @@ pub fn response_body(api_version: &str, uid: &str, mutation: &Mutation) -> Vec<u
         base64::engine::general_purpose::STANDARD.encode(json)
     });
     let mut audit = BTreeMap::new();
+    if !mutation.would_rewrite.is_empty() {
+        // Like the original-images record: what each image would have become. The API server
+        // prefixes the key with the webhook's name (`<webhook>/would-rewrite`): a key with a
+        // `/` of its own would be dropped.
+        let record: serde_json::Map<String, serde_json::Value> = mutation
+            .would_rewrite
+            .iter()
+            .map(|r| (r.key.clone(), serde_json::Value::String(r.target.clone())))
+            .collect();
+        audit.insert(
+            WOULD_REWRITE_AUDIT_KEY,
+            serde_json::Value::Object(record).to_string(),
+        );
+    }
     if !mutation.rewrites.is_empty() {
         audit.insert("rewrites", mutation.rewrites.len().to_string());
         let mirrors: Vec<&str> = mutation

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{plan, refusal_body, response_body, AdmissionError, Mutation, Review, Skip};
+use super::{plan, refusal_body, response_body, AdmissionError, Mode, Mutation, Review, Skip};
 use crate::config::ConfigHandle;
 use crate::error::Report;
 use crate::mapping::{KeepReasonKind, Table};
@@ -51,8 +51,8 @@ impl Webhook {
         }
     }
 
-    /// Answers one AdmissionReview body.
-    pub async fn review(&self, body: &[u8]) -> Answer {
+    /// Answers one AdmissionReview body; in report mode, nothing is patched.
+    pub async fn review(&self, body: &[u8], mode: Mode) -> Answer {
         let started = Instant::now();
         let review = match Review::parse(body) {
             Ok(r) => r,
@@ -84,7 +84,13 @@ impl Webhook {
                 ));
             }
         };
-        if let Some(why) = self.strict.then(|| strict_refusal(&mutation)).flatten() {
+        // Report mode only ever reports: it never refuses a Pod either.
+        let mutation = match mode {
+            Mode::Enforce => mutation,
+            Mode::Report => mutation.into_report(),
+        };
+        let strict = self.strict && mode == Mode::Enforce;
+        if let Some(why) = strict.then(|| strict_refusal(&mutation)).flatten() {
             self.count_request(review.operation(), "refused", started);
             return refuse(&review, 403, &why);
         }
@@ -138,6 +144,8 @@ impl Webhook {
     fn record(&self, review: &Review, m: &Mutation, started: Instant) {
         let result = if !m.patch.is_empty() {
             "patched"
+        } else if !m.would_rewrite.is_empty() {
+            "reported"
         } else if m.skips.iter().any(|s| s.is_request()) {
             "skipped"
         } else {
@@ -145,16 +153,20 @@ impl Webhook {
         };
         self.count_request(review.operation(), result, started);
         let namespace = review.namespace();
-        for r in &m.rewrites {
-            self.metrics
-                .rewrites
-                .get_or_create(&RewriteLabels {
-                    namespace: namespace.to_string(),
-                    source_registry: r.source_registry.clone(),
-                    mirror: r.mirror.clone(),
-                    kind: r.site.label(),
-                })
-                .inc();
+        for (family, records) in [
+            (&self.metrics.rewrites, &m.rewrites),
+            (&self.metrics.would_rewrite, &m.would_rewrite),
+        ] {
+            for r in records {
+                family
+                    .get_or_create(&RewriteLabels {
+                        namespace: namespace.to_string(),
+                        source_registry: r.source_registry.clone(),
+                        mirror: r.mirror.clone(),
+                        kind: r.site.label(),
+                    })
+                    .inc();
+            }
         }
         for s in &m.skips {
             self.metrics
@@ -179,6 +191,7 @@ impl Webhook {
             namespace,
             pod = review.pod_name(),
             rewrites = m.rewrites.len(),
+            would_rewrite = m.would_rewrite.len(),
             skipped = m.skips.len(),
             copies = m.copies.len(),
             dry_run = review.dry_run(),

@@ -121,6 +121,10 @@ pub struct ServeArgs {
     /// `auto` when a client configuration is there, `off` never.
     #[arg(long, env = "IMAGE_MIRROR_KUBERNETES", value_enum, default_value_t = crate::cluster::Access::Auto)]
     pub kubernetes: crate::cluster::Access,
+    /// `enforce`: patch Pods; `report`: decide everything, patch nothing, and say what would
+    /// change (warnings, audit annotations, metrics). `/report` always reports.
+    #[arg(long, env = "IMAGE_MIRROR_MODE", value_enum, default_value_t = crate::admission::Mode::Enforce)]
+    pub mode: crate::admission::Mode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -213,6 +217,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         drain_timeout: args.drain_timeout,
         strict: args.strict,
         kubernetes: args.kubernetes,
+        mode: args.mode,
     };
     let runtime = runtime()?;
     runtime.block_on(async move {

@@ -157,6 +157,11 @@ impl Cluster {
             ("admin.key", admin_key.clone()),
             ("sa.pub", sa.public_key_pem()),
             ("sa.key", sa.serialize_pem()),
+            // Pods at Metadata level: enough for the annotations admission adds.
+            (
+                "audit.yaml",
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n  - level: Metadata\n    resources: [{group: \"\", resources: [pods]}]\n  - level: None\n".to_string(),
+            ),
         ] {
             std::fs::write(d.join(f), text).unwrap();
         }
@@ -204,6 +209,14 @@ impl Cluster {
                 "--service-account-signing-key-file={}",
                 d.join("sa.key").display()
             ))
+            .arg(format!(
+                "--audit-policy-file={}",
+                d.join("audit.yaml").display()
+            ))
+            .arg(format!(
+                "--audit-log-path={}",
+                d.join("audit.log").display()
+            ))
             .args([
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--authorization-mode=RBAC",
@@ -245,6 +258,19 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(250));
         }
         cluster
+    }
+
+    /// The audit events (JSON lines) the API server wrote for `namespace/name` Pods.
+    pub fn audit_events(&self, namespace: &str, name: &str) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| {
+                e["objectRef"]["resource"] == "pods"
+                    && e["objectRef"]["namespace"] == namespace
+                    && e["objectRef"]["name"] == name
+            })
+            .collect()
     }
 
     pub fn ca_pem(&self) -> String {

@@ -9,10 +9,11 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use base64::Engine as _;
-use image_mirror_webhook::admission::Webhook;
+use image_mirror_webhook::admission::{Mode, Webhook};
 use image_mirror_webhook::certs::DevCerts;
 use image_mirror_webhook::config::{self, ConfigHandle};
 use image_mirror_webhook::metrics::Metrics;
+use image_mirror_webhook::mirror::MirrorAccess;
 use image_mirror_webhook::patch::ORIGINAL_IMAGES_ANNOTATION;
 use image_mirror_webhook::server::{self, Mirrors, Readiness, Running, ServeOptions};
 use image_mirror_webhook::tls::TlsFiles;
@@ -70,7 +71,22 @@ impl App {
         let ready = Readiness::default();
         ready.set(true);
         App {
-            router: server::router(Arc::new(webhook), ready),
+            router: server::router(Arc::new(webhook), ready, Mode::Enforce),
+            metrics,
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// The webhook with `table`, asking `mirrors` about presence and for copies.
+    pub fn with_mirrors(table: &str, mirrors: Arc<dyn MirrorAccess>) -> App {
+        let config = config::Config::parse("table.yaml", table).expect("table loads");
+        let (metrics, registry) = Metrics::new();
+        let mut webhook = Webhook::new(ConfigHandle::new(config), metrics.clone());
+        webhook.mirrors = Some(mirrors);
+        let ready = Readiness::default();
+        ready.set(true);
+        App {
+            router: server::router(Arc::new(webhook), ready, Mode::Enforce),
             metrics,
             registry: Arc::new(registry),
         }
@@ -78,7 +94,12 @@ impl App {
 
     /// Posts `body` to `/mutate`; the status and the body of the answer.
     pub async fn post(&self, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
-        let request = Request::post("/mutate")
+        self.post_to("/mutate", body).await
+    }
+
+    /// Posts `body` to `path` (`/mutate`, `/report`).
+    pub async fn post_to(&self, path: &str, body: Vec<u8>) -> (StatusCode, Vec<u8>) {
+        let request = Request::post(path)
             .header(header::CONTENT_TYPE, "application/json")
             .body(Body::from(body))
             .unwrap();
@@ -92,7 +113,14 @@ impl App {
 
     /// Posts a review; returns the answer after the checks every answer must pass.
     pub async fn review(&self, review: &Value) -> Value {
-        let (status, body) = self.post(serde_json::to_vec(review).unwrap()).await;
+        self.review_at("/mutate", review).await
+    }
+
+    /// Posts a review to `path`; the answer after the checks every answer must pass.
+    pub async fn review_at(&self, path: &str, review: &Value) -> Value {
+        let (status, body) = self
+            .post_to(path, serde_json::to_vec(review).unwrap())
+            .await;
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
         let out: Value = serde_json::from_slice(&body).unwrap();
         check_answer(review, &out);
@@ -245,6 +273,7 @@ impl Tls {
             drain_timeout: Duration::from_secs(5),
             strict: false,
             kubernetes: image_mirror_webhook::cluster::Access::Off,
+            mode: image_mirror_webhook::admission::Mode::Enforce,
         }
     }
 
