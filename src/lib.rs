@@ -14,6 +14,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod mapping;
 pub mod metrics;
 pub mod mirror;

@@ -510,3 +510,181 @@ async fn an_image_volume_is_rewritten_and_brings_the_pull_secret() {
     assert_eq!(stored["spec"]["imagePullSecrets"], json!([{"name": PULL}]));
     drop(h);
 }
+
+/// `export-policy` of `table`, as the binary prints it.
+fn export_policy(table: &std::path::Path) -> (String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
+        .arg("export-policy")
+        .arg("--config")
+        .arg(table)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// Image strings for the comparison: every spelling of every entry of the table, with and
+/// without a digest, and images no entry names.
+fn images_for(table: &image_mirror_webhook::Table) -> Vec<String> {
+    const D: &str = "sha256:86e0e091d0da6bde2456dbb48306f3956bbeb2eae1b5b9a43045843f69fe4aaa";
+    let mut out = Vec::new();
+    for entry in table.entries() {
+        for s in image_mirror_webhook::export::spellings(entry.source_name()) {
+            match entry.tags() {
+                image_mirror_webhook::mapping::EntryTags::Exact(t) => {
+                    out.push(format!("{s}:{t}"));
+                    out.push(format!("{s}:{t}@{D}"));
+                    // No tag: `latest` without a digest, no tag at all with one.
+                    out.push(s.clone());
+                    out.push(format!("{s}@{D}"));
+                }
+                image_mirror_webhook::mapping::EntryTags::Glob => {
+                    out.push(format!("{s}:1.29.1-tctl"))
+                }
+                _ => out.push(format!("{s}:9.9")),
+            }
+        }
+    }
+    out.extend(
+        [
+            "nginx:1.27",
+            "quay.io/minio/minio:latest",
+            "ghcr.io/ameideio/mirror/redis:7.2.5",
+            "redis:7.2.6",
+            "redis",
+        ]
+        .map(String::from),
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exported_policy_rewrites_exactly_as_the_webhook_would() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Both tables export and apply without a word from the API server.
+    for table in ["deploy/config/ghcr.yaml", "tests/data/admission/table.yaml"] {
+        let (yaml, left_out) = export_policy(&root.join(table));
+        assert!(
+            left_out.lines().all(|l| l.starts_with("not exported: ")),
+            "{left_out}"
+        );
+        let out = c.kubectl_as(
+            &c.admin,
+            &["apply", "--dry-run=server", "-f", "-"],
+            Some(&yaml),
+        );
+        assert!(
+            out.status.success(),
+            "{table}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let table_path = root.join("tests/data/admission/table.yaml");
+    let (yaml, _) = export_policy(&table_path);
+    c.apply(&yaml);
+    let ns = unique("policy");
+    let _opted_in = OptedIn::new(c, &[&ns]);
+    c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+    // The policy is picked up within a moment: wait for it to rewrite a first Pod.
+    let table =
+        image_mirror_webhook::Table::parse("t", &std::fs::read_to_string(&table_path).unwrap())
+            .unwrap();
+    // The test table's entries, and the GHCR runbook's (which this table's rule, not an entry,
+    // decides: the policy must leave them to the webhook).
+    let ghcr = image_mirror_webhook::Table::parse(
+        "ghcr",
+        &std::fs::read_to_string(root.join("deploy/config/ghcr.yaml")).unwrap(),
+    )
+    .unwrap();
+    let mut images = images_for(&table);
+    images.extend(images_for(&ghcr));
+    images.sort();
+    images.dedup();
+    assert!(images.len() >= 100, "{}", images.len());
+    let pods: Vec<Value> = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let mut spec = json!({"containers": [{"name": "app", "image": image}]});
+            // Every fifth also pulls it as an image volume, and some have a secret already.
+            if i % 5 == 0 {
+                spec["volumes"] = json!([{"name": "data", "image": {"reference": image}}]);
+            }
+            if i % 7 == 0 {
+                spec["imagePullSecrets"] = json!([{"name": "team-registry"}]);
+            }
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("p{i}"), "namespace": ns}, "spec": spec})
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let probe = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe", "namespace": ns},
+            "spec": {"containers": [{"name": "app", "image": "redis:7.2.5"}]}});
+        let out = c.kubectl_as(
+            &c.admin,
+            &["create", "-f", "-", "-o", "json"],
+            Some(&probe.to_string()),
+        );
+        let stored: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        c.kubectl(&["-n", &ns, "delete", "pod", "probe", "--wait=false"]);
+        if stored["spec"]["containers"][0]["image"] == "ghcr.io/ameideio/mirror/redis:7.2.5" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the policy never took effect: {stored}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    c.apply(&json!({"apiVersion": "v1", "kind": "List", "items": pods}).to_string());
+    let app = common::App::with_table(Some(&table_path));
+    let export = image_mirror_webhook::export::Export::of(&table);
+    let mut compared = 0;
+    for (i, sent) in pods.iter().enumerate() {
+        let stored = c.get(&["-n", &ns, "pod", &format!("p{i}")]).unwrap();
+        let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": format!("u{i}"), "operation": "CREATE", "namespace": ns,
+                "resource": {"group": "", "version": "v1", "resource": "pods"}, "object": sent}});
+        let by_webhook = common::patched(&review, &app.review(&review).await);
+        let image = &images[i];
+        let stored_image = stored["spec"]["containers"][0]["image"].as_str().unwrap();
+        let stored_secrets = &stored["spec"]["imagePullSecrets"];
+        if export.apply(image).is_some() {
+            // Exported: identical to the webhook's Pod in images and pull secrets.
+            assert_eq!(
+                stored_image, by_webhook["spec"]["containers"][0]["image"],
+                "{image}"
+            );
+            assert_eq!(
+                stored_secrets, &by_webhook["spec"]["imagePullSecrets"],
+                "{image}"
+            );
+            if i % 5 == 0 {
+                assert_eq!(
+                    stored["spec"]["volumes"][0]["image"]["reference"],
+                    by_webhook["spec"]["volumes"][0]["image"]["reference"],
+                    "{image}"
+                );
+            }
+            compared += 1;
+        } else {
+            assert_eq!(
+                stored_image,
+                image.as_str(),
+                "the policy rewrote what it does not export"
+            );
+        }
+    }
+    assert!(compared >= 40, "{compared} of {}", images.len());
+    c.ok(&["delete", "mutatingadmissionpolicybinding", "image-mirror"]);
+    c.ok(&["delete", "mutatingadmissionpolicy", "image-mirror"]);
+}

@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{ExplainArgs, OutputFormat};
+use super::{ExplainArgs, ExportArgs, OutputFormat};
 use crate::config::Config;
+use crate::export::Export;
 use crate::mapping::{Decision, KeepReason, MirrorKind, SwapPolicy, Table};
 
 /// One `explain` result; the JSON field names are part of the CLI's contract.
@@ -28,10 +29,19 @@ pub struct Explanation {
     pub mirror: Option<String>,
     pub matched: Option<String>,
     pub reason: Option<String>,
+    /// Whether `export-policy`'s MutatingAdmissionPolicy makes this rewrite (null when the
+    /// image is not rewritten), and why not.
+    pub exportable: Option<bool>,
+    pub not_exportable: Option<String>,
 }
 
 impl Explanation {
     pub fn new(input: &str, table: &Table) -> Self {
+        Explanation::with_export(input, table, &Export::of(table))
+    }
+
+    /// [`Explanation::new`] with the table's export worked out once for many images.
+    pub fn with_export(input: &str, table: &Table, export: &Export) -> Self {
         let decision = table.decide(input);
         let source = decision.source();
         let mut e = Explanation {
@@ -48,7 +58,13 @@ impl Explanation {
             mirror: None,
             matched: None,
             reason: None,
+            exportable: None,
+            not_exportable: None,
         };
+        if let Some(verdict) = crate::export::explain(export, table, input) {
+            e.exportable = Some(verdict.is_ok());
+            e.not_exportable = verdict.err();
+        }
         match &decision {
             Decision::Rewrite(rw) => {
                 e.target = Some(rw.target.to_string());
@@ -73,9 +89,10 @@ impl Explanation {
 
 pub(super) fn explain(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     let table = crate::config::load(args.config.as_deref())?.table;
+    let export = Export::of(&table);
     let mut out = std::io::stdout().lock();
     for image in &args.images {
-        let e = Explanation::new(image, &table);
+        let e = Explanation::with_export(image, &table, &export);
         match args.output {
             OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(&e)?)?,
             OutputFormat::Text => {
@@ -94,6 +111,18 @@ pub(super) fn explain(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
                     (None, _) => writeln!(out, "  target:     (unchanged)")?,
                 }
                 writeln!(out, "  why:        {}", e.reason.as_deref().unwrap_or(""))?;
+                match (e.exportable, &e.not_exportable) {
+                    (Some(true), _) => writeln!(
+                        out,
+                        "  policy:     exportable (export-policy makes this rewrite)"
+                    )?,
+                    (Some(false), why) => writeln!(
+                        out,
+                        "  policy:     not exportable: {}",
+                        why.as_deref().unwrap_or("")
+                    )?,
+                    (None, _) => {}
+                }
             }
         }
     }
@@ -191,4 +220,18 @@ pub fn summary(config: &Config) -> String {
     // Every setting applies on reload; say so where operators look.
     let _ = writeln!(s, "reload: every setting above applies without a restart");
     s
+}
+
+pub(super) fn export_policy(args: &ExportArgs) -> anyhow::Result<ExitCode> {
+    let table = crate::config::load(args.config.as_deref())?.table;
+    let export = Export::of(&table);
+    let (policy, binding) = export.manifests(&args.name);
+    let yaml = serde_saphyr::to_string_multiple(&[policy, binding])
+        .context("cannot write the policy as YAML")?;
+    print!("{yaml}");
+    let mut err = std::io::stderr().lock();
+    for l in &export.left_out {
+        writeln!(err, "not exported: {}: {}", l.what, l.reason)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }

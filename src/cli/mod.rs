@@ -1,4 +1,5 @@
-//! The command line: `serve`, `certs`, `explain`, `check-config`, `copy` and `sync`.
+//! The command line: `serve`, `certs`, `explain`, `check-config`, `copy`, `sync` and
+//! `export-policy`.
 //!
 //! Every `serve` flag also reads an environment variable, so the Deployment can set either.
 //! `anyhow` lives here and in `main` only: each command turns its layer's errors into one
@@ -47,6 +48,19 @@ pub enum Command {
     Copy(CopyArgs),
     /// Copy every exact entry of the table whose target is missing.
     Sync(SyncArgs),
+    /// Print the static part of the table as a MutatingAdmissionPolicy and its binding
+    /// (admissionregistration.k8s.io/v1); what cannot be exported is listed on stderr.
+    ExportPolicy(ExportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// Mapping table (default: the embedded table).
+    #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Name of the policy and of its binding.
+    #[arg(long, default_value = "image-mirror")]
+    pub name: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -177,6 +191,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig { file } => explain::check_config(&file),
         Command::Copy(args) => sync::copy(&args),
         Command::Sync(args) => sync::sync(&args),
+        Command::ExportPolicy(args) => explain::export_policy(&args),
     };
     match result {
         Ok(code) => code,

@@ -46,7 +46,35 @@ pub struct Entry {
     overrides: Overrides,
 }
 
+/// Which tags of its source an exact entry covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryTags<'a> {
+    /// One tag.
+    Exact(&'a str),
+    /// One digest, under any tag or none.
+    Digest(&'a str),
+    /// A tag glob (`1.29.1-*`).
+    Glob,
+    /// Any tag, carried over.
+    Any,
+}
+
 impl Entry {
+    /// The normalised source name the entry matches (`docker.io/library/redis`).
+    pub fn source_name(&self) -> &str {
+        &self.source_name
+    }
+
+    /// Which tags of the source it covers.
+    pub fn tags(&self) -> EntryTags<'_> {
+        match &self.tag {
+            TagSpec::Exact(t) => EntryTags::Exact(t),
+            TagSpec::Digest(d) => EntryTags::Digest(d),
+            TagSpec::Glob { .. } => EntryTags::Glob,
+            TagSpec::Any => EntryTags::Any,
+        }
+    }
+
     /// The one image this entry names, when it names one (an exact tag or a digest): what
     /// `sync` copies. Tag globs and any-tag entries name no single image.
     pub fn concrete_source(&self) -> Option<Reference> {
@@ -369,11 +397,7 @@ impl Table {
                 reason: KeepReason::NoCachePrefix { mirror },
             });
         };
-        let policy = Overrides::resolve(
-            &[Some(&rule.overrides), Some(&mirror.overrides)],
-            mirror.default_swap(),
-            mirror.default_copy(),
-        );
+        let policy = self.rule_policy(rule);
         let tag = source.tag().map(str::to_string);
         let matched = Matched::Rule(rule);
         self.finish(source, &target_name, tag, Some(mirror), matched, policy)
@@ -414,6 +438,17 @@ impl Table {
     pub fn mirror(&self, name: &str) -> Option<&Mirror> {
         self.mirrors.iter().find(|m| m.name == name)
     }
+    /// The policies a rule's matches get: its own settings, then its mirror's, then the
+    /// mirror's defaults.
+    pub fn rule_policy<'t>(&'t self, rule: &'t Rule) -> Policy<'t> {
+        let mirror = &self.mirrors[rule.mirror];
+        Overrides::resolve(
+            &[Some(&rule.overrides), Some(&mirror.overrides)],
+            mirror.default_swap(),
+            mirror.default_copy(),
+        )
+    }
+
     /// The mirror a rule sends its matches to.
     pub fn rule_mirror(&self, rule: &Rule) -> &Mirror {
         &self.mirrors[rule.mirror]
