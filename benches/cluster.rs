@@ -1,7 +1,9 @@
 //! Pull secrets against a real kube-apiserver (`KUBEBUILDER_ASSETS`, as for the tests): how long
 //! a newly labelled namespace waits for its Secret (target ≤ 2 s), and the RSS of `serve` (the
 //! release binary, as `deploy/`'s ServiceAccount) with 1,000 opted-in namespaces, each with an
-//! unrelated Secret besides the one the webhook keeps there (target ≤ 64 MiB).
+//! unrelated Secret besides the one the webhook keeps there (target ≤ 64 MiB); and the API
+//! server's time to admit a Pod with the exported MutatingAdmissionPolicy against with the
+//! webhook (the same table, the same machine).
 //!   KUBEBUILDER_ASSETS=$(../shared/envtest/setup.sh target/envtest) cargo bench --bench cluster
 
 #[path = "../tests/common/mod.rs"]
@@ -60,7 +62,11 @@ fn main() {
         let kubeconfig = c.token_kubeconfig("image-mirror-system", "image-mirror-webhook");
         let started = Instant::now();
         let h = Hook::start(table, &kubeconfig).await;
-        println!("serve ready (caches filled) in {:.2} s", started.elapsed().as_secs_f64());
+        println!(
+            "serve ready (caches filled) in {:.2} s, RSS {:.1} MiB",
+            started.elapsed().as_secs_f64(),
+            rss_mib(h.pid())
+        );
         let admin = kube::Client::try_from(
             kube::Config::from_custom_kubeconfig(
                 kube::config::Kubeconfig::read_from(&c.admin).unwrap(),
@@ -119,5 +125,93 @@ fn main() {
             2 * NAMESPACES + PROBES
         );
         drop(h);
+        admission_times(c, &admin).await;
     });
+}
+
+const PODS: usize = 200;
+
+/// Creates `PODS` Pods one after the other in `ns` and returns each create's latency (ms).
+async fn create_pods(admin: &kube::Client, ns: &str) -> Vec<f64> {
+    use k8s_openapi::api::core::v1::Pod;
+    let api: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let mut times = Vec::new();
+    for i in 0..PODS {
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": format!("p{i}")},
+            "spec": {"containers": [{"name": "app", "image": "redis:7.2.5"},
+                {"name": "side", "image": "kiwigrid/k8s-sidecar:1.30.10"}]}}))
+        .unwrap();
+        let started = Instant::now();
+        let created = api.create(&Default::default(), &pod).await.unwrap();
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert!(created.spec.unwrap().containers[0]
+            .image
+            .as_deref()
+            .unwrap()
+            .starts_with("ghcr.io/"));
+    }
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+fn summary(times: &[f64]) -> String {
+    let n = times.len();
+    format!(
+        "median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
+        times[n / 2],
+        times[n * 9 / 10],
+        times[(n * 99 / 100).min(n - 1)]
+    )
+}
+
+/// The same 2-container Pod admitted by the exported policy, then by the webhook.
+async fn admission_times(c: &common::envtest::Cluster, admin: &kube::Client) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let table = root.join("tests/data/admission/table.yaml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
+        .arg("export-policy")
+        .arg("--config")
+        .arg(&table)
+        .output()
+        .unwrap();
+    c.apply(&String::from_utf8(out.stdout).unwrap());
+    c.namespace("admit-policy", &[("image-mirror/inject", "enabled")]);
+    // The API server takes up a new policy within seconds: wait until it rewrites.
+    {
+        use k8s_openapi::api::core::v1::Pod;
+        let api: Api<Pod> = Api::namespaced(admin.clone(), "admit-policy");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let probe: Pod = serde_json::from_value(json!({"metadata": {"generateName": "probe-"},
+                "spec": {"containers": [{"name": "app", "image": "redis:7.2.5"}]}}))
+            .unwrap();
+            let created = api.create(&Default::default(), &probe).await.unwrap();
+            let image = created.spec.unwrap().containers[0]
+                .image
+                .clone()
+                .unwrap_or_default();
+            if image.starts_with("ghcr.io/") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the policy never took effect");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let policy = create_pods(admin, "admit-policy").await;
+    c.ok(&["delete", "mutatingadmissionpolicybinding", "image-mirror"]);
+    c.ok(&["delete", "mutatingadmissionpolicy", "image-mirror"]);
+    c.namespace("admit-webhook", &[("image-mirror/inject", "enabled")]);
+    // The webhook sends Pods to the mirror only where its pull secret exists.
+    c.docker_secret("admit-webhook", "ghcr-pull", "ghcr.io");
+    let text = std::fs::read_to_string(&table).unwrap();
+    let kubeconfig = c.token_kubeconfig("image-mirror-system", "image-mirror-webhook");
+    let hook = Hook::start(&text, &kubeconfig).await;
+    c.register("admit-webhook", &hook, &["admit-webhook"]);
+    let webhook = create_pods(admin, "admit-webhook").await;
+    println!(
+        "admitting a 2-container Pod ({PODS} creates, one at a time): with the MutatingAdmissionPolicy {}; with the webhook {}",
+        summary(&policy),
+        summary(&webhook)
+    );
+    drop(hook);
 }

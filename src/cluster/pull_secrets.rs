@@ -328,61 +328,50 @@ async fn wire(
         sources,
         tasks,
     };
-    for (what, ready) in live.readiness() {
-        wait_ready(what, ready).await;
-    }
+    live.filled().await;
     tracing::info!(secrets = ?live.wiring.names, provisioned = live.wiring.provisioned.len(),
         "pull secret caches filled");
     Ok(Some(live))
 }
 
 impl Live {
-    /// What must be filled before the index answers, each with its name for the log.
-    fn readiness(&self) -> Vec<(String, futures::future::BoxFuture<'static, ()>)> {
-        use futures::FutureExt as _;
-        let mut out: Vec<(String, futures::future::BoxFuture<'static, ()>)> = Vec::new();
+    /// Waits until every cache is filled, saying every 10 s which one it is still waiting for.
+    async fn filled(&self) {
+        let mut waiting: Vec<(String, Box<dyn Fn() -> bool + Send + Sync>)> = Vec::new();
         for (name, store) in &self.secrets {
-            let store = store.clone();
-            out.push((
-                format!("Secrets named {name}"),
-                async move {
-                    let _ = store.wait_until_ready().await;
-                }
-                .boxed(),
-            ));
+            waiting.push((format!("Secrets named {name}"), filled(store.clone())));
         }
         for (source, store) in &self.sources {
-            let store = store.clone();
-            out.push((
-                format!("source Secret {source}"),
-                async move {
-                    let _ = store.wait_until_ready().await;
-                }
-                .boxed(),
-            ));
+            waiting.push((format!("source Secret {source}"), filled(store.clone())));
         }
-        if let Some(store) = self.namespaces.clone() {
-            out.push((
-                "namespaces".to_string(),
-                async move {
-                    let _ = store.wait_until_ready().await;
-                }
-                .boxed(),
-            ));
+        if let Some(store) = &self.namespaces {
+            waiting.push(("namespaces".to_string(), filled(store.clone())));
         }
-        out
+        let started = std::time::Instant::now();
+        let mut said = Duration::ZERO;
+        while !waiting.is_empty() {
+            waiting.retain(|(_, is_filled)| !is_filled());
+            let waited = started.elapsed();
+            if let Some((what, _)) = waiting
+                .first()
+                .filter(|_| waited >= said + Duration::from_secs(10))
+            {
+                tracing::warn!(cache = %what, "still waiting for a Kubernetes cache to fill");
+                said = waited;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
-/// Waits for one cache, saying every 10 s what it is still waiting for.
-async fn wait_ready(what: String, ready: futures::future::BoxFuture<'static, ()>) {
-    let mut ready = std::pin::pin!(ready);
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ready.as_mut()).await {
-            Ok(()) => return,
-            Err(_) => tracing::warn!(cache = %what, "still waiting for a Kubernetes cache to fill"),
-        }
-    }
+/// Whether a reflector's store has had its first full list.
+fn filled<K>(store: Store<K>) -> Box<dyn Fn() -> bool + Send + Sync>
+where
+    K: kube::Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
+{
+    use futures::FutureExt as _;
+    Box::new(move || store.wait_until_ready().now_or_never().is_some())
 }
 
 /// Drives a reflector's stream in a task, calling `seen` for every object it touches.
