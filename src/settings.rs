@@ -33,8 +33,35 @@ pub struct RegistryAccess {
     #[serde(default)]
     pub insecure: bool,
     pub ca_file: Option<String>,
-    #[serde(default)]
-    pub monolithic_upload: bool,
+    /// How blobs are pushed to this registry (default: one streamed PUT).
+    pub upload_mode: Option<UploadMode>,
+    /// The older spelling: `true` is `uploadMode: monolithic`, `false` is `chunked`.
+    pub monolithic_upload: Option<bool>,
+}
+
+/// How a blob is pushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UploadMode {
+    /// One streamed PUT: the fastest, and what ECR needs.
+    Monolithic,
+    /// A PATCH per 4 MiB piece, then a PUT: for a registry that limits request bodies.
+    Chunked,
+}
+
+impl RegistryAccess {
+    /// The upload mode in force for this registry.
+    pub fn upload(&self) -> UploadMode {
+        self.upload_mode
+            .or(self.monolithic_upload.map(|m| {
+                if m {
+                    UploadMode::Monolithic
+                } else {
+                    UploadMode::Chunked
+                }
+            }))
+            .unwrap_or(UploadMode::Monolithic)
+    }
 }
 
 /// Existence-check settings.
@@ -149,6 +176,17 @@ pub(crate) fn build(
                     format!("registries.{host}"),
                     "usernameEnv and passwordEnv go together",
                 );
+            }
+            if let (Some(mode), Some(mono)) =
+                (access.value.upload_mode, access.value.monolithic_upload)
+            {
+                if (mode == UploadMode::Monolithic) != mono {
+                    problems.add(
+                        access,
+                        format!("registries.{host}.monolithicUpload"),
+                        "contradicts uploadMode: keep one of the two",
+                    );
+                }
             }
             (registry_host(host).to_string(), access.value.clone())
         })

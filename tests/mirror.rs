@@ -780,21 +780,21 @@ async fn concurrent_checks_of_one_image_share_one_request_and_are_cached() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn monolithic_uploads_stream_whole_blobs() {
+async fn chunked_uploads_copy_whole_blobs_too() {
     common::init();
     let upstream = Registry::plain();
     let mirror = Registry::plain();
     let image = TestImage::generate(&["linux/amd64", "linux/arm64"], 9 * MIB);
     upstream.push("team/app", "1.0", &image).await;
     let registries = registries_for(&format!(
-        "registries:\n  \"{}\": {{insecure: true}}\n  \"{}\": {{insecure: true, monolithicUpload: true}}\n",
+        "registries:\n  \"{}\": {{insecure: true}}\n  \"{}\": {{insecure: true, uploadMode: chunked}}\n",
         upstream.host(),
         mirror.host()
     ));
     let report = registries
         .copy(
             &r(&format!("{}/team/app:1.0", upstream.host())),
-            &r(&format!("{}/ecr-like/app:1.0", mirror.host())),
+            &r(&format!("{}/chunked/app:1.0", mirror.host())),
             &[],
             None,
         )
@@ -804,9 +804,9 @@ async fn monolithic_uploads_stream_whole_blobs() {
         (report.blobs_copied, report.bytes),
         (5, image.total_bytes())
     );
-    assert_same_image(&upstream, "team/app", &mirror, "ecr-like/app", "1.0");
+    assert_same_image(&upstream, "team/app", &mirror, "chunked/app", "1.0");
     for (digest, _) in &image.blobs {
-        assert!(mirror.has_blob("ecr-like/app", digest).await, "{digest}");
+        assert!(mirror.has_blob("chunked/app", digest).await, "{digest}");
     }
 }
 

@@ -18,11 +18,15 @@ use super::stream::{read_ahead, rechunk};
 use super::{to_oci, CopyReport, HostClient, Progress, Registries, MANIFEST_TYPES};
 use crate::mapping::Platform;
 use crate::reference::{wire_host, Reference};
+use crate::settings::UploadMode;
 
 /// oci-client sends each stream item as its own PATCH; collect items into pieces this big.
 const UPLOAD_PIECE: usize = 4 * 1024 * 1024;
 /// Upload pieces fetched while the previous one is being sent (memory: pieces × 4 MiB per blob).
 const READ_AHEAD: usize = 1;
+/// Pieces of a streamed (monolithic) upload, and how many are fetched ahead of it.
+const STREAM_PIECE: usize = 1024 * 1024;
+const STREAM_AHEAD: usize = 4;
 /// Blobs of one image copied at the same time.
 const BLOB_CONCURRENCY: usize = 4;
 
@@ -181,8 +185,8 @@ impl CopyJob<'_> {
                     ImageError::PinnedNeedsAllPlatforms,
                 ));
             }
+            self.copy_manifests(&selected, 1).await?;
             for child in &selected {
-                self.copy_manifest(child, 1).await?;
                 if let Some(p) = &child.platform {
                     self.report().platforms.push(p.label());
                 }
@@ -194,7 +198,7 @@ impl CopyJob<'_> {
                 self.report().filtered = true;
             }
         } else {
-            self.copy_image_blobs(&doc).await?;
+            self.copy_blobs(std::iter::once(&doc)).await?;
         }
         let content_type = doc.content_type().to_string();
         // By digest first, then the tag, so a tag+digest reference finds both.
@@ -291,45 +295,59 @@ impl CopyJob<'_> {
         Ok(())
     }
 
-    /// Copies one child manifest of an index (and, for a nested index, its children).
-    fn copy_manifest<'a>(&'a self, desc: &'a Descriptor, depth: usize) -> BoxedCopy<'a> {
+    /// Copies the child manifests of an index: the blobs of all of them at once (several
+    /// platforms' layers move together, each shared one once), then the manifests, since a
+    /// registry accepts a manifest only once all it references is there. A nested index's
+    /// children go first, the same way.
+    fn copy_manifests<'a>(&'a self, children: &'a [&'a Descriptor], depth: usize) -> BoxedCopy<'a> {
         Box::pin(async move {
-            let at_target = self.at_digest(&self.target, &desc.digest);
-            if self.target_has(&at_target).await?.is_some() {
-                // A registry accepts a manifest only once all it references is there.
-                self.report().manifests_skipped += 1;
-                return Ok(());
-            }
-            let at_source = self.at_digest(&self.source, &desc.digest);
-            let (raw, _) = self.pull_manifest(&at_source).await?;
-            let doc = ManifestDoc::parse(&raw, &at_source.to_string())?;
-            match &doc.manifests {
-                Some(children) if depth < 3 => {
-                    for child in children {
-                        self.copy_manifest(child, depth + 1).await?;
-                    }
+            let mut images = Vec::new();
+            let mut indexes = Vec::new();
+            for desc in children {
+                let at_target = self.at_digest(&self.target, &desc.digest);
+                if self.target_has(&at_target).await?.is_some() {
+                    self.report().manifests_skipped += 1;
+                    continue;
                 }
-                Some(_) => return Err(RegistryError::image(&at_source, ImageError::NestedTooDeep)),
-                None => self.copy_image_blobs(&doc).await?,
+                let at_source = self.at_digest(&self.source, &desc.digest);
+                let (raw, _) = self.pull_manifest(&at_source).await?;
+                let doc = ManifestDoc::parse(&raw, &at_source.to_string())?;
+                let content_type = if desc.media_type.is_empty() {
+                    doc.content_type().to_string()
+                } else {
+                    desc.media_type.clone()
+                };
+                match doc.manifests {
+                    Some(_) if depth >= 3 => {
+                        return Err(RegistryError::image(&at_source, ImageError::NestedTooDeep))
+                    }
+                    Some(_) => indexes.push((at_target, raw, content_type, doc)),
+                    None => images.push((at_target, raw, content_type, doc)),
+                }
             }
-            let content_type = if desc.media_type.is_empty() {
-                doc.content_type().to_string()
-            } else {
-                desc.media_type.clone()
-            };
-            self.push_manifest(&at_target, &raw, &content_type).await?;
-            self.report().manifests_copied += 1;
+            for (at_target, raw, content_type, doc) in &indexes {
+                let grandchildren: Vec<&Descriptor> = doc.manifests.iter().flatten().collect();
+                self.copy_manifests(&grandchildren, depth + 1).await?;
+                self.push_manifest(at_target, raw, content_type).await?;
+                self.report().manifests_copied += 1;
+            }
+            self.copy_blobs(images.iter().map(|(_, _, _, doc)| doc))
+                .await?;
+            for (at_target, raw, content_type, _) in &images {
+                self.push_manifest(at_target, raw, content_type).await?;
+                self.report().manifests_copied += 1;
+            }
             Ok(())
         })
     }
 
-    /// Config and layers of one image manifest, a few at a time.
-    async fn copy_image_blobs(&self, doc: &ManifestDoc) -> Result<(), RegistryError> {
-        let blobs = doc
-            .config
-            .iter()
-            .chain(&doc.layers)
-            .chain(&doc.blobs)
+    /// Config and layers of image manifests, a few at a time, each blob once.
+    async fn copy_blobs<'d>(
+        &self,
+        docs: impl Iterator<Item = &'d ManifestDoc>,
+    ) -> Result<(), RegistryError> {
+        let blobs = docs
+            .flat_map(|doc| doc.config.iter().chain(&doc.layers).chain(&doc.blobs))
             // Foreign (non-distributable) layers live at their URLs, not in the registry.
             .filter(|d| d.urls.is_empty() || !is_foreign(&d.media_type))
             .filter(|d| {
@@ -388,9 +406,11 @@ impl CopyJob<'_> {
                         }
                         Ok(piece)
                     });
+                    // Pieces fetched ahead, so that the download goes on while the upload sends:
+                    // a few small ones for one streamed PUT, one whole PATCH piece for chunks.
                     let stream: Pin<Box<dyn Stream<Item = _> + Send>> =
-                        if self.dst.access.monolithic_upload {
-                            Box::pin(stream)
+                        if self.dst.access.upload() == UploadMode::Monolithic {
+                            Box::pin(read_ahead(rechunk(stream, STREAM_PIECE), STREAM_AHEAD))
                         } else {
                             Box::pin(read_ahead(rechunk(stream, UPLOAD_PIECE), READ_AHEAD))
                         };

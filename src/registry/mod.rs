@@ -1,7 +1,7 @@
 //! Registry access through oci-client: existence checks, warm-ups and whole-image copies.
 //!
 //! One `oci_client::Client` per registry host, built from the [`Settings`]' `registries`
-//! entries (credentials, extra CA, plain HTTP, monolithic uploads). A reload hands in new
+//! entries (credentials, extra CA, plain HTTP, upload mode). A reload hands in new
 //! settings ([`Registries::apply`]); a client whose settings changed, or that is old enough
 //! that its credentials may have rotated, is rebuilt on its next use.
 
@@ -239,7 +239,7 @@ impl Registries {
                     data: data.clone(),
                 })
                 .collect(),
-            use_monolithic_push: access.monolithic_upload,
+            use_monolithic_push: access.upload() == crate::settings::UploadMode::Monolithic,
             platform_resolver: None,
             connect_timeout: Some(self.options.connect_timeout),
             read_timeout: Some(self.options.read_timeout),
