@@ -72,6 +72,9 @@ pub struct CopyArgs {
     /// Copy only this platform (os/arch[/variant]); repeat for more. Default: all.
     #[arg(long = "platform", value_parser = Platform::parse)]
     pub platforms: Vec<Platform>,
+    /// Leave signatures, attestations, SBOMs and OCI referrers behind.
+    #[arg(long)]
+    pub no_referrers: bool,
     /// Mapping table whose `registries` settings give credentials, CAs and insecure hosts.
     #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
     pub config: Option<PathBuf>,
@@ -92,6 +95,9 @@ pub struct SyncArgs {
     /// Only say what would be copied.
     #[arg(long)]
     pub dry_run: bool,
+    /// Leave signatures, attestations, SBOMs and OCI referrers behind, whatever the table says.
+    #[arg(long)]
+    pub no_referrers: bool,
     /// Skip TLS verification for this registry (HOST:PORT), or use plain HTTP when it does not
     /// speak TLS, as skopeo's --tls-verify=false does; repeat for more.
     #[arg(long = "insecure-registry")]

@@ -35,6 +35,7 @@ pub(super) fn copy(args: &CopyArgs) -> anyhow::Result<ExitCode> {
         source: parse("source", &args.source)?,
         target: parse("target", &args.target)?,
         platforms: args.platforms.clone(),
+        referrers: !args.no_referrers,
         mode: CopyMode::Copy,
     };
     let registries = registries(config.settings, &args.insecure_registries);
@@ -69,8 +70,11 @@ pub(super) fn sync(args: &SyncArgs) -> anyhow::Result<ExitCode> {
         &registries,
         &config.table,
         concurrency,
-        args.refresh,
-        args.dry_run,
+        SyncFlags {
+            refresh: args.refresh,
+            dry_run: args.dry_run,
+            no_referrers: args.no_referrers,
+        },
         &mut out,
     ))?;
     if failures.is_empty() {
@@ -140,6 +144,14 @@ pub async fn sync_one(
         None => "would copy (missing)",
         Some(_) if !refresh || item.source.digest().is_some() => return SyncOutcome::UpToDate,
         Some(have) => match registries.manifest_digest(&item.source).await {
+            // Signatures made since the last copy still come along.
+            Ok(upstream) if upstream == have && item.referrers && !dry_run => {
+                return match item.run(registries, progress).await {
+                    Ok(report) if report.referrers > 0 => SyncOutcome::Copied(report),
+                    Ok(_) => SyncOutcome::UpToDate,
+                    Err(e) => fail(&e),
+                };
+            }
             // A platform-filtered copy has its own index digest, so it is compared by copying:
             // the copy skips every blob and manifest the target already has.
             Ok(upstream) if upstream == have => return SyncOutcome::UpToDate,
@@ -156,17 +168,35 @@ pub async fn sync_one(
     }
 }
 
+/// `sync`'s switches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SyncFlags {
+    /// Also re-copy tags whose upstream digest moved (and bring new signatures).
+    pub refresh: bool,
+    pub dry_run: bool,
+    pub no_referrers: bool,
+}
+
 /// `sync`: every item, `concurrency` at a time; a bar on a terminal, a line per image otherwise.
 /// Returns the images that failed.
 pub async fn sync_all(
     registries: &Registries,
     table: &Table,
     concurrency: usize,
-    refresh: bool,
-    dry_run: bool,
+    flags: SyncFlags,
     out: &mut (dyn Write + Send),
 ) -> std::io::Result<Vec<(CopyRequest, String)>> {
-    let items = sync_items(table);
+    let SyncFlags {
+        refresh,
+        dry_run,
+        no_referrers,
+    } = flags;
+    let mut items = sync_items(table);
+    if no_referrers {
+        for item in &mut items {
+            item.referrers = false;
+        }
+    }
     let skipped = table.entries().len() - items.len();
     let started = Instant::now();
     let bar = std::io::stderr().is_terminal().then(|| {
@@ -281,6 +311,11 @@ pub fn print_report(
         out,
         "  blobs:     {} copied, {} already there",
         r.blobs_copied, r.blobs_skipped
+    )?;
+    writeln!(
+        out,
+        "  referrers: {} copied (signatures, attestations, SBOMs, OCI referrers)",
+        r.referrers
     )?;
     let secs = took.as_secs_f64().max(0.001);
     writeln!(

@@ -10,7 +10,7 @@ use serde_saphyr::Spanned;
 use super::clash;
 use super::index::{NameEntries, NameMatcher, RuleIndex, TagSpec, TargetTag};
 use super::mirrors::{valid_object_name, Mirror, MirrorKind, SecretRef};
-use super::policy::{CopyPolicy, Naming, Overrides, Platform, SwapPolicy};
+use super::policy::{CopyPolicy, Naming, Overrides, Pin, Platform, SwapPolicy};
 use super::{Entry, Rule, Table};
 use crate::problems::{yaml_error, ProblemList, TableError};
 use crate::reference::{
@@ -58,6 +58,7 @@ struct RawMirror {
     swap: Option<SwapPolicy>,
     copy: Option<CopyPolicy>,
     platforms: Option<Vec<Spanned<String>>>,
+    referrers: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -68,6 +69,8 @@ pub(super) struct RawImage {
     swap: Option<SwapPolicy>,
     copy: Option<CopyPolicy>,
     platforms: Option<Vec<Spanned<String>>>,
+    referrers: Option<bool>,
+    pin: Option<Pin>,
 }
 
 #[derive(Deserialize)]
@@ -82,6 +85,8 @@ pub(super) struct RawRule {
     swap: Option<SwapPolicy>,
     copy: Option<CopyPolicy>,
     platforms: Option<Vec<Spanned<String>>>,
+    referrers: Option<bool>,
+    pin: Option<Pin>,
 }
 
 #[derive(Deserialize)]
@@ -206,9 +211,13 @@ fn build(file: &str, raw: &RawFile, problems: &mut ProblemList) -> Table {
             exclude_matchers,
             mirror,
             overrides: overrides(
-                rule.swap,
-                rule.copy,
-                &rule.platforms,
+                Written {
+                    swap: rule.swap,
+                    copy: rule.copy,
+                    platforms: &rule.platforms,
+                    referrers: rule.referrers,
+                    pin: rule.pin,
+                },
                 &format!("{field}.platforms"),
                 problems,
             ),
@@ -326,9 +335,13 @@ fn build_mirror(
         pull_secret: raw.pull_secret.as_ref().map(|s| s.value.clone()),
         pull_secret_from: pull_secret_from(raw, field, problems),
         overrides: overrides(
-            raw.swap,
-            raw.copy,
-            &raw.platforms,
+            Written {
+                swap: raw.swap,
+                copy: raw.copy,
+                platforms: &raw.platforms,
+                referrers: raw.referrers,
+                pin: None,
+            },
             &format!("{field}.platforms"),
             problems,
         ),
@@ -379,15 +392,18 @@ fn pull_secret_from(raw: &RawMirror, field: &str, problems: &mut ProblemList) ->
     }
 }
 
-/// The policy overrides of a mirror, rule or entry, as written.
-fn overrides(
+/// The policy settings of a mirror, rule or entry, as written.
+struct Written<'a> {
     swap: Option<SwapPolicy>,
     copy: Option<CopyPolicy>,
-    platforms: &Option<Vec<Spanned<String>>>,
-    field: &str,
-    problems: &mut ProblemList,
-) -> Overrides {
-    let platforms = platforms.as_ref().map(|raw| {
+    platforms: &'a Option<Vec<Spanned<String>>>,
+    referrers: Option<bool>,
+    pin: Option<Pin>,
+}
+
+/// The policy overrides of a mirror, rule or entry, with its platforms parsed.
+fn overrides(written: Written<'_>, field: &str, problems: &mut ProblemList) -> Overrides {
+    let platforms = written.platforms.as_ref().map(|raw| {
         let mut out = Vec::new();
         for (i, p) in raw.iter().enumerate() {
             match Platform::parse(&p.value) {
@@ -398,9 +414,11 @@ fn overrides(
         out
     });
     Overrides {
-        swap,
-        copy,
+        swap: written.swap,
+        copy: written.copy,
         platforms,
+        referrers: written.referrers,
+        pin: written.pin,
     }
 }
 
@@ -516,9 +534,13 @@ fn build_entry(
         target_tag,
         mirror,
         overrides: overrides(
-            raw.swap,
-            raw.copy,
-            &raw.platforms,
+            Written {
+                swap: raw.swap,
+                copy: raw.copy,
+                platforms: &raw.platforms,
+                referrers: raw.referrers,
+                pin: raw.pin,
+            },
             &format!("{field}.platforms"),
             problems,
         ),

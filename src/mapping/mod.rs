@@ -18,7 +18,7 @@ use ahash::{AHashMap, AHashSet};
 
 pub use build::parse_file;
 pub use mirrors::{Mirror, MirrorKind, SecretRef};
-pub use policy::{CopyPolicy, Naming, Overrides, Platform, Policy, SwapPolicy};
+pub use policy::{CopyPolicy, Naming, Overrides, Pin, Platform, Policy, SwapPolicy};
 
 use crate::problems::TableError;
 use crate::reference::{Reference, ReferenceError};

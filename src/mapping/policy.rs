@@ -22,6 +22,17 @@ pub enum CopyPolicy {
     Off,
 }
 
+/// What a rewrite carries of the source's version: its tag (today's behaviour), or also the
+/// digest the tag has upstream at admission, so that a mirror serving a stale tag cannot be
+/// pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pin {
+    #[default]
+    Tag,
+    Digest,
+}
+
 /// How a `repository` mirror names the copy of `docker.io/grafana/loki`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -88,6 +99,9 @@ pub struct Policy<'t> {
     pub copy: CopyPolicy,
     /// Platforms to copy; empty means all.
     pub platforms: &'t [Platform],
+    /// Whether copies bring signatures, attestations, SBOMs and OCI referrers along.
+    pub referrers: bool,
+    pub pin: Pin,
 }
 
 /// The policy settings a mirror, a rule or an exact entry may set; what one leaves unset falls
@@ -97,6 +111,9 @@ pub struct Overrides {
     pub swap: Option<SwapPolicy>,
     pub copy: Option<CopyPolicy>,
     pub platforms: Option<Vec<Platform>>,
+    pub referrers: Option<bool>,
+    /// Set by rules and entries only.
+    pub pin: Option<Pin>,
 }
 
 impl Overrides {
@@ -114,6 +131,8 @@ impl Overrides {
                 .clone()
                 .find_map(|o| o.platforms.as_deref())
                 .unwrap_or(&[]),
+            referrers: layers.clone().find_map(|o| o.referrers).unwrap_or(true),
+            pin: layers.clone().find_map(|o| o.pin).unwrap_or_default(),
         }
     }
 }
@@ -138,12 +157,15 @@ mod tests {
         let arm = vec![Platform::parse("linux/arm64").unwrap()];
         let entry = Overrides {
             copy: Some(CopyPolicy::Off),
+            pin: Some(Pin::Digest),
             ..Overrides::default()
         };
         let mirror = Overrides {
             swap: Some(SwapPolicy::IfPresent),
             copy: Some(CopyPolicy::OnDemand),
             platforms: Some(arm.clone()),
+            referrers: Some(false),
+            pin: None,
         };
         let p = Overrides::resolve(
             &[Some(&entry), Some(&mirror)],
@@ -153,10 +175,11 @@ mod tests {
         assert_eq!(p.swap, SwapPolicy::IfPresent);
         assert_eq!(p.copy, CopyPolicy::Off);
         assert_eq!(p.platforms, &arm[..]);
+        assert_eq!((p.referrers, p.pin), (false, Pin::Digest));
         let p = Overrides::resolve(&[None], SwapPolicy::Always, CopyPolicy::Off);
         assert_eq!(
-            (p.swap, p.copy, p.platforms.len()),
-            (SwapPolicy::Always, CopyPolicy::Off, 0)
+            (p.swap, p.copy, p.platforms.len(), p.referrers, p.pin),
+            (SwapPolicy::Always, CopyPolicy::Off, 0, true, Pin::Tag)
         );
     }
 }

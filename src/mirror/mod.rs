@@ -44,6 +44,8 @@ pub struct CopyRequest {
     pub target: Reference,
     /// Platforms to copy; empty means all.
     pub platforms: Vec<Platform>,
+    /// Whether signatures, attestations, SBOMs and OCI referrers come along.
+    pub referrers: bool,
     pub mode: CopyMode,
 }
 
@@ -84,6 +86,7 @@ impl CopyRequest {
             source: rewrite.source.clone(),
             target: rewrite.target.clone(),
             platforms: rewrite.policy.platforms.to_vec(),
+            referrers: rewrite.policy.referrers,
             mode: if pull_through {
                 CopyMode::WarmUp
             } else {
@@ -103,7 +106,13 @@ impl CopyRequest {
                 CopyMode::WarmUp => registries.warm_up(&self.target).await,
                 CopyMode::Copy => {
                     registries
-                        .copy(&self.source, &self.target, &self.platforms, progress)
+                        .copy_with(
+                            &self.source,
+                            &self.target,
+                            &self.platforms,
+                            progress,
+                            self.referrers,
+                        )
                         .await
                 }
             }

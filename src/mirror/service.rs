@@ -545,6 +545,7 @@ mod tests {
             source: r(format!("127.0.0.1:1/src/app{n}:1")),
             target: r(format!("127.0.0.1:1/dst/app{n}:1")),
             platforms: Vec::new(),
+            referrers: true,
             mode: CopyMode::Copy,
         }
     }

@@ -41,6 +41,8 @@ pub(super) struct CopyJob<'r> {
     pub(super) progress: Option<Progress>,
     pub(super) report: Mutex<CopyReport>,
     pub(super) blobs_seen: Mutex<BTreeSet<String>>,
+    /// Whether signatures and referrers travel with the image.
+    pub(super) referrers: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,9 +156,14 @@ impl CopyJob<'_> {
                 None => self.target.clone(),
             };
             if self.target_has(&probe).await?.as_deref() == Some(digest.as_str()) {
+                // A signature may have come since the image did.
+                if self.referrers {
+                    self.copy_referrers(std::slice::from_ref(&digest)).await?;
+                }
                 let mut report = self.take_report();
                 report.digest = digest;
                 report.manifests_skipped += 1;
+                report.bytes += self.bytes.load(Ordering::Relaxed);
                 return Ok(report);
             }
         }
@@ -165,6 +172,10 @@ impl CopyJob<'_> {
         let doc = ManifestDoc::parse(&raw, &name)?;
         let mut top_digest = got;
         let mut body = raw;
+        // Digests whose signatures and referrers follow: the children copied, and the top
+        // manifest unless it was rebuilt (nothing upstream can have signed a new digest).
+        let mut subjects = Vec::new();
+        let mut rebuilt = false;
         if let Some(children) = &doc.manifests {
             let selected: Vec<&Descriptor> = children
                 .iter()
@@ -186,6 +197,7 @@ impl CopyJob<'_> {
                 ));
             }
             self.copy_manifests(&selected, 1).await?;
+            subjects.extend(selected.iter().map(|c| c.digest.clone()));
             for child in &selected {
                 if let Some(p) = &child.platform {
                     self.report().platforms.push(p.label());
@@ -195,6 +207,7 @@ impl CopyJob<'_> {
                 body = filter_index(&body, &selected)
                     .map_err(|e| RegistryError::image(&name, ImageError::NotJson(e)))?;
                 top_digest = sha256_digest(&body);
+                rebuilt = true;
                 self.report().filtered = true;
             }
         } else {
@@ -208,14 +221,20 @@ impl CopyJob<'_> {
             let by_tag = self.at_tag(&self.target, tag)?;
             self.push_manifest(&by_tag, &body, &content_type).await?;
         }
+        if self.referrers {
+            if !rebuilt {
+                subjects.insert(0, top_digest.clone());
+            }
+            self.copy_referrers(&subjects).await?;
+        }
         let mut report = self.take_report();
         report.digest = top_digest;
         report.manifests_copied += 1;
-        report.bytes = self.bytes.load(Ordering::Relaxed);
+        report.bytes += self.bytes.load(Ordering::Relaxed);
         Ok(report)
     }
 
-    fn report(&self) -> std::sync::MutexGuard<'_, CopyReport> {
+    pub(super) fn report(&self) -> std::sync::MutexGuard<'_, CopyReport> {
         self.report.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -223,19 +242,19 @@ impl CopyJob<'_> {
         std::mem::take(&mut *self.report())
     }
 
-    fn at_digest(&self, r: &Reference, digest: &str) -> Reference {
+    pub(super) fn at_digest(&self, r: &Reference, digest: &str) -> Reference {
         Reference::from_parts(r.registry(), r.path(), None, Some(digest))
             .unwrap_or_else(|_| r.clone())
     }
 
-    fn at_tag(&self, r: &Reference, tag: &str) -> Result<Reference, RegistryError> {
+    pub(super) fn at_tag(&self, r: &Reference, tag: &str) -> Result<Reference, RegistryError> {
         Reference::from_parts(r.registry(), r.path(), Some(tag), None)
             .map_err(|e| RegistryError::image(r, ImageError::Reference(e)))
     }
 
     /// The digest the target has at `r`; `None` when it has nothing there. Any other failure
     /// stops the copy: pushing blind into a registry that does not answer helps nobody.
-    async fn target_has(&self, r: &Reference) -> Result<Option<String>, RegistryError> {
+    pub(super) async fn target_has(&self, r: &Reference) -> Result<Option<String>, RegistryError> {
         let oci = to_oci(r);
         let name = r.to_string();
         let found = self
@@ -251,19 +270,34 @@ impl CopyJob<'_> {
         }
     }
 
-    async fn pull_manifest(&self, r: &Reference) -> Result<(Bytes, String), RegistryError> {
+    pub(super) async fn pull_manifest(
+        &self,
+        r: &Reference,
+    ) -> Result<(Bytes, String), RegistryError> {
+        Self::pull_from(self.registries, &self.src, r).await
+    }
+
+    /// A manifest the target has, as it has it.
+    pub(super) async fn pull_target_manifest(&self, r: &Reference) -> Result<Bytes, RegistryError> {
+        Ok(Self::pull_from(self.registries, &self.dst, r).await?.0)
+    }
+
+    async fn pull_from(
+        registries: &Registries,
+        host: &HostClient,
+        r: &Reference,
+    ) -> Result<(Bytes, String), RegistryError> {
         let oci = to_oci(r);
         let name = r.to_string();
-        self.registries
-            .retry(&self.src, "fetch manifest", &name, || {
-                self.src
-                    .client
-                    .pull_manifest_raw(&oci, &self.src.auth, &MANIFEST_TYPES)
+        registries
+            .retry(host, "fetch manifest", &name, || {
+                host.client
+                    .pull_manifest_raw(&oci, &host.auth, &MANIFEST_TYPES)
             })
             .await
     }
 
-    async fn push_manifest(
+    pub(super) async fn push_manifest(
         &self,
         r: &Reference,
         body: &Bytes,

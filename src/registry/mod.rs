@@ -8,6 +8,7 @@
 mod auth;
 mod copy;
 mod failure;
+mod referrers;
 mod retry;
 mod stream;
 
@@ -87,6 +88,9 @@ pub struct CopyReport {
     pub platforms: Vec<String>,
     /// True when only selected platforms were copied, so the index was rebuilt.
     pub filtered: bool,
+    /// Signatures, attestations, SBOMs and OCI referrers copied along (their blobs count in
+    /// `blobs_copied` and `bytes`).
+    pub referrers: usize,
 }
 
 /// Called with the byte count of every piece of blob data copied.
@@ -100,6 +104,8 @@ struct HostClient {
     auth: RegistryAuth,
     access: RegistryAccess,
     insecure: bool,
+    /// Spoken to over plain HTTP.
+    plain: bool,
     created: Instant,
     /// Plain reqwest client with the same TLS roots, for the `Retry-After` probe.
     probe: reqwest::Client,
@@ -266,6 +272,7 @@ impl Registries {
             auth,
             access,
             insecure,
+            plain,
             created: Instant::now(),
             probe,
         })
@@ -300,13 +307,27 @@ impl Registries {
     }
 
     /// Copies `source` to `target`: the index, every selected platform, every blob the target
-    /// lacks, manifests byte for byte; then the tag.
+    /// lacks, manifests byte for byte; then the tag; then what points at it (signatures,
+    /// attestations, SBOMs, OCI referrers).
     pub async fn copy(
         &self,
         source: &Reference,
         target: &Reference,
         platforms: &[Platform],
         progress: Option<Progress>,
+    ) -> Result<CopyReport, RegistryError> {
+        self.copy_with(source, target, platforms, progress, true)
+            .await
+    }
+
+    /// [`Registries::copy`], with or without what points at the image.
+    pub async fn copy_with(
+        &self,
+        source: &Reference,
+        target: &Reference,
+        platforms: &[Platform],
+        progress: Option<Progress>,
+        referrers: bool,
     ) -> Result<CopyReport, RegistryError> {
         let src = self.client(source.registry()).await?;
         let dst = self.client(target.registry()).await?;
@@ -320,6 +341,7 @@ impl Registries {
             progress,
             report: Mutex::new(CopyReport::default()),
             blobs_seen: Mutex::new(BTreeSet::new()),
+            referrers,
         };
         job.run(platforms).await
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use image_mirror_webhook::certs::DevCerts;
 use rand::RngCore;
-use serde_json::json;
+use serde_json::{json, Value};
 use sha2::Digest as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -248,7 +248,8 @@ impl Registry {
         self.put_manifest(&c, repo, tag, body, media_type).await;
     }
 
-    async fn put_manifest(
+    /// Puts one manifest under `reference` (a tag or a digest).
+    pub async fn put_manifest(
         &self,
         c: &reqwest::Client,
         repo: &str,
@@ -385,6 +386,59 @@ impl TestImage {
             manifests,
             top: (sha256(&index), index, OCI_INDEX.to_string()),
         }
+    }
+
+    /// An artifact pointing at `subject` (digest, size, media type), as a signer pushes one:
+    /// an OCI manifest with one payload layer, an `artifactType` and, for OCI 1.1 referrers,
+    /// a `subject`. cosign's own signatures carry no `subject`; they live under tags.
+    pub fn artifact(
+        subject: (&str, usize, &str),
+        artifact_type: &str,
+        with_subject: bool,
+    ) -> TestImage {
+        let config = b"{}".to_vec();
+        let payload = serde_json::to_vec(&json!({
+            "critical": {"image": {"docker-manifest-digest": subject.0}},
+            "optional": {"nonce": random_secret()}
+        }))
+        .unwrap();
+        let (cd, pd) = (sha256(&config), sha256(&payload));
+        let mut manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": cd, "size": config.len()},
+            "layers": [{
+                "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+                "digest": pd, "size": payload.len(),
+                "annotations": {"dev.cosignproject.cosign/signature": random_secret()}
+            }]
+        });
+        if with_subject {
+            manifest["subject"] =
+                json!({"mediaType": subject.2, "digest": subject.0, "size": subject.1});
+        }
+        let body = serde_json::to_vec_pretty(&manifest).unwrap();
+        TestImage {
+            blobs: vec![(cd, config), (pd, payload)],
+            manifests: Vec::new(),
+            top: (sha256(&body), body, OCI_MANIFEST.to_string()),
+        }
+    }
+
+    /// The referrers tag schema's index (`sha256-<hex>`) listing `artifacts`.
+    pub fn referrers_index(artifacts: &[(&TestImage, &str)]) -> Vec<u8> {
+        let entries: Vec<Value> = artifacts
+            .iter()
+            .map(|(a, artifact_type)| {
+                json!({"mediaType": OCI_MANIFEST, "digest": a.top.0, "size": a.top.1.len(),
+                       "artifactType": artifact_type})
+            })
+            .collect();
+        serde_json::to_vec_pretty(&json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries
+        }))
+        .unwrap()
     }
 
     pub fn total_bytes(&self) -> u64 {

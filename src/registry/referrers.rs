@@ -1,0 +1,241 @@
+//! What points at a copied image travels with it: cosign's signature, attestation and SBOM tags
+//! (`sha256-<hex>.sig`, `.att`, `.sbom`), and OCI 1.1 referrers, read through the referrers API
+//! where the source has it, else through the referrers tag schema (`sha256-<hex>`). Each is
+//! copied byte for byte, so digests and signatures still verify. A target without the referrers
+//! API (GHCR, distribution 2.8) gets the tag schema: an index of the referrers under
+//! `sha256-<hex>`, merged with one it already has.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE;
+use oci_client::RegistryOperation;
+use serde_json::Value;
+
+use super::copy::CopyJob;
+use super::failure::{Failure, ImageError, RegistryError};
+use super::{to_oci, CopyReport, HostClient};
+use crate::reference::{wire_host, Reference};
+
+/// cosign's tags for a digest `sha256:<hex>`: `sha256-<hex>` and one of these.
+const COSIGN_SUFFIXES: [&str; 3] = [".sig", ".att", ".sbom"];
+
+type BoxedReport<'a> = Pin<Box<dyn Future<Output = Result<CopyReport, RegistryError>> + Send + 'a>>;
+
+/// The referrers of a digest, as the source lists them.
+struct Listing {
+    /// The descriptors, as JSON, so that `artifactType` and annotations survive.
+    manifests: Vec<Value>,
+    /// The tag-schema index itself, when that is where they came from.
+    tag_index: Option<Bytes>,
+}
+
+impl CopyJob<'_> {
+    /// Copies what points at each of `subjects` (digests the target now has).
+    pub(super) async fn copy_referrers(&self, subjects: &[String]) -> Result<(), RegistryError> {
+        let mut target_api = None;
+        for digest in subjects {
+            let schema_tag = digest.replace(':', "-");
+            for suffix in COSIGN_SUFFIXES {
+                let tag = format!("{schema_tag}{suffix}");
+                let from = self.at_tag(&self.source, &tag)?;
+                if self.source_has(&from).await?.is_some() {
+                    let to = self.at_tag(&self.target, &tag)?;
+                    self.copy_artifact(from, to).await?;
+                }
+            }
+            let Some(listing) = self.list_referrers(digest, &schema_tag).await? else {
+                continue;
+            };
+            for m in &listing.manifests {
+                let Some(d) = m.get("digest").and_then(Value::as_str) else {
+                    continue;
+                };
+                let to = self.at_digest(&self.target, d);
+                if self.target_has(&to).await?.is_some() {
+                    continue;
+                }
+                self.copy_artifact(self.at_digest(&self.source, d), to)
+                    .await?;
+            }
+            let api = match target_api {
+                Some(api) => api,
+                None => {
+                    let api = self
+                        .referrers_api(&self.dst, &self.target, digest)
+                        .await
+                        .is_some();
+                    target_api = Some(api);
+                    api
+                }
+            };
+            if !api {
+                self.write_tag_index(&schema_tag, &listing).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One artifact (a signature, an attestation, a referrer) copied whole, without referrers
+    /// of its own; what it moved counts in this copy's report.
+    fn copy_artifact<'s>(&'s self, from: Reference, to: Reference) -> BoxedReport<'s> {
+        Box::pin(async move {
+            let nested = self
+                .registries
+                .copy_with(&from, &to, &[], self.progress.clone(), false)
+                .await?;
+            let mut report = self.report();
+            report.referrers += usize::from(nested.manifests_copied > 0);
+            report.blobs_copied += nested.blobs_copied;
+            report.blobs_skipped += nested.blobs_skipped;
+            report.bytes += nested.bytes;
+            Ok(nested)
+        })
+    }
+
+    /// The digest the source has at `r`; `None` when it has nothing there.
+    async fn source_has(&self, r: &Reference) -> Result<Option<String>, RegistryError> {
+        let oci = to_oci(r);
+        let name = r.to_string();
+        let found = self
+            .registries
+            .retry(&self.src, "inspect", &name, || {
+                self.src.client.fetch_manifest_digest(&oci, &self.src.auth)
+            })
+            .await;
+        match found {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.failure() == Some(Failure::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The source's referrers of `digest`: the API, else the tag schema; `None` when there
+    /// are none.
+    async fn list_referrers(
+        &self,
+        digest: &str,
+        schema_tag: &str,
+    ) -> Result<Option<Listing>, RegistryError> {
+        if let Some(index) = self.referrers_api(&self.src, &self.source, digest).await {
+            let manifests = manifests_of(&index);
+            return Ok((!manifests.is_empty()).then_some(Listing {
+                manifests,
+                tag_index: None,
+            }));
+        }
+        let at = self.at_tag(&self.source, schema_tag)?;
+        if self.source_has(&at).await?.is_none() {
+            return Ok(None);
+        }
+        let (raw, _) = self.pull_manifest(&at).await?;
+        let index: Value = serde_json::from_slice(&raw)
+            .map_err(|e| RegistryError::image(&at, ImageError::NotJson(e)))?;
+        let manifests = manifests_of(&index);
+        Ok((!manifests.is_empty()).then_some(Listing {
+            manifests,
+            tag_index: Some(raw),
+        }))
+    }
+
+    /// `GET /v2/<name>/referrers/<digest>`: the index when the registry has the API, `None`
+    /// when it answers anything else (a 404 is what a registry without the API says).
+    async fn referrers_api(
+        &self,
+        host: &HostClient,
+        on: &Reference,
+        digest: &str,
+    ) -> Option<Value> {
+        let image = to_oci(&self.at_digest(on, digest));
+        let scheme = if host.plain { "http" } else { "https" };
+        let url = format!(
+            "{scheme}://{}/v2/{}/referrers/{digest}",
+            wire_host(on.registry()),
+            image.repository()
+        );
+        let mut request = host
+            .probe
+            .get(url)
+            .header(reqwest::header::ACCEPT, OCI_IMAGE_INDEX_MEDIA_TYPE);
+        request = match host
+            .client
+            .auth(&image, &host.auth, RegistryOperation::Pull)
+            .await
+        {
+            Ok(Some(token)) => request.bearer_auth(token),
+            _ => match &host.auth {
+                oci_client::secrets::RegistryAuth::Basic(u, p) => request.basic_auth(u, Some(p)),
+                _ => request,
+            },
+        };
+        let response = request.send().await.ok()?;
+        if response.status() != reqwest::StatusCode::OK {
+            return None;
+        }
+        response.json::<Value>().await.ok()
+    }
+
+    /// Keeps the target's tag-schema index of `schema_tag` listing every referrer copied:
+    /// the source's own index byte for byte when the target has none, else the target's with
+    /// the missing entries added.
+    async fn write_tag_index(
+        &self,
+        schema_tag: &str,
+        listing: &Listing,
+    ) -> Result<(), RegistryError> {
+        let at = self.at_tag(&self.target, schema_tag)?;
+        let existing = match self.target_has(&at).await? {
+            Some(_) => Some(self.pull_target_manifest(&at).await?),
+            None => None,
+        };
+        let body = match (existing, &listing.tag_index) {
+            (None, Some(raw)) => raw.clone(),
+            (existing, _) => {
+                let mut index: Value = match &existing {
+                    Some(raw) => serde_json::from_slice(raw)
+                        .map_err(|e| RegistryError::image(&at, ImageError::NotJson(e)))?,
+                    None => serde_json::json!({
+                        "schemaVersion": 2,
+                        "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE,
+                        "manifests": [],
+                    }),
+                };
+                let have: Vec<String> = manifests_of(&index)
+                    .iter()
+                    .filter_map(|m| m.get("digest").and_then(Value::as_str).map(str::to_string))
+                    .collect();
+                let missing: Vec<Value> = listing
+                    .manifests
+                    .iter()
+                    .filter(|m| {
+                        m.get("digest")
+                            .and_then(Value::as_str)
+                            .is_some_and(|d| !have.iter().any(|h| h == d))
+                    })
+                    .cloned()
+                    .collect();
+                if missing.is_empty() {
+                    return Ok(());
+                }
+                if let Some(list) = index.get_mut("manifests").and_then(Value::as_array_mut) {
+                    list.extend(missing);
+                }
+                Bytes::from(
+                    serde_json::to_vec(&index)
+                        .map_err(|e| RegistryError::image(&at, ImageError::NotJson(e)))?,
+                )
+            }
+        };
+        self.push_manifest(&at, &body, OCI_IMAGE_INDEX_MEDIA_TYPE)
+            .await
+    }
+}
+
+fn manifests_of(index: &Value) -> Vec<Value> {
+    index
+        .get("manifests")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
