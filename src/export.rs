@@ -15,11 +15,21 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
 
-use crate::mapping::{Decision, EntryTags, Matched, SwapPolicy, Table};
+use crate::mapping::{Decision, EntryTags, Matched, Pin, Policy, SwapPolicy, Table};
 use crate::reference::{Reference, DOCKER_HUB};
 
 const IF_PRESENT: &str = "swap: if-present: whether the mirror has the image needs a registry to \
                           ask (and a copy to start), which a policy cannot do";
+const PIN_DIGEST: &str = "pin: digest: the tag's digest is asked of the upstream registry at                           admission, which a policy cannot do";
+
+/// Why a rewrite with this policy needs the webhook (`Ok` when a policy can make it).
+fn static_policy(policy: &Policy<'_>) -> Result<(), &'static str> {
+    match (policy.swap, policy.pin) {
+        (SwapPolicy::IfPresent, _) => Err(IF_PRESENT),
+        (_, Pin::Digest) => Err(PIN_DIGEST),
+        (SwapPolicy::Always, Pin::Tag) => Ok(()),
+    }
+}
 
 /// The form a carried-over tag must have (`:tag`, or nothing).
 const TAG_RE: &str = r"^(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$";
@@ -214,22 +224,19 @@ impl Export {
     /// Why what `matched` decides cannot be the policy's (`Ok` when it can); `probe` is one
     /// image it decides for.
     fn policy_reason(&self, table: &Table, probe: &str, matched: &str) -> Result<(), String> {
-        let swap = match table.decide(probe) {
-            Decision::Rewrite(rw) if rw.matched.to_string() == matched => rw.policy.swap,
+        let policy = match table.decide(probe) {
+            Decision::Rewrite(rw) if rw.matched.to_string() == matched => rw.policy,
             // A rule whose first glob is not a name: judged by its policy alone.
             _ => match table
                 .rules()
                 .iter()
                 .find(|r| Matched::Rule(r).to_string() == matched)
             {
-                Some(rule) => table.rule_policy(rule).swap,
+                Some(rule) => table.rule_policy(rule),
                 None => return Err("another entry or rule decides for it first".to_string()),
             },
         };
-        match swap {
-            SwapPolicy::Always => Ok(()),
-            SwapPolicy::IfPresent => Err(IF_PRESENT.to_string()),
-        }
+        static_policy(&policy).map_err(str::to_string)
     }
 
     /// Keys for every spelling of `name`, any tag: an any-tag entry or a rule on one name.
@@ -252,8 +259,7 @@ impl Export {
         for s in spellings(name) {
             match table.decide(&s) {
                 Decision::Rewrite(rw)
-                    if rw.matched.to_string() == matched
-                        && rw.policy.swap == SwapPolicy::Always =>
+                    if rw.matched.to_string() == matched && static_policy(&rw.policy).is_ok() =>
                 {
                     if let Some(target) = rewrite(table, &s) {
                         self.names.insert(s, target.name_only());
@@ -438,7 +444,7 @@ impl Rewritten {
 
 fn rewrite(table: &Table, image: &str) -> Option<Rewritten> {
     match table.decide(image) {
-        Decision::Rewrite(rw) if rw.policy.swap == SwapPolicy::Always => Some(Rewritten {
+        Decision::Rewrite(rw) if static_policy(&rw.policy).is_ok() => Some(Rewritten {
             image: rw.target.as_str().to_string(),
             name: rw.target.name().to_string(),
             image_tag: rw.target.tag().map(str::to_string),

@@ -86,6 +86,10 @@ pub struct Metrics {
     pub checks: Family<CheckLabels, Counter>,
     pub check_duration: Histogram,
     pub check_cache: Family<ResultLabels, Counter>,
+    pub upstream_digests: Family<CheckLabels, Counter>,
+    pub ratelimit_limit: Family<RegistryLabels, Gauge>,
+    pub ratelimit_remaining: Family<RegistryLabels, Gauge>,
+    pub copies_paused: Family<RegistryLabels, Gauge>,
     pub copies: Family<ResultLabels, Counter>,
     pub copied_bytes: Counter,
     pub copy_duration: Histogram,
@@ -115,6 +119,10 @@ impl Default for Metrics {
             checks: Family::default(),
             check_duration: Histogram::new(REGISTRY_BUCKETS),
             check_cache: Family::default(),
+            upstream_digests: Family::default(),
+            ratelimit_limit: Family::default(),
+            ratelimit_remaining: Family::default(),
+            copies_paused: Family::default(),
             copies: Family::default(),
             copied_bytes: Counter::default(),
             copy_duration: Histogram::new(COPY_BUCKETS),
@@ -203,6 +211,26 @@ impl Metrics {
             "mirror_check_cache",
             "Mirror existence lookups answered from the cache (hit) or not (miss)",
             m.check_cache.clone(),
+        );
+        r.register(
+            "upstream_digest_lookups",
+            "Tag digests asked of upstream registries for `pin: digest`, by result",
+            m.upstream_digests.clone(),
+        );
+        r.register(
+            "registry_ratelimit_limit",
+            "Pulls a registry allows per window, from its last ratelimit-limit header",
+            m.ratelimit_limit.clone(),
+        );
+        r.register(
+            "registry_ratelimit_remaining",
+            "Pulls left in a registry's window, from its last ratelimit-remaining header",
+            m.ratelimit_remaining.clone(),
+        );
+        r.register(
+            "copies_paused",
+            "1 while copies from a registry wait for its rate-limit window (rateLimitReserve)",
+            m.copies_paused.clone(),
         );
         r.register("copies", "Image copies, by result", m.copies.clone());
         r.register(

@@ -295,13 +295,25 @@ async fn webhook(
     budget: Duration,
     checks: &str,
 ) -> Webhook {
+    webhook_with(upstream, mirror_host, access, budget, checks, "").await
+}
+
+/// [`webhook`], with more settings (`rule`, YAML lines) on its rule.
+async fn webhook_with(
+    upstream: &Registry,
+    mirror_host: &str,
+    access: &str,
+    budget: Duration,
+    checks: &str,
+    rule: &str,
+) -> Webhook {
     common::init();
     let dir = tempfile::tempdir().unwrap();
     let certs = DevCerts::generate(&["localhost".to_string()]).unwrap();
     certs.write(dir.path()).unwrap();
     let table = format!(
         "mirrors:\n  local:\n    type: repository\n    registry: \"{mirror_host}\"\n    prefix: mirror\n    naming: flatten\n    pullSecret: local-pull\n\
-         rules:\n  - name: upstream\n    match: [\"{}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n\
+         rules:\n  - name: upstream\n    match: [\"{}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n{rule}\
          registries:\n{access}\
          checks: {{presentTtl: 10m, absentTtl: 30s, {checks}}}\n\
          copies: {{concurrency: 2, retryBackoff: 200ms, maxAttempts: 20}}\n",
@@ -493,6 +505,84 @@ async fn a_missing_image_is_kept_copied_in_the_background_then_rewritten() {
     assert_eq!(
         hook.metric("image_mirror_copies_total", "result=\"success\""),
         1.0
+    );
+    hook.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pin_digest_never_uses_a_stale_tag_on_the_mirror() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Registry::plain();
+    let mirror = Registry::plain();
+    let old = TestImage::generate(&["linux/amd64"], 64 * 1024);
+    let new = TestImage::generate(&["linux/amd64"], 64 * 1024);
+    upstream.push("team/app", "1.0", &old).await;
+    upstream.push("team/tool", "2.0", &old).await;
+    let access = format!(
+        "{}{}",
+        upstream.table_access(&dir.path().join("u.json")),
+        mirror.table_access(&dir.path().join("m.json"))
+    );
+    // The mirror got yesterday's 1.0; then 1.0 moved upstream.
+    let registries = Registries::new(settings(&format!("registries:\n{access}")), quick(), None);
+    for name in ["app:1.0", "tool:2.0"] {
+        registries
+            .copy(
+                &r(&format!("{}/team/{name}", upstream.host())),
+                &r(&format!("{}/mirror/{name}", mirror.host())),
+                &[],
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    upstream.push("team/app", "1.0", &new).await;
+    let hook = webhook_with(
+        &upstream,
+        &mirror.host(),
+        &access,
+        Duration::from_secs(8),
+        "timeout: 5s",
+        "    pin: digest\n",
+    )
+    .await;
+    let source = format!("{}/team/app:1.0", upstream.host());
+    let pinned = format!("{}/mirror/app:1.0@{}", mirror.host(), new.top.0);
+
+    // The mirror has a 1.0, but not upstream's: kept, and that digest is copied.
+    let (pod, warnings, _) = hook.review(&source, false).await;
+    assert_eq!(image_of(&pod), source);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("copy queued") && w.contains(&pinned)),
+        "{warnings:?}"
+    );
+    hook.wait_copied().await;
+    assert_eq!(
+        mirror.skopeo_raw("mirror/app", "1.0"),
+        Some(new.top.1.clone())
+    );
+    let (pod, warnings, _) = hook.review(&source, false).await;
+    assert_eq!(image_of(&pod), pinned, "{warnings:?}");
+    let resolved = format!("registry=\"{}\",result=\"resolved\"", upstream.host());
+    // Asked once: the second review had it from the cache.
+    assert_eq!(
+        hook.metric("image_mirror_upstream_digest_lookups_total", &resolved),
+        1.0
+    );
+
+    // The upstream gone: today's behaviour, by tag, and the warning says why.
+    let mut upstream = upstream;
+    upstream.stop();
+    let tool = format!("{}/team/tool:2.0", upstream.host());
+    let (pod, warnings, _) = hook.review(&tool, false).await;
+    assert_eq!(image_of(&pod), format!("{}/mirror/tool:2.0", mirror.host()));
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("not pinned to a digest") && w.contains("team/tool:2.0")),
+        "{warnings:?}"
     );
     hook.running.shutdown().await.unwrap();
 }

@@ -15,8 +15,10 @@ use serde::Deserialize;
 pub use response::{refusal_body, response_body, WOULD_REWRITE_AUDIT_KEY};
 pub use webhook::{Answer, PullSecrets, Webhook};
 
-use crate::mapping::{CopyPolicy, Decision, KeepReason, KeepReasonKind, SwapPolicy, Table};
-use crate::mirror::{CopyRequest, Presence};
+use crate::mapping::{
+    CopyPolicy, Decision, KeepReason, KeepReasonKind, Pin, Rewrite, SwapPolicy, Table,
+};
+use crate::mirror::{CopyRequest, Presence, Upstream};
 use crate::patch::{self, ImageChange};
 use crate::pod::{ImageSite, Pod};
 use crate::reference::Reference;
@@ -179,6 +181,8 @@ struct ContainerPlan<'t> {
     decision: Decision<'t>,
     /// Why the rewrite cannot happen for want of a pull secret (the warning's words).
     secret_missing: Option<String>,
+    /// Why a `pin: digest` rewrite goes by tag after all (the warning's words).
+    unpinned: Option<String>,
 }
 
 /// What the table decided for each container of a request, before mirror presence is known.
@@ -337,6 +341,7 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
             ContainerPlan {
                 decision,
                 secret_missing,
+                unpinned: None,
                 key: c.record_key(),
                 site: c.site,
                 index: c.index,
@@ -353,7 +358,74 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
     }
 }
 
+/// Whether this rewrite waits for its tag's digest upstream.
+fn wants_pin(rw: &Rewrite<'_>) -> bool {
+    rw.policy.pin == Pin::Digest && rw.source.digest().is_none()
+}
+
+/// `r` with `digest` added to its tag.
+fn with_digest(r: &Reference, digest: &str) -> Option<Reference> {
+    Reference::from_parts(r.registry(), r.path(), r.tag(), Some(digest)).ok()
+}
+
 impl<'t> Plan<'t> {
+    /// The sources (canonical) whose tag's digest upstream the rewrite carries (`pin: digest`).
+    pub fn sources_to_pin(&self) -> Vec<Reference> {
+        let mut out: Vec<Reference> = Vec::new();
+        for c in self
+            .containers
+            .iter()
+            .filter(|c| c.secret_missing.is_none())
+        {
+            if let Decision::Rewrite(rw) = &c.decision {
+                let source = rw.source.canonical();
+                if wants_pin(rw) && !out.contains(&source) {
+                    out.push(source.into_owned());
+                }
+            }
+        }
+        out
+    }
+
+    /// Pins each `pin: digest` rewrite to the digest its tag has upstream: target and copy
+    /// become `<name>:<tag>@<digest>`, so that a mirror holding another version of the tag is
+    /// not used. Without an answer the rewrite goes by tag, as without the setting, and the
+    /// warning says so (pure).
+    pub fn pin(&mut self, upstream: &dyn Fn(&Reference) -> Upstream) {
+        for c in self
+            .containers
+            .iter_mut()
+            .filter(|c| c.secret_missing.is_none())
+        {
+            let Decision::Rewrite(rw) = &mut c.decision else {
+                continue;
+            };
+            if !wants_pin(rw) {
+                continue;
+            }
+            let source = rw.source.canonical().into_owned();
+            let why = match upstream(&source) {
+                Upstream::Digest(d) => {
+                    match (with_digest(&source, &d), with_digest(&rw.target, &d)) {
+                        (Some(s), Some(t)) => {
+                            rw.source = s;
+                            rw.target = t;
+                            continue;
+                        }
+                        _ => {
+                            format!("the upstream answered {d:?} for {source}, which is no digest")
+                        }
+                    }
+                }
+                Upstream::Absent => format!("the upstream registry has no {source}"),
+                Upstream::Unknown => {
+                    format!("the upstream registry did not say in time which digest {source} has")
+                }
+            };
+            c.unpinned = Some(why);
+        }
+    }
+
     /// The mirror targets whose presence decides the outcome (`if-present` rewrites that
     /// nothing else holds back).
     pub fn targets_to_check(&self) -> Vec<&Reference> {
@@ -406,6 +478,14 @@ impl<'t> Plan<'t> {
                     c.image
                 ));
                 continue;
+            }
+            if let Some(why) = &c.unpinned {
+                m.warnings.push(format!(
+                    "image-mirror: {} {:?}: not pinned to a digest ({why}); going by tag {}",
+                    c.site.noun(),
+                    c.name,
+                    rw.target
+                ));
             }
             if rw.policy.swap == SwapPolicy::IfPresent {
                 match presence(&rw.target) {

@@ -347,3 +347,146 @@ fn review_names_the_pod_and_its_namespace() {
         assert_eq!(Review::parse(body).unwrap_err().metric_label(), want);
     }
 }
+
+const PINNED: &str = r#"
+mirrors:
+  ghcr: {type: repository, registry: ghcr.io, prefix: m, naming: flatten}
+  ecr: {type: pull-through, registry: 1.dkr.ecr.eu-west-1.amazonaws.com, upstreams: {docker.io: hub}}
+images:
+  - {source: "redis:7.2.5", target: "ghcr.io/m/redis:7.2.5-mirrored", pin: digest}
+rules:
+  - {match: ["docker.io/library/nginx"], mirror: ghcr, pin: digest}
+  - {match: ["docker.io/library/*"], mirror: ecr, pin: digest}
+"#;
+
+const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+#[test]
+fn pin_digest_rewrites_checks_and_copies_the_tag_s_upstream_digest() {
+    let t = Table::parse("t.yaml", PINNED).unwrap();
+    let r = review(
+        "CREATE",
+        &[
+            ("web", "nginx:1.27"),
+            ("cache", "redis:7.2.5"),
+            ("db", "index.docker.io/library/postgres:16"),
+            // Already pinned by the Pod: nothing to ask.
+            ("side", &format!("busybox:1@{D}")),
+        ],
+        json!({}),
+    );
+    let mut p = plan(&r, &t, &|_, _| true);
+    let asked: Vec<String> = p.sources_to_pin().iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        asked,
+        [
+            "docker.io/library/nginx:1.27",
+            "docker.io/library/redis:7.2.5",
+            "docker.io/library/postgres:16"
+        ]
+    );
+    p.pin(&|s| {
+        assert!(s.digest().is_none());
+        Upstream::Digest(D.to_string())
+    });
+    let checked: Vec<String> = p.targets_to_check().iter().map(|t| t.to_string()).collect();
+    assert_eq!(checked, [format!("ghcr.io/m/nginx:1.27@{D}")]);
+    let m = p.finish(r.request.object.as_ref(), &|_| Presence::Absent);
+    // Absent by digest: kept, and that digest is what gets copied.
+    assert_eq!(m.copies.len(), 1);
+    assert_eq!(
+        m.copies[0].source.to_string(),
+        format!("docker.io/library/nginx:1.27@{D}")
+    );
+    assert_eq!(
+        m.copies[0].target.to_string(),
+        format!("ghcr.io/m/nginx:1.27@{D}")
+    );
+    let pod = patched(&r, &m);
+    assert_eq!(
+        images(&pod),
+        [
+            "nginx:1.27",
+            &format!("ghcr.io/m/redis:7.2.5-mirrored@{D}"),
+            &format!("1.dkr.ecr.eu-west-1.amazonaws.com/hub/library/postgres:16@{D}"),
+            &format!("1.dkr.ecr.eu-west-1.amazonaws.com/hub/library/busybox:1@{D}"),
+        ]
+    );
+    let mut p = plan(&r, &t, &|_, _| true);
+    p.pin(&|_| Upstream::Digest(D.to_string()));
+    let m = p.finish(r.request.object.as_ref(), &|_| Presence::Present);
+    assert_eq!(
+        images(&patched(&r, &m))[0],
+        format!("ghcr.io/m/nginx:1.27@{D}")
+    );
+    assert!(
+        m.warnings.iter().all(|w| !w.contains("not pinned")),
+        "{:?}",
+        m.warnings
+    );
+}
+
+#[test]
+fn an_unanswered_digest_keeps_today_s_rewrite_and_says_so() {
+    let t = Table::parse("t.yaml", PINNED).unwrap();
+    let r = review(
+        "CREATE",
+        &[("cache", "redis:7.2.5"), ("db", "postgres:16")],
+        json!({}),
+    );
+    let mut p = plan(&r, &t, &|_, _| true);
+    p.pin(&|s| {
+        if s.path() == "library/redis" {
+            Upstream::Unknown
+        } else {
+            Upstream::Absent
+        }
+    });
+    let m = p.finish(r.request.object.as_ref(), &|_| Presence::Present);
+    assert_eq!(
+        images(&patched(&r, &m)),
+        [
+            "ghcr.io/m/redis:7.2.5-mirrored",
+            "1.dkr.ecr.eu-west-1.amazonaws.com/hub/library/postgres:16"
+        ]
+    );
+    let notes: Vec<&String> = m
+        .warnings
+        .iter()
+        .filter(|w| w.contains("not pinned"))
+        .collect();
+    assert_eq!(notes.len(), 2, "{:?}", m.warnings);
+    assert!(notes[0].contains("did not say in time") && notes[0].contains("redis:7.2.5"));
+    assert!(notes[1].contains("has no docker.io/library/postgres:16"));
+}
+
+#[test]
+fn pin_digest_is_refused_with_platforms_and_on_a_mirror() {
+    let with_platforms = "mirrors:\n  g: {type: repository, registry: ghcr.io, prefix: m, platforms: [linux/amd64]}\nrules:\n  - {match: [\"docker.io/**\"], mirror: g, pin: digest}\n";
+    let e = Table::parse("t.yaml", with_platforms)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("t.yaml:4") && e.contains("rules[0].pin") && e.contains("platforms"),
+        "{e}"
+    );
+    let on_mirror =
+        "mirrors:\n  g: {type: repository, registry: ghcr.io, prefix: m, pin: digest}\n";
+    let e = Table::parse("t.yaml", on_mirror).unwrap_err().to_string();
+    assert!(e.contains("pin"), "{e}");
+    let bad = "mirrors:\n  g: {type: repository, registry: ghcr.io, prefix: m}\nrules:\n  - {match: [\"docker.io/**\"], mirror: g, pin: sha}\n";
+    let e = Table::parse("t.yaml", bad).unwrap_err().to_string();
+    assert!(e.contains("t.yaml:4") && e.contains("sha"), "{e}");
+    let off = "mirrors:\n  g: {type: repository, registry: ghcr.io, prefix: m, naming: preserve, referrers: false}\nrules:\n  - {match: [\"docker.io/**\"], mirror: g, referrers: true}\n  - {match: [\"quay.io/**\"], mirror: g}\n";
+    let t = Table::parse("t.yaml", off).unwrap();
+    let policy = |image: &str| t.decide(image).rewrite().unwrap().policy;
+    assert!(policy("nginx:1").referrers);
+    assert!(!policy("quay.io/a/b:1").referrers);
+    let e = Table::parse(
+        "t.yaml",
+        &off.replace("referrers: true", "referrers: yes please"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("t.yaml:4"), "{e}");
+}

@@ -10,7 +10,7 @@ use crate::config::ConfigHandle;
 use crate::error::Report;
 use crate::mapping::{KeepReasonKind, Table};
 use crate::metrics::{Metrics, ReasonLabels, RequestLabels, RewriteLabels, SecretLabels};
-use crate::mirror::{MirrorAccess, Presence};
+use crate::mirror::{MirrorAccess, Presence, Upstream};
 use crate::reference::Reference;
 
 /// Which namespaces hold a pull secret, or are about to (the Kubernetes layer's cache). Without
@@ -113,14 +113,28 @@ impl Webhook {
                 .as_ref()
                 .is_none_or(|p| p.available(namespace, secret))
         };
-        let plan = catch(|| plan(review, table, &secrets))?;
+        let mut plan = catch(|| plan(review, table, &secrets))?;
+        // Leave a quarter of the budget for the rest: an unanswered lookup is unknown, and
+        // the Pod's other rewrites still happen. Digests first: they name what to check.
+        let deadline = tokio::time::Instant::now() + self.budget * 3 / 4;
+        let sources = plan.sources_to_pin();
+        if !sources.is_empty() {
+            let mut digests: HashMap<&Reference, Upstream> = HashMap::new();
+            if let Some(mirrors) = &self.mirrors {
+                let lookups =
+                    futures::future::join_all(sources.iter().map(|s| mirrors.upstream_digest(s)));
+                if let Ok(answers) = tokio::time::timeout_at(deadline, lookups).await {
+                    digests.extend(sources.iter().zip(answers));
+                }
+            }
+            let answer = |s: &Reference| digests.get(s).cloned().unwrap_or(Upstream::Unknown);
+            catch(|| plan.pin(&answer))?;
+        }
         let mut known: HashMap<&Reference, Presence> = HashMap::new();
         let targets = plan.targets_to_check();
         if let (Some(mirrors), false) = (&self.mirrors, targets.is_empty()) {
-            // Leave a quarter of the budget for the rest: an unanswered check is `Unknown`,
-            // and the Pod's other rewrites still happen.
             let lookups = futures::future::join_all(targets.iter().map(|t| mirrors.presence(t)));
-            if let Ok(answers) = tokio::time::timeout(self.budget * 3 / 4, lookups).await {
+            if let Ok(answers) = tokio::time::timeout_at(deadline, lookups).await {
                 known.extend(targets.iter().copied().zip(answers));
             }
         }

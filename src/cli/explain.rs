@@ -74,7 +74,13 @@ impl Explanation {
                     SwapPolicy::Always => "always",
                     SwapPolicy::IfPresent => "if the mirror has the image",
                 };
-                e.reason = Some(format!("matched {}; rewritten {swap}", rw.matched));
+                let pin = match rw.policy.pin {
+                    crate::mapping::Pin::Tag => "",
+                    crate::mapping::Pin::Digest => {
+                        ", pinned to the tag's digest upstream at admission"
+                    }
+                };
+                e.reason = Some(format!("matched {}; rewritten {swap}{pin}", rw.matched));
             }
             Decision::Keep(keep) => {
                 if let KeepReason::Unparsable(err) = &keep.reason {

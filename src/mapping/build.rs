@@ -160,6 +160,12 @@ fn build(file: &str, raw: &RawFile, problems: &mut ProblemList) -> Table {
             entries.push(entry);
         }
     }
+    for entry in &entries {
+        let mirror = entry.mirror.map(|m| &mirrors[m].overrides);
+        let at = &raw.images[entry.index];
+        let field = format!("images[{}].pin", entry.index);
+        check_pin(&[Some(&entry.overrides), mirror], at, &field, problems);
+    }
     let entry_index = index_entries(&entries, &raw.images, problems);
     clash::check_entries(&entries, &raw.images, problems);
 
@@ -222,6 +228,8 @@ fn build(file: &str, raw: &RawFile, problems: &mut ProblemList) -> Table {
                 problems,
             ),
         };
+        let layers = [Some(&built.overrides), Some(&mirrors[mirror].overrides)];
+        check_pin(&layers, spanned, &format!("{field}.pin"), problems);
         clash::check_rule(&built, &mirrors[mirror], spanned, &entries, problems);
         for (glob, matcher) in globs {
             rule_index.add(rules.len(), &glob, matcher);
@@ -419,6 +427,25 @@ fn overrides(written: Written<'_>, field: &str, problems: &mut ProblemList) -> O
         platforms,
         referrers: written.referrers,
         pin: written.pin,
+    }
+}
+
+/// `pin: digest` needs every platform copied: an index rebuilt for some platforms has a digest
+/// of its own, which the upstream digest could never match.
+fn check_pin<T>(
+    layers: &[Option<&Overrides>],
+    at: &Spanned<T>,
+    field: &str,
+    problems: &mut ProblemList,
+) {
+    let policy = Overrides::resolve(layers, SwapPolicy::Always, CopyPolicy::OnDemand);
+    if policy.pin == Pin::Digest && !policy.platforms.is_empty() {
+        problems.add(
+            at,
+            field,
+            "pin: digest cannot go with platforms: an index copied for some platforms has \
+             another digest than upstream's (remove platforms here or on the mirror)",
+        );
     }
 }
 

@@ -28,6 +28,16 @@ pub enum Presence {
     Unknown,
 }
 
+/// What the upstream registry said a tag's digest is, as far as the webhook could tell in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    Digest(String),
+    /// The registry answered that it has no such tag.
+    Absent,
+    /// No answer in time, or one that proves nothing.
+    Unknown,
+}
+
 /// How a missing image gets into its mirror.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyMode {
@@ -135,6 +145,15 @@ pub trait MirrorAccess: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = Presence> + Send + 'a>>;
     /// Queues a background copy (de-duplicated by the implementation).
     fn request_copy(&self, copy: CopyRequest);
+    /// The digest `source`'s tag has upstream (for `pin: digest`), from a cache when it can.
+    /// An implementation that cannot ask registries says it does not know.
+    fn upstream_digest<'a>(
+        &'a self,
+        source: &'a Reference,
+    ) -> Pin<Box<dyn Future<Output = Upstream> + Send + 'a>> {
+        let _ = source;
+        Box::pin(std::future::ready(Upstream::Unknown))
+    }
 }
 
 #[cfg(test)]

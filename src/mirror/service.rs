@@ -20,9 +20,12 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{Notify, Semaphore};
 
 use super::circuit::{Admit, CircuitSettings, Circuits, Transition};
-use super::{CopyMode, CopyRequest, MirrorAccess, MirrorError, Presence};
+use super::{CopyMode, CopyRequest, MirrorAccess, MirrorError, Presence, Upstream};
 use crate::config::ConfigHandle;
 use crate::error::Report;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use crate::metrics::{CheckLabels, Metrics, RegistryLabels, ResultLabels, TransitionLabels};
 use crate::reference::Reference;
 use crate::registry::{backoff, Failure, Registries, RegistryError};
@@ -31,7 +34,49 @@ use crate::settings::CheckSettings;
 /// How often the "check unauthorized" warning is repeated per registry (DEBUG in between).
 const UNAUTHORIZED_WARNING_EVERY: Duration = Duration::from_secs(600);
 
-type SharedCheck = Shared<BoxFuture<'static, Presence>>;
+type Shared_<T> = Shared<BoxFuture<'static, T>>;
+
+/// Answers remembered until a deadline, and the lookups in flight, by key: mirror presence by
+/// target, upstream digests by source.
+struct Memo<T> {
+    answers: Mutex<HashMap<String, (T, Instant)>>,
+    inflight: Mutex<HashMap<String, Shared_<T>>>,
+}
+
+impl<T: Clone> Memo<T> {
+    fn new() -> Self {
+        Memo {
+            answers: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// What is remembered for `key`, and whether it is still fresh.
+    fn lookup(&self, key: &str) -> Option<(T, bool)> {
+        lock(&self.answers)
+            .get(key)
+            .map(|(v, until)| (v.clone(), *until > Instant::now()))
+    }
+
+    fn remember(&self, key: &str, value: T, ttl: Duration) {
+        let mut answers = lock(&self.answers);
+        if ttl.is_zero() {
+            // Not to be remembered at all (`unknownTtl: 0s`): not even as a stale answer.
+            answers.remove(key);
+            return;
+        }
+        // Drop expired entries now and then, so the map does not grow with every image ever seen.
+        if answers.len() > 10_000 {
+            let now = Instant::now();
+            answers.retain(|_, (_, until)| *until > now);
+        }
+        answers.insert(key.to_string(), (value, Instant::now() + ttl));
+    }
+
+    fn landed(&self, key: &str) {
+        lock(&self.inflight).remove(key);
+    }
+}
 
 /// Checks and copies against the mirrors of the configuration in force.
 pub struct MirrorService {
@@ -42,9 +87,10 @@ struct Inner {
     config: ConfigHandle,
     registries: Arc<Registries>,
     metrics: Metrics,
-    /// Target → what we know and until when.
-    cache: Mutex<HashMap<String, (Presence, Instant)>>,
-    inflight: Mutex<HashMap<String, SharedCheck>>,
+    /// Target → whether the mirror has it.
+    checks: Memo<Presence>,
+    /// Source → the digest its tag has upstream (`pin: digest`).
+    digests: Memo<Upstream>,
     /// (source, target) of every copy queued, waiting to be retried or running.
     pending: Mutex<HashSet<(String, String)>>,
     queue: Mutex<VecDeque<Job>>,
@@ -121,8 +167,8 @@ impl MirrorService {
             config,
             registries,
             metrics,
-            cache: Mutex::new(HashMap::new()),
-            inflight: Mutex::new(HashMap::new()),
+            checks: Memo::new(),
+            digests: Memo::new(),
             pending: Mutex::new(HashSet::new()),
             queue: Mutex::new(VecDeque::new()),
             queued: Arc::new(Notify::new()),
@@ -178,62 +224,94 @@ impl Inner {
     }
 
     fn cached(&self, key: &str) -> Option<Presence> {
-        self.lookup(key).filter(|(_, fresh)| *fresh).map(|(p, _)| p)
-    }
-
-    /// What the cache holds for `key`, and whether it is still fresh.
-    fn lookup(&self, key: &str) -> Option<(Presence, bool)> {
-        lock(&self.cache)
-            .get(key)
-            .map(|(p, until)| (*p, *until > Instant::now()))
+        self.checks
+            .lookup(key)
+            .filter(|(_, fresh)| *fresh)
+            .map(|(p, _)| p)
     }
 
     fn remember(&self, key: &str, presence: Presence) {
+        self.checks.remember(key, presence, self.ttl(presence));
+    }
+
+    /// How long an answer is remembered: `presentTtl` for a found image (or digest),
+    /// `absentTtl` for a missing one, `unknownTtl` for no answer.
+    fn ttl(&self, presence: Presence) -> Duration {
         let checks = self.config.current().settings.checks;
-        let ttl = match presence {
+        match presence {
             Presence::Present => checks.present_ttl,
             Presence::Absent => checks.absent_ttl,
             // Jittered, so that images which failed together are not all asked again at once.
             Presence::Unknown => checks
                 .unknown_ttl
                 .mul_f64(0.8 + 0.4 * rand::random::<f64>()),
-        };
-        let mut cache = lock(&self.cache);
-        if ttl.is_zero() {
-            // Not to be remembered at all (`unknownTtl: 0s`): not even as a stale answer.
-            cache.remove(key);
-            return;
         }
-        // Drop expired entries now and then, so the map does not grow with every image ever seen.
-        if cache.len() > 10_000 {
-            let now = Instant::now();
-            cache.retain(|_, (_, until)| *until > now);
-        }
-        cache.insert(key.to_string(), (presence, Instant::now() + ttl));
     }
 
     /// One registry check, recorded in metrics, the cache and the registry's circuit.
     async fn check(self: Arc<Self>, target: Reference) -> Presence {
+        let (outcome, _) = self.ask(&target, "mirror check").await;
+        self.metrics
+            .checks
+            .get_or_create(&CheckLabels {
+                registry: target.registry().to_string(),
+                result: outcome.label(),
+            })
+            .inc();
+        let presence = outcome.presence();
+        self.remember(target.as_str(), presence);
+        self.checks.landed(target.as_str());
+        presence
+    }
+
+    /// One upstream digest lookup (a `HEAD`, which Docker Hub does not count), remembered as
+    /// checks are.
+    async fn resolve(self: Arc<Self>, source: Reference) -> Upstream {
+        let (outcome, digest) = self.ask(&source, "upstream digest lookup").await;
+        self.metrics
+            .upstream_digests
+            .get_or_create(&CheckLabels {
+                registry: source.registry().to_string(),
+                result: match outcome {
+                    Outcome::Present => "resolved",
+                    other => other.label(),
+                },
+            })
+            .inc();
+        let answer = match (outcome, digest) {
+            (Outcome::Present, Some(d)) => Upstream::Digest(d),
+            (Outcome::Absent, _) => Upstream::Absent,
+            _ => Upstream::Unknown,
+        };
+        let ttl = self.ttl(outcome.presence());
+        self.digests.remember(source.as_str(), answer.clone(), ttl);
+        self.digests.landed(source.as_str());
+        answer
+    }
+
+    /// A `HEAD` of `reference`'s manifest within the check timeout, recorded in the check
+    /// latency and the registry's circuit; the digest when it was found.
+    async fn ask(&self, target: &Reference, what: &str) -> (Outcome, Option<String>) {
         let checks = self.config.current().settings.checks;
         let started = Instant::now();
         let answer =
-            tokio::time::timeout(checks.timeout, self.registries.manifest_digest(&target)).await;
+            tokio::time::timeout(checks.timeout, self.registries.manifest_digest(target)).await;
         let outcome = match &answer {
             Ok(Ok(_)) => Outcome::Present,
             Ok(Err(e)) => match e.failure() {
                 Some(Failure::NotFound) => Outcome::Absent,
                 Some(Failure::Denied) => {
-                    self.warn_unauthorized(&target, e);
+                    self.warn_unauthorized(target, e);
                     Outcome::Unauthorized
                 }
                 _ => {
-                    tracing::warn!(target = %target, error = %Report(e), "mirror check failed; image kept");
+                    tracing::warn!(target = %target, error = %Report(e), "{what} failed; image kept");
                     Outcome::Error
                 }
             },
             Err(_) => {
                 tracing::warn!(target = %target, timeout_ms = checks.timeout.as_millis() as u64,
-                    "mirror check timed out; image kept");
+                    "{what} timed out; image kept");
                 Outcome::Timeout
             }
         };
@@ -241,13 +319,6 @@ impl Inner {
         self.metrics
             .check_duration
             .observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .checks
-            .get_or_create(&CheckLabels {
-                registry: registry.to_string(),
-                result: outcome.label(),
-            })
-            .inc();
         let transition = lock(&self.circuits).record(
             registry,
             outcome.is_trouble(),
@@ -255,10 +326,7 @@ impl Inner {
             Instant::now(),
         );
         self.circuit_moved(registry, transition);
-        let presence = outcome.presence();
-        self.remember(target.as_str(), presence);
-        lock(&self.inflight).remove(target.as_str());
-        presence
+        (outcome, answer.ok().and_then(Result::ok))
     }
 
     /// Says once per registry per period what to configure when checks are refused.
@@ -458,63 +526,103 @@ async fn workers(inner: Weak<Inner>) {
     }
 }
 
+impl Inner {
+    /// The memoised answer for `key`, else the one in flight, else a new lookup (`start`),
+    /// spawned so that it fills the memo even when nobody waits for it. A stale *unknown* is
+    /// given again at once while the registry is asked afresh in the background, so that a
+    /// registry in trouble never holds a review twice; an open circuit answers *unknown*
+    /// without asking.
+    fn memoized<'a, T>(
+        self: &Arc<Self>,
+        memo: &Memo<T>,
+        key: &str,
+        registry: &str,
+        unknown: T,
+        // The cache metric, when this memo has one, and the family counting short circuits.
+        counts: (
+            Option<&Family<ResultLabels, Counter>>,
+            &Family<CheckLabels, Counter>,
+        ),
+        start: impl FnOnce(Arc<Inner>) -> BoxFuture<'static, T>,
+    ) -> Pin<Box<dyn Future<Output = T> + Send + 'a>>
+    where
+        T: Clone + PartialEq + Send + Sync + 'static,
+    {
+        let (cache, family) = counts;
+        let count = |result: &'static str| {
+            if let Some(cache) = cache {
+                cache.get_or_create(&ResultLabels { result }).inc();
+            }
+        };
+        let known = memo.lookup(key);
+        if let Some((v, true)) = known {
+            count("hit");
+            return Box::pin(std::future::ready(v));
+        }
+        let stale_unknown = known.is_some_and(|(v, _)| v == unknown);
+        count(if stale_unknown { "stale" } else { "miss" });
+        let answer = |shared: Shared_<T>| -> Pin<Box<dyn Future<Output = T> + Send + 'a>> {
+            if stale_unknown {
+                Box::pin(std::future::ready(unknown.clone()))
+            } else {
+                Box::pin(shared)
+            }
+        };
+        let mut inflight = lock(&memo.inflight);
+        if let Some(shared) = inflight.get(key) {
+            return answer(shared.clone());
+        }
+        let (admit, transition) = lock(&self.circuits).admit(registry, Instant::now());
+        self.circuit_moved(registry, transition);
+        if admit == Admit::ShortCircuit {
+            drop(inflight);
+            family
+                .get_or_create(&CheckLabels {
+                    registry: registry.to_string(),
+                    result: "circuit-open",
+                })
+                .inc();
+            return Box::pin(std::future::ready(unknown));
+        }
+        let task = tokio::spawn(start(self.clone()));
+        let fallback = unknown.clone();
+        let shared = task.map(move |r| r.unwrap_or(fallback)).boxed().shared();
+        inflight.insert(key.to_string(), shared.clone());
+        answer(shared)
+    }
+}
+
 impl MirrorAccess for MirrorService {
     fn presence<'a>(
         &'a self,
         target: &'a Reference,
     ) -> Pin<Box<dyn Future<Output = Presence> + Send + 'a>> {
         let inner = &self.inner;
-        let key = target.as_str();
-        let known = inner.lookup(key);
-        let count = |result: &'static str| {
-            inner
-                .metrics
-                .check_cache
-                .get_or_create(&ResultLabels { result })
-                .inc();
-        };
-        if let Some((p, true)) = known {
-            count("hit");
-            return Box::pin(std::future::ready(p));
-        }
-        // The last answer proved nothing: say so again at once and ask afresh in the
-        // background, so that a registry in trouble never holds a review twice.
-        let stale_unknown = known == Some((Presence::Unknown, false));
-        count(if stale_unknown { "stale" } else { "miss" });
-        let answer = |shared: SharedCheck| -> Pin<Box<dyn Future<Output = Presence> + Send + 'a>> {
-            if stale_unknown {
-                Box::pin(std::future::ready(Presence::Unknown))
-            } else {
-                Box::pin(shared)
-            }
-        };
-        let mut inflight = lock(&inner.inflight);
-        if let Some(shared) = inflight.get(key) {
-            return answer(shared.clone());
-        }
-        let registry = target.registry();
-        let (admit, transition) = lock(&inner.circuits).admit(registry, Instant::now());
-        inner.circuit_moved(registry, transition);
-        if admit == Admit::ShortCircuit {
-            drop(inflight);
-            inner
-                .metrics
-                .checks
-                .get_or_create(&CheckLabels {
-                    registry: registry.to_string(),
-                    result: "circuit-open",
-                })
-                .inc();
-            return Box::pin(std::future::ready(Presence::Unknown));
-        }
-        // Spawned, so the check finishes and fills the cache even when no review waits for it.
-        let task = tokio::spawn(inner.clone().check(target.clone()));
-        let shared = task
-            .map(|r| r.unwrap_or(Presence::Unknown))
-            .boxed()
-            .shared();
-        inflight.insert(key.to_string(), shared.clone());
-        answer(shared)
+        let owned = target.clone();
+        inner.memoized(
+            &inner.checks,
+            target.as_str(),
+            target.registry(),
+            Presence::Unknown,
+            (Some(&inner.metrics.check_cache), &inner.metrics.checks),
+            move |inner| inner.check(owned).boxed(),
+        )
+    }
+
+    fn upstream_digest<'a>(
+        &'a self,
+        source: &'a Reference,
+    ) -> Pin<Box<dyn Future<Output = Upstream> + Send + 'a>> {
+        let inner = &self.inner;
+        let owned = source.clone();
+        inner.memoized(
+            &inner.digests,
+            source.as_str(),
+            source.registry(),
+            Upstream::Unknown,
+            (None, &inner.metrics.upstream_digests),
+            move |inner| inner.resolve(owned).boxed(),
+        )
     }
 
     fn request_copy(&self, copy: CopyRequest) {
