@@ -88,11 +88,19 @@ pub(crate) fn yaml_error(file: &str, yaml: &str, e: &serde_saphyr::Error) -> Tab
         .filter(|(loc, _)| loc.starts_with("line "))
         .map_or(first, |(_, m)| m)
         .to_string();
+    let field = field_path_at(yaml, line as usize);
+    // Our own deserialisers name their setting, for flow-style YAML where the path stops at
+    // the mapping; said once when the path names it too.
+    let key = field.rsplit('.').next().unwrap_or_default();
+    let message = match message.strip_prefix(&format!("{key}: ")) {
+        Some(rest) if !key.is_empty() => rest.to_string(),
+        _ => message,
+    };
     TableError {
         problems: vec![Problem {
             file: file.to_string(),
             line,
-            field: field_path_at(yaml, line as usize),
+            field,
             message,
         }],
     }

@@ -37,6 +37,53 @@ pub struct RegistryAccess {
     pub upload_mode: Option<UploadMode>,
     /// The older spelling: `true` is `uploadMode: monolithic`, `false` is `chunked`.
     pub monolithic_upload: Option<bool>,
+    /// On-demand copies from this registry wait while its `ratelimit-remaining` is at most
+    /// this, leaving the rest of the window's pulls to the nodes.
+    #[serde(default, deserialize_with = "rate_limit_reserve")]
+    pub rate_limit_reserve: Option<u32>,
+}
+
+/// `rateLimitReserve`, with an error that names it (serde's own says only "invalid u32").
+fn rate_limit_reserve<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    struct Reserve;
+    impl serde::de::Visitor<'_> for Reserve {
+        type Value = Option<u32>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("rateLimitReserve: a whole number of pulls, 0 or more")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            u32::try_from(v).map(Some).map_err(|_| {
+                E::custom(format!(
+                    "rateLimitReserve: {v} is more pulls than any registry allows"
+                ))
+            })
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            match u64::try_from(v) {
+                Ok(v) => self.visit_u64(v),
+                Err(_) => Err(E::custom(format!(
+                    "rateLimitReserve: {v} is negative; it is a number of pulls, 0 or more"
+                ))),
+            }
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Err(E::custom(format!(
+                "rateLimitReserve: {v} is not a whole number of pulls"
+            )))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Err(E::custom(format!(
+                "rateLimitReserve: {v:?} is not a number of pulls"
+            )))
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Reserve)
 }
 
 /// How a blob is pushed.

@@ -441,7 +441,7 @@ fn errors_name_file_line_and_field() {
         ("images:\n  - source: a:1-*\n    target: r.io/x:1\n", "table.yaml:3: images[0].target: the source tag is a glob"),
         ("checks:\n  presentTtl: forever\n", "table.yaml:2: checks.presentTtl: invalid duration"),
         ("mirrors:\n  m:\n    type: mirror-ish\n    registry: r.io\n", "table.yaml:3: mirrors.m.type: unknown variant"),
-        ("rules:\n  - match: [\"docker.io/**\"]\n    mirror: m\n    swap: sometimes\n", "table.yaml:4: rules[0].swap: unknown variant `sometimes`"),
+        ("rules:\n  - match: [\"docker.io/**\"]\n    mirror: m\n    swap: sometimes\n", "table.yaml:4: rules[0].swap: \"sometimes\" is not one of always, if-present"),
         ("copies: {concurrency: 0}\n", "table.yaml:1: copies.concurrency: must be between 1 and 64"),
         ("mirrors:\n  e:\n    type: pull-through\n    registry: r.io\n", "table.yaml:3: mirrors.e.upstreams: a pull-through mirror needs upstreams"),
         ("registries:\n  docker.io: {usernameEnv: U}\n", "table.yaml:2: registries.docker.io: usernameEnv and passwordEnv go together"),

@@ -295,12 +295,13 @@ async fn webhook(
     budget: Duration,
     checks: &str,
 ) -> Webhook {
-    webhook_with(upstream, mirror_host, access, budget, checks, "").await
+    webhook_with(&upstream.host(), mirror_host, access, budget, checks, "").await
 }
 
-/// [`webhook`], with more settings (`rule`, YAML lines) on its rule.
+/// [`webhook`] for images of `upstream_host`, with more settings (`rule`, YAML lines) on its
+/// rule.
 async fn webhook_with(
-    upstream: &Registry,
+    upstream_host: &str,
     mirror_host: &str,
     access: &str,
     budget: Duration,
@@ -313,11 +314,10 @@ async fn webhook_with(
     certs.write(dir.path()).unwrap();
     let table = format!(
         "mirrors:\n  local:\n    type: repository\n    registry: \"{mirror_host}\"\n    prefix: mirror\n    naming: flatten\n    pullSecret: local-pull\n\
-         rules:\n  - name: upstream\n    match: [\"{}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n{rule}\
+         rules:\n  - name: upstream\n    match: [\"{upstream_host}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n{rule}\
          registries:\n{access}\
          checks: {{presentTtl: 10m, absentTtl: 30s, {checks}}}\n\
          copies: {{concurrency: 2, retryBackoff: 200ms, maxAttempts: 20}}\n",
-        upstream.host()
     );
     let path = dir.path().join("table.yaml");
     std::fs::write(&path, table).unwrap();
@@ -538,7 +538,7 @@ async fn pin_digest_never_uses_a_stale_tag_on_the_mirror() {
     }
     upstream.push("team/app", "1.0", &new).await;
     let hook = webhook_with(
-        &upstream,
+        &upstream.host(),
         &mirror.host(),
         &access,
         Duration::from_secs(8),
@@ -583,6 +583,79 @@ async fn pin_digest_never_uses_a_stale_tag_on_the_mirror() {
             .iter()
             .any(|w| w.contains("not pinned to a digest") && w.contains("team/tool:2.0")),
         "{warnings:?}"
+    );
+    hook.running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_wait_while_the_pull_budget_is_down_to_its_reserve() {
+    let upstream = Registry::plain();
+    let mirror = Registry::plain();
+    let image = TestImage::generate(&["linux/amd64"], 64 * 1024);
+    upstream.push("team/app", "1.0", &image).await;
+    // Docker Hub's headers on a real registry: 10 pulls per 1 s window, 3 left.
+    let hub = common::RateLimitProxy::start(upstream.addr(), 10, 1).await;
+    hub.set_remaining(3);
+    let access = format!(
+        "  \"{}\": {{insecure: true, rateLimitReserve: 5}}\n  \"{}\": {{insecure: true}}\n",
+        hub.host(),
+        mirror.host()
+    );
+    let hook = webhook_with(
+        &hub.host(),
+        &mirror.host(),
+        &access,
+        Duration::from_secs(8),
+        "timeout: 5s",
+        "",
+    )
+    .await;
+    let source = format!("{}/team/app:1.0", hub.host());
+    let (_, warnings, _) = hook.review(&source, false).await;
+    assert!(
+        warnings.iter().any(|w| w.contains("copy queued")),
+        "{warnings:?}"
+    );
+    let labels = format!("registry=\"{}\"", hub.host());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while hook.metric("image_mirror_copies_paused", &labels) != 1.0 {
+        assert!(Instant::now() < deadline, "copies never paused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        hook.metric("image_mirror_registry_ratelimit_remaining", &labels),
+        3.0
+    );
+    assert_eq!(
+        hook.metric("image_mirror_registry_ratelimit_limit", &labels),
+        10.0
+    );
+    // Paused across several re-reads of the budget: nothing pulled, no attempt spent.
+    let heads = hub.manifest_heads();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(hub.manifest_heads() > heads, "the budget is read again");
+    assert_eq!(hook.service().pending_copies(), 1);
+    assert!(mirror.skopeo_raw("mirror/app", "1.0").is_none());
+    assert_eq!(
+        hook.metric("image_mirror_copies_total", "result=\"failure\""),
+        0.0
+    );
+
+    // The window resets: the copy goes, and the gauge says so.
+    hub.set_remaining(10);
+    hook.wait_copied().await;
+    assert_eq!(
+        mirror.skopeo_raw("mirror/app", "1.0"),
+        Some(image.top.1.clone())
+    );
+    assert_eq!(hook.metric("image_mirror_copies_paused", &labels), 0.0);
+    assert_eq!(
+        hook.metric("image_mirror_copies_total", "result=\"success\""),
+        1.0
+    );
+    assert_eq!(
+        hook.metric("image_mirror_registry_ratelimit_remaining", &labels),
+        10.0
     );
     hook.running.shutdown().await.unwrap();
 }

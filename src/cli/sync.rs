@@ -41,6 +41,8 @@ pub(super) fn copy(args: &CopyArgs) -> anyhow::Result<ExitCode> {
     let registries = registries(config.settings, &args.insecure_registries);
     let runtime = runtime()?;
     let started = std::time::Instant::now();
+    // The budget before the copy (a HEAD, which Docker Hub does not count).
+    let budget = runtime.block_on(registries.rate_limit(&request.source));
     let bar = byte_progress();
     let work = request.run(&registries, bar.as_ref().map(|(_, p)| p.clone()));
     let report = runtime.block_on(work);
@@ -56,6 +58,18 @@ pub(super) fn copy(args: &CopyArgs) -> anyhow::Result<ExitCode> {
         &report,
         started.elapsed(),
     )?;
+    if let Some(b) = budget {
+        let window = b
+            .window
+            .map(|w| format!(" per {}", humantime_secs(w.as_secs())))
+            .unwrap_or_default();
+        let limit = b.limit.map(|l| format!(" of {l}")).unwrap_or_default();
+        println!(
+            "  budget:    {} pulls left{limit}{window} at {} before the copy",
+            b.remaining,
+            request.source.canonical().registry()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -326,6 +340,15 @@ pub fn print_report(
         secs,
         human_bytes((r.bytes as f64 / secs) as u64)
     )
+}
+
+/// `21600` → `6h`, `90` → `90s`.
+fn humantime_secs(secs: u64) -> String {
+    match secs {
+        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 pub fn human_bytes(n: u64) -> String {

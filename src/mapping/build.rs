@@ -58,6 +58,7 @@ struct RawMirror {
     swap: Option<SwapPolicy>,
     copy: Option<CopyPolicy>,
     platforms: Option<Vec<Spanned<String>>>,
+    #[serde(default, deserialize_with = "super::policy::referrers_flag")]
     referrers: Option<bool>,
 }
 
@@ -69,6 +70,7 @@ pub(super) struct RawImage {
     swap: Option<SwapPolicy>,
     copy: Option<CopyPolicy>,
     platforms: Option<Vec<Spanned<String>>>,
+    #[serde(default, deserialize_with = "super::policy::referrers_flag")]
     referrers: Option<bool>,
     pin: Option<Pin>,
 }
@@ -85,6 +87,7 @@ pub(super) struct RawRule {
     swap: Option<SwapPolicy>,
     copy: Option<CopyPolicy>,
     platforms: Option<Vec<Spanned<String>>>,
+    #[serde(default, deserialize_with = "super::policy::referrers_flag")]
     referrers: Option<bool>,
     pin: Option<Pin>,
 }
@@ -676,5 +679,30 @@ mod tests {
         );
         assert_eq!(canonical_glob("registry-1.docker.io/**"), "docker.io/**");
         assert_eq!(canonical_glob("quay.io/**"), "quay.io/**");
+    }
+
+    #[test]
+    fn a_rate_limit_reserve_is_read_and_a_bad_one_named() {
+        let (_, settings) = parse_file(
+            "t.yaml",
+            "registries:\n  docker.io: {rateLimitReserve: 20}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            settings
+                .access("docker.io")
+                .and_then(|a| a.rate_limit_reserve),
+            Some(20)
+        );
+        for bad in ["-1", "lots", "1.5"] {
+            let yaml = format!(
+                "checks: {{timeout: 1s}}\nregistries:\n  docker.io: {{rateLimitReserve: {bad}}}\n"
+            );
+            let e = parse_file("t.yaml", &yaml).unwrap_err().to_string();
+            assert!(
+                e.contains("t.yaml:3") && e.contains("rateLimitReserve"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

@@ -7,16 +7,14 @@ use serde::Deserialize;
 use crate::settings::ValueError;
 
 /// Whether a match is rewritten unconditionally or only when the mirror has the image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SwapPolicy {
     Always,
     IfPresent,
 }
 
 /// Whether an image missing from the mirror is copied there in the background.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyPolicy {
     OnDemand,
     Off,
@@ -25,12 +23,83 @@ pub enum CopyPolicy {
 /// What a rewrite carries of the source's version: its tag (today's behaviour), or also the
 /// digest the tag has upstream at admission, so that a mirror serving a stale tag cannot be
 /// pulled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Pin {
     #[default]
     Tag,
     Digest,
+}
+
+/// One of `choices` by name, with an error that names the setting (serde's own names only the
+/// variant).
+fn one_of<'de, D, T: Copy>(d: D, setting: &str, choices: &[(&str, T)]) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let word = String::deserialize(d)?;
+    match choices.iter().find(|(name, _)| *name == word) {
+        Some((_, value)) => Ok(*value),
+        None => {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            Err(serde::de::Error::custom(format!(
+                "{setting}: {word:?} is not one of {}",
+                names.join(", ")
+            )))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SwapPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let choices = [
+            ("always", SwapPolicy::Always),
+            ("if-present", SwapPolicy::IfPresent),
+        ];
+        one_of(d, "swap", &choices)
+    }
+}
+
+impl<'de> Deserialize<'de> for CopyPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let choices = [
+            ("on-demand", CopyPolicy::OnDemand),
+            ("off", CopyPolicy::Off),
+        ];
+        one_of(d, "copy", &choices)
+    }
+}
+
+impl<'de> Deserialize<'de> for Pin {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        one_of(d, "pin", &[("tag", Pin::Tag), ("digest", Pin::Digest)])
+    }
+}
+
+/// `referrers: true|false`, with an error that names it.
+pub(crate) fn referrers_flag<'de, D>(d: D) -> Result<Option<bool>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Flag;
+    impl serde::de::Visitor<'_> for Flag {
+        type Value = Option<bool>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("referrers: true or false")
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Err(E::custom(format!("referrers: {v:?} is not true or false")))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Flag)
 }
 
 /// How a `repository` mirror names the copy of `docker.io/grafana/loki`.

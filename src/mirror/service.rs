@@ -31,6 +31,9 @@ use crate::reference::Reference;
 use crate::registry::{backoff, Failure, Registries, RegistryError};
 use crate::settings::CheckSettings;
 
+/// How often a paused registry's pull budget is read again, at most.
+const BUDGET_RECHECK: Duration = Duration::from_secs(60);
+
 /// How often the "check unauthorized" warning is repeated per registry (DEBUG in between).
 const UNAUTHORIZED_WARNING_EVERY: Duration = Duration::from_secs(600);
 
@@ -101,6 +104,8 @@ struct Inner {
     circuits: Mutex<Circuits>,
     /// When each registry's "unauthorized" warning was last logged.
     warned: Mutex<HashMap<String, Instant>>,
+    /// Registries whose copies wait for their pull budget (`rateLimitReserve`), until when.
+    paused: Mutex<HashMap<String, Instant>>,
 }
 
 /// How one check ended, as the checks metric counts it.
@@ -176,6 +181,7 @@ impl MirrorService {
             concurrency: Mutex::new(concurrency),
             circuits: Mutex::new(Circuits::default()),
             warned: Mutex::new(HashMap::new()),
+            paused: Mutex::new(HashMap::new()),
         });
         tokio::spawn(workers(Arc::downgrade(&inner)));
         tokio::spawn(follow_reloads(Arc::downgrade(&inner), changes));
@@ -430,7 +436,79 @@ impl Inner {
             .inc();
     }
 
+    /// How long a copy from `copy.source`'s registry must wait for its pull budget: `None` to
+    /// go now. The budget is read (and its gauges set) before every copy; with a
+    /// `rateLimitReserve`, copies pause while the remaining pulls are at most the reserve, and
+    /// the budget is read again every minute (or window, when shorter).
+    async fn budget_wait(&self, copy: &CopyRequest) -> Option<Duration> {
+        let registry = copy.source.canonical().registry().to_string();
+        let now = Instant::now();
+        if let Some(until) = lock(&self.paused).get(&registry).copied() {
+            if until > now {
+                return Some(until - now);
+            }
+        }
+        let reserve = self
+            .config
+            .current()
+            .settings
+            .access(&registry)
+            .and_then(|a| a.rate_limit_reserve);
+        let seen = self.registries.rate_limit(&copy.source).await;
+        let labels = RegistryLabels {
+            registry: registry.clone(),
+        };
+        match (reserve, seen) {
+            (Some(reserve), Some(seen)) if seen.remaining <= u64::from(reserve) => {
+                let wait = seen
+                    .window
+                    .unwrap_or(BUDGET_RECHECK)
+                    .clamp(Duration::from_secs(1), BUDGET_RECHECK);
+                let first = lock(&self.paused)
+                    .insert(registry.clone(), Instant::now() + wait)
+                    .is_none();
+                if first {
+                    self.metrics.copies_paused.get_or_create(&labels).set(1);
+                    tracing::warn!(
+                        registry,
+                        remaining = seen.remaining,
+                        reserve,
+                        "copies paused: the registry's pull budget is down to its reserve, \
+                         which is left to the nodes"
+                    );
+                }
+                Some(wait)
+            }
+            _ => {
+                if lock(&self.paused).remove(&registry).is_some() {
+                    self.metrics.copies_paused.get_or_create(&labels).set(0);
+                    tracing::info!(
+                        registry,
+                        remaining = seen.map(|s| s.remaining),
+                        "copies resumed: the registry's pull budget is above its reserve"
+                    );
+                }
+                None
+            }
+        }
+    }
+
     async fn run(self: Arc<Self>, job: Job) {
+        // A warm-up spends the pull-through cache's budget, not ours.
+        if job.copy.mode == CopyMode::Copy {
+            if let Some(wait) = self.budget_wait(&job.copy).await {
+                // Waiting for the budget is no failed attempt.
+                let weak = Arc::downgrade(&self);
+                drop(self);
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    if let Some(inner) = weak.upgrade() {
+                        inner.enqueue(job);
+                    }
+                });
+                return;
+            }
+        }
         let started = Instant::now();
         let copy = &job.copy;
         let outcome = copy.run(&self.registries, None).await;

@@ -8,6 +8,7 @@
 mod auth;
 mod copy;
 mod failure;
+mod ratelimit;
 mod referrers;
 mod retry;
 mod stream;
@@ -28,6 +29,7 @@ use oci_client::Client;
 
 pub use auth::{credentials, docker_config_auth};
 pub use failure::{CredentialError, DockerConfigError, Failure, ImageError, RegistryError};
+pub use ratelimit::RateLimit;
 pub use retry::{backoff, parse_retry_after};
 
 use crate::mapping::Platform;

@@ -10,13 +10,12 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE;
-use oci_client::RegistryOperation;
 use serde_json::Value;
 
 use super::copy::CopyJob;
 use super::failure::{Failure, ImageError, RegistryError};
 use super::{to_oci, CopyReport, HostClient};
-use crate::reference::{wire_host, Reference};
+use crate::reference::Reference;
 
 /// cosign's tags for a digest `sha256:<hex>`: `sha256-<hex>` and one of these.
 const COSIGN_SUFFIXES: [&str; 3] = [".sig", ".att", ".sbom"];
@@ -147,29 +146,12 @@ impl CopyJob<'_> {
         on: &Reference,
         digest: &str,
     ) -> Option<Value> {
-        let image = to_oci(&self.at_digest(on, digest));
-        let scheme = if host.plain { "http" } else { "https" };
-        let url = format!(
-            "{scheme}://{}/v2/{}/referrers/{digest}",
-            wire_host(on.registry()),
-            image.repository()
-        );
-        let mut request = host
+        let (url, image) = host.api_url(on, &format!("referrers/{digest}"));
+        let request = host
             .probe
             .get(url)
             .header(reqwest::header::ACCEPT, OCI_IMAGE_INDEX_MEDIA_TYPE);
-        request = match host
-            .client
-            .auth(&image, &host.auth, RegistryOperation::Pull)
-            .await
-        {
-            Ok(Some(token)) => request.bearer_auth(token),
-            _ => match &host.auth {
-                oci_client::secrets::RegistryAuth::Basic(u, p) => request.basic_auth(u, Some(p)),
-                _ => request,
-            },
-        };
-        let response = request.send().await.ok()?;
+        let response = host.authorized(request, &image).await.send().await.ok()?;
         if response.status() != reqwest::StatusCode::OK {
             return None;
         }

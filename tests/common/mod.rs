@@ -3,9 +3,12 @@
 #![allow(dead_code)]
 
 pub mod envtest;
+pub mod header_proxy;
 pub mod registry;
 pub mod webhook;
 
+#[allow(unused_imports)]
+pub use header_proxy::RateLimitProxy;
 #[allow(unused_imports)]
 pub use registry::*;
 #[allow(unused_imports)]
