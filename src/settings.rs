@@ -152,6 +152,10 @@ pub struct CopySettings {
     pub retry_backoff: Duration,
     /// Tries of one copy before it is given up (the next Pod that needs it queues it again).
     pub max_attempts: u32,
+    /// Where on-demand copies run.
+    pub runner: Runner,
+    /// How long a finished copy Job stays (its `ttlSecondsAfterFinished`).
+    pub job_ttl: Duration,
 }
 
 impl Default for CopySettings {
@@ -161,6 +165,27 @@ impl Default for CopySettings {
             queue_size: 256,
             retry_backoff: Duration::from_secs(30),
             max_attempts: 6,
+            runner: Runner::InProcess,
+            job_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Where on-demand copies run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Runner {
+    /// In the webhook, `concurrency` at a time.
+    #[default]
+    InProcess,
+    /// One Kubernetes Job per copy, in the webhook's namespace.
+    Job,
+}
+
+impl Runner {
+    pub fn label(self) -> &'static str {
+        match self {
+            Runner::InProcess => "in-process",
+            Runner::Job => "job",
         }
     }
 }
@@ -172,6 +197,8 @@ pub struct Settings {
     registries: BTreeMap<String, RegistryAccess>,
     pub checks: CheckSettings,
     pub copies: CopySettings,
+    /// The image copy Jobs run (`copies.jobImage`); default: the webhook's own.
+    pub job_image: Option<String>,
 }
 
 impl Settings {
@@ -205,6 +232,9 @@ pub(crate) struct RawCopies {
     queue_size: Option<Spanned<usize>>,
     retry_backoff: Option<Spanned<String>>,
     max_attempts: Option<Spanned<usize>>,
+    runner: Option<Spanned<String>>,
+    job_ttl: Option<Spanned<String>>,
+    job_image: Option<Spanned<String>>,
 }
 
 /// Validates the settings sections of a table file, reporting into `problems`.
@@ -313,6 +343,35 @@ pub(crate) fn build(
                 Ok(d) if !d.is_zero() => copies.retry_backoff = d,
                 Ok(_) => problems.add(v, "copies.retryBackoff", "must be more than 0"),
                 Err(e) => problems.add(v, "copies.retryBackoff", e.to_string()),
+            }
+        }
+        if let Some(v) = &c.runner {
+            match v.value.as_str() {
+                "in-process" => copies.runner = Runner::InProcess,
+                "job" => copies.runner = Runner::Job,
+                other => problems.add(
+                    v,
+                    "copies.runner",
+                    format!("{other:?} is not one of in-process, job"),
+                ),
+            }
+        }
+        if let Some(v) = &c.job_ttl {
+            match parse_duration(&v.value) {
+                // Kubernetes counts whole seconds, in an int32.
+                Ok(d) if d.as_secs() <= i32::MAX as u64 => copies.job_ttl = d,
+                Ok(_) => problems.add(v, "copies.jobTtl", "must be at most 68 years"),
+                Err(e) => problems.add(v, "copies.jobTtl", e.to_string()),
+            }
+        }
+        if let Some(v) = &c.job_image {
+            match crate::reference::Reference::parse(&v.value) {
+                Ok(_) => settings.job_image = Some(v.value.clone()),
+                Err(e) => problems.add(
+                    v,
+                    "copies.jobImage",
+                    format!("{:?} is not an image reference: {e}", v.value),
+                ),
             }
         }
     }

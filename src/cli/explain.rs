@@ -213,8 +213,24 @@ pub fn summary(config: &Config) -> String {
     );
     let _ = writeln!(
         s,
-        "copies: concurrency={} queueSize={} retryBackoff={:?} maxAttempts={}",
-        q.concurrency, q.queue_size, q.retry_backoff, q.max_attempts
+        "copies: concurrency={} queueSize={} retryBackoff={:?} maxAttempts={} runner={}{}",
+        q.concurrency,
+        q.queue_size,
+        q.retry_backoff,
+        q.max_attempts,
+        q.runner.label(),
+        match q.runner {
+            crate::settings::Runner::Job => format!(
+                " jobTtl={:?} jobImage={}",
+                q.job_ttl,
+                config
+                    .settings
+                    .job_image
+                    .as_deref()
+                    .unwrap_or("(the webhook's own)")
+            ),
+            crate::settings::Runner::InProcess => String::new(),
+        }
     );
     let hosts: Vec<&str> = config
         .settings

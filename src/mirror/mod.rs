@@ -38,6 +38,46 @@ pub enum Upstream {
     Unknown,
 }
 
+/// Where a copy handed to a [`CopyRunner`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    /// Started, or already running: its end is reported through a [`CopyEnds`].
+    Running,
+    /// Done already (an earlier request's Job).
+    Succeeded,
+    /// Failed already, and kept until it expires.
+    Failed,
+}
+
+/// Runs copies outside the webhook (Kubernetes Jobs, `copies.runner: job`).
+pub trait CopyRunner: Send + Sync {
+    fn submit<'a>(
+        &'a self,
+        copy: &'a CopyRequest,
+        settings: &'a crate::settings::CopySettings,
+    ) -> Pin<
+        Box<
+            dyn Future<Output = Result<Submitted, Box<dyn std::error::Error + Send + Sync>>>
+                + Send
+                + 'a,
+        >,
+    >;
+}
+
+/// How a copy run elsewhere ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyEnd {
+    Succeeded,
+    Failed,
+    /// Gone before it finished (deleted by someone).
+    Vanished,
+}
+
+/// Told of the end of copies run elsewhere, by (source, target) as the runner recorded them.
+pub trait CopyEnds: Send + Sync {
+    fn ended(&self, source: &str, target: &str, end: CopyEnd);
+}
+
 /// How a missing image gets into its mirror.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CopyMode {

@@ -20,7 +20,10 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{Notify, Semaphore};
 
 use super::circuit::{Admit, CircuitSettings, Circuits, Transition};
-use super::{CopyMode, CopyRequest, MirrorAccess, MirrorError, Presence, Upstream};
+use super::{
+    CopyEnd, CopyEnds, CopyMode, CopyRequest, CopyRunner, MirrorAccess, MirrorError, Presence,
+    Submitted, Upstream,
+};
 use crate::config::ConfigHandle;
 use crate::error::Report;
 use prometheus_client::metrics::counter::Counter;
@@ -29,7 +32,7 @@ use prometheus_client::metrics::family::Family;
 use crate::metrics::{CheckLabels, Metrics, RegistryLabels, ResultLabels, TransitionLabels};
 use crate::reference::Reference;
 use crate::registry::{backoff, Failure, Registries, RegistryError};
-use crate::settings::CheckSettings;
+use crate::settings::{CheckSettings, Runner};
 
 /// How often a paused registry's pull budget is read again, at most.
 const BUDGET_RECHECK: Duration = Duration::from_secs(60);
@@ -106,6 +109,10 @@ struct Inner {
     warned: Mutex<HashMap<String, Instant>>,
     /// Registries whose copies wait for their pull budget (`rateLimitReserve`), until when.
     paused: Mutex<HashMap<String, Instant>>,
+    /// Where copies go with `copies.runner: job` (set once the Kubernetes API is there).
+    runner: Mutex<Option<Arc<dyn CopyRunner>>>,
+    /// Whether "runner: job without a Kubernetes API" was said already.
+    warned_no_runner: std::sync::atomic::AtomicBool,
 }
 
 /// How one check ended, as the checks metric counts it.
@@ -182,6 +189,8 @@ impl MirrorService {
             circuits: Mutex::new(Circuits::default()),
             warned: Mutex::new(HashMap::new()),
             paused: Mutex::new(HashMap::new()),
+            runner: Mutex::new(None),
+            warned_no_runner: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(workers(Arc::downgrade(&inner)));
         tokio::spawn(follow_reloads(Arc::downgrade(&inner), changes));
@@ -196,6 +205,49 @@ impl MirrorService {
     /// What the cache holds for `target`, if it has not expired.
     pub fn cached(&self, target: &Reference) -> Option<Presence> {
         self.inner.cached(target.as_str())
+    }
+
+    /// Hands copies to `runner` while `copies.runner` is `job`.
+    pub fn use_runner(&self, runner: Arc<dyn CopyRunner>) {
+        *lock(&self.inner.runner) = Some(runner);
+    }
+
+    /// What a runner tells of the copies it ran (held weakly: it does not keep the service).
+    pub fn ends(&self) -> Arc<dyn CopyEnds> {
+        Arc::new(Ends(Arc::downgrade(&self.inner)))
+    }
+}
+
+struct Ends(Weak<Inner>);
+
+impl CopyEnds for Ends {
+    fn ended(&self, source: &str, target: &str, end: CopyEnd) {
+        let Some(inner) = self.0.upgrade() else {
+            return;
+        };
+        // Every replica sees every Job; only the one that asked counts it.
+        let ours = lock(&inner.pending).remove(&(source.to_string(), target.to_string()));
+        match end {
+            CopyEnd::Succeeded => {
+                inner.remember(target, Presence::Present);
+                if ours {
+                    inner.count_copy("success");
+                    tracing::info!(source, target, "image copied by a Job");
+                }
+            }
+            CopyEnd::Failed if ours => {
+                inner.count_copy("given_up");
+                tracing::error!(
+                    source,
+                    target,
+                    "copy Job failed (every try); giving up until a Pod needs it again"
+                );
+            }
+            CopyEnd::Vanished if ours => {
+                tracing::warn!(source, target, "copy Job deleted before it finished");
+            }
+            _ => {}
+        }
     }
 }
 
@@ -493,6 +545,51 @@ impl Inner {
         }
     }
 
+    /// Gives a copy to the Job runner; `false` when it could not, so it runs here instead
+    /// (a copy is never lost to trouble with Kubernetes).
+    async fn hand_over(
+        &self,
+        copy: &CopyRequest,
+        settings: &crate::settings::CopySettings,
+    ) -> bool {
+        let Some(runner) = lock(&self.runner).clone() else {
+            if !self
+                .warned_no_runner
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    "copies.runner is job, but there is no Kubernetes API; copying \
+                    in-process"
+                );
+            }
+            return false;
+        };
+        match runner.submit(copy, settings).await {
+            Ok(Submitted::Running) => {
+                self.count_copy("job");
+                tracing::info!(source = %copy.source, target = %copy.target, "copy handed to a Job");
+                true
+            }
+            Ok(Submitted::Succeeded) => {
+                self.remember(copy.target.as_str(), Presence::Present);
+                lock(&self.pending).remove(&key_of(copy));
+                true
+            }
+            Ok(Submitted::Failed) => {
+                lock(&self.pending).remove(&key_of(copy));
+                tracing::warn!(source = %copy.source, target = %copy.target,
+                    "the copy Job of this image failed; a new one can start once it expires \
+                     (copies.jobTtl)");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(source = %copy.source, target = %copy.target, error = %Report(&*e),
+                    "could not start a copy Job; copying in-process");
+                false
+            }
+        }
+    }
+
     async fn run(self: Arc<Self>, job: Job) {
         // A warm-up spends the pull-through cache's budget, not ours.
         if job.copy.mode == CopyMode::Copy {
@@ -506,6 +603,12 @@ impl Inner {
                         inner.enqueue(job);
                     }
                 });
+                return;
+            }
+        }
+        let settings = self.config.current().settings.copies;
+        if settings.runner == Runner::Job && job.copy.mode == CopyMode::Copy {
+            if self.hand_over(&job.copy, &settings).await {
                 return;
             }
         }
