@@ -359,7 +359,7 @@ pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> Result<Running, Serv
                 .or_else(|_| std::env::var("HOSTNAME"))
                 .unwrap_or_else(|_| "image-mirror-webhook".to_string());
             let index = crate::cluster::pull_secrets::start(
-                client,
+                client.clone(),
                 config.clone(),
                 metrics.clone(),
                 instance,
@@ -367,6 +367,19 @@ pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> Result<Running, Serv
             let gate = index.clone();
             ready.require(Arc::new(move || gate.ready()));
             webhook.pull_secrets = Some(index);
+            if let Some(service) = &service {
+                let namespace = std::env::var("POD_NAMESPACE")
+                    .unwrap_or_else(|_| client.default_namespace().to_string());
+                let runner = crate::cluster::copy_jobs::JobRunner::start(
+                    client.clone(),
+                    namespace,
+                    std::env::var("POD_NAME").ok(),
+                    opts.config.clone(),
+                    vec![opts.tls.cert.clone(), opts.tls.key.clone()],
+                    service.ends(),
+                );
+                service.use_runner(runner);
+            }
             tracing::info!("Kubernetes API in use: pull secrets are checked and provisioned");
         }
         None => tracing::info!(

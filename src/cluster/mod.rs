@@ -2,6 +2,7 @@
 //! secret index the admission path asks, and the controller that provisions pull secrets
 //! ([`pull_secrets`]). Without access, `serve` works as it always did.
 
+pub mod copy_jobs;
 pub mod pull_secrets;
 
 use std::path::PathBuf;

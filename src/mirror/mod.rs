@@ -41,7 +41,9 @@ pub enum Upstream {
 /// Where a copy handed to a [`CopyRunner`] stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Submitted {
-    /// Started, or already running: its end is reported through a [`CopyEnds`].
+    /// Started now: its end is reported through a [`CopyEnds`].
+    Started,
+    /// Started earlier (by this replica or another) and still running.
     Running,
     /// Done already (an earlier request's Job).
     Succeeded,
@@ -54,7 +56,7 @@ pub trait CopyRunner: Send + Sync {
     fn submit<'a>(
         &'a self,
         copy: &'a CopyRequest,
-        settings: &'a crate::settings::CopySettings,
+        settings: &'a crate::settings::Settings,
     ) -> Pin<
         Box<
             dyn Future<Output = Result<Submitted, Box<dyn std::error::Error + Send + Sync>>>

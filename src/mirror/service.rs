@@ -34,6 +34,9 @@ use crate::reference::Reference;
 use crate::registry::{backoff, Failure, Registries, RegistryError};
 use crate::settings::{CheckSettings, Runner};
 
+/// How long a copy handed to a Job is not asked for again (then its Job is looked up, which
+/// starts a new one if it is gone).
+const HANDED_RECHECK: Duration = Duration::from_secs(60);
 /// How often a paused registry's pull budget is read again, at most.
 const BUDGET_RECHECK: Duration = Duration::from_secs(60);
 
@@ -109,10 +112,21 @@ struct Inner {
     warned: Mutex<HashMap<String, Instant>>,
     /// Registries whose copies wait for their pull budget (`rateLimitReserve`), until when.
     paused: Mutex<HashMap<String, Instant>>,
+    /// Copies handed to a Job runner: when, and whether this replica started the Job. The Job's
+    /// name de-duplicates them, so they leave `pending` at once; this keeps a new Pod from asking
+    /// again for a while, and tells whose end to count.
+    handed: Mutex<HashMap<(String, String), Handed>>,
     /// Where copies go with `copies.runner: job` (set once the Kubernetes API is there).
     runner: Mutex<Option<Arc<dyn CopyRunner>>>,
     /// Whether "runner: job without a Kubernetes API" was said already.
     warned_no_runner: std::sync::atomic::AtomicBool,
+}
+
+/// A copy a Job runs (see `Inner::handed`).
+#[derive(Debug, Clone, Copy)]
+struct Handed {
+    at: Instant,
+    started: bool,
 }
 
 /// How one check ended, as the checks metric counts it.
@@ -189,6 +203,7 @@ impl MirrorService {
             circuits: Mutex::new(Circuits::default()),
             warned: Mutex::new(HashMap::new()),
             paused: Mutex::new(HashMap::new()),
+            handed: Mutex::new(HashMap::new()),
             runner: Mutex::new(None),
             warned_no_runner: std::sync::atomic::AtomicBool::new(false),
         });
@@ -225,8 +240,10 @@ impl CopyEnds for Ends {
         let Some(inner) = self.0.upgrade() else {
             return;
         };
-        // Every replica sees every Job; only the one that asked counts it.
-        let ours = lock(&inner.pending).remove(&(source.to_string(), target.to_string()));
+        // Every replica sees every Job; only the one that started it counts its end.
+        let ours = lock(&inner.handed)
+            .remove(&(source.to_string(), target.to_string()))
+            .is_some_and(|h| h.started);
         match end {
             CopyEnd::Succeeded => {
                 inner.remember(target, Presence::Present);
@@ -547,47 +564,62 @@ impl Inner {
 
     /// Gives a copy to the Job runner; `false` when it could not, so it runs here instead
     /// (a copy is never lost to trouble with Kubernetes).
-    async fn hand_over(
-        &self,
-        copy: &CopyRequest,
-        settings: &crate::settings::CopySettings,
-    ) -> bool {
+    async fn hand_over(&self, copy: &CopyRequest, settings: &crate::settings::Settings) -> bool {
         let Some(runner) = lock(&self.runner).clone() else {
             if !self
                 .warned_no_runner
                 .swap(true, std::sync::atomic::Ordering::Relaxed)
             {
                 tracing::warn!(
-                    "copies.runner is job, but there is no Kubernetes API; copying \
-                    in-process"
+                    "copies.runner is job, but there is no Kubernetes API; copying in-process"
                 );
             }
             return false;
         };
-        match runner.submit(copy, settings).await {
-            Ok(Submitted::Running) => {
-                self.count_copy("job");
-                tracing::info!(source = %copy.source, target = %copy.target, "copy handed to a Job");
-                true
-            }
-            Ok(Submitted::Succeeded) => {
-                self.remember(copy.target.as_str(), Presence::Present);
-                lock(&self.pending).remove(&key_of(copy));
-                true
-            }
-            Ok(Submitted::Failed) => {
-                lock(&self.pending).remove(&key_of(copy));
-                tracing::warn!(source = %copy.source, target = %copy.target,
-                    "the copy Job of this image failed; a new one can start once it expires \
-                     (copies.jobTtl)");
-                true
-            }
+        let submitted = match runner.submit(copy, settings).await {
+            Ok(submitted) => submitted,
             Err(e) => {
                 tracing::warn!(source = %copy.source, target = %copy.target, error = %Report(&*e),
                     "could not start a copy Job; copying in-process");
-                false
+                return false;
+            }
+        };
+        let key = key_of(copy);
+        lock(&self.pending).remove(&key);
+        match submitted {
+            Submitted::Started | Submitted::Running => {
+                let started = submitted == Submitted::Started;
+                if started {
+                    self.count_copy("job");
+                    tracing::info!(source = %copy.source, target = %copy.target,
+                        "copy handed to a Job");
+                }
+                let mut handed = lock(&self.handed);
+                let entry = handed.entry(key).or_insert(Handed {
+                    at: Instant::now(),
+                    started,
+                });
+                entry.at = Instant::now();
+                entry.started |= started;
+            }
+            Submitted::Succeeded => {
+                lock(&self.handed).remove(&key);
+                self.remember(copy.target.as_str(), Presence::Present);
+            }
+            Submitted::Failed => {
+                lock(&self.handed).insert(
+                    key,
+                    Handed {
+                        at: Instant::now(),
+                        started: false,
+                    },
+                );
+                tracing::warn!(source = %copy.source, target = %copy.target,
+                    "the copy Job of this image failed; a new one starts once it expires \
+                     (copies.jobTtl; kubectl logs shows why it failed)");
             }
         }
+        true
     }
 
     async fn run(self: Arc<Self>, job: Job) {
@@ -606,8 +638,8 @@ impl Inner {
                 return;
             }
         }
-        let settings = self.config.current().settings.copies;
-        if settings.runner == Runner::Job && job.copy.mode == CopyMode::Copy {
+        let settings = &self.config.current().settings;
+        if settings.copies.runner == Runner::Job && job.copy.mode == CopyMode::Copy {
             if self.hand_over(&job.copy, &settings).await {
                 return;
             }
@@ -808,7 +840,15 @@ impl MirrorAccess for MirrorService {
 
     fn request_copy(&self, copy: CopyRequest) {
         let inner = &self.inner;
-        if !lock(&inner.pending).insert(key_of(&copy)) {
+        let key = key_of(&copy);
+        // A copy a Job runs is asked about again only now and then (a lost Job is noticed).
+        if lock(&inner.handed)
+            .get(&key)
+            .is_some_and(|h| h.at.elapsed() < HANDED_RECHECK)
+        {
+            return;
+        }
+        if !lock(&inner.pending).insert(key) {
             return;
         }
         tracing::info!(source = %copy.source, target = %copy.target,
