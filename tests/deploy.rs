@@ -281,6 +281,15 @@ fn check_common(r: &Rendered) -> Deployment {
         .unwrap()
         .iter()
         .any(|e| e.name == "POD_NAME"));
+    // Copy Jobs go to the webhook's namespace, read from the downward API.
+    let namespace = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "POD_NAMESPACE")
+        .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(namespace, Some("metadata.namespace"));
     let psc = pod.security_context.as_ref().unwrap();
     assert_eq!(psc.run_as_non_root, Some(true));
     assert_eq!(
@@ -413,7 +422,11 @@ fn check_common(r: &Rendered) -> Deployment {
     assert_eq!(serde_json::to_value(&https.target_port).unwrap(), "https");
     assert!(sp.iter().any(|p| p.name.as_deref() == Some("metrics")));
     let _: PodDisruptionBudget = r.one("PodDisruptionBudget");
-    let np: NetworkPolicy = r.one("NetworkPolicy");
+    let np: NetworkPolicy = r
+        .all::<NetworkPolicy>("NetworkPolicy")
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some("image-mirror-webhook"))
+        .expect("the webhook's NetworkPolicy");
     let egress_ports: Vec<i32> = np
         .spec
         .unwrap()
@@ -586,6 +599,64 @@ fn self_signed_overlay_with_generated_certificates() {
     let secret: Secret = r.one("Secret");
     assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
     assert!(secret.data.unwrap().contains_key("tls.key"));
+}
+
+#[test]
+fn copy_jobs_component_grants_jobs_in_its_own_namespace_only() {
+    // The ghcr overlay with the component added, as the README says to.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("deploy");
+    copy_tree(&root().join("deploy"), &copy);
+    let overlay = copy.join("overlays/ghcr/kustomization.yaml");
+    let text = std::fs::read_to_string(&overlay).unwrap();
+    let with = text.replace(
+        "  - ../../components/pull-secrets\n",
+        "  - ../../components/pull-secrets\n  - ../../components/copy-jobs\n",
+    );
+    assert_ne!(text, with, "the overlay lists its components as expected");
+    std::fs::write(&overlay, with).unwrap();
+    let r = Rendered::new(&copy.join("overlays/ghcr"));
+    check_common(&r);
+    let granted = r.granted();
+    let on = |group: &str, resource: &str| -> Vec<(Option<String>, Vec<String>)> {
+        granted
+            .iter()
+            .filter(|(_, rule)| {
+                rule.api_groups.iter().flatten().any(|g| g == group)
+                    && rule.resources.iter().flatten().any(|x| x == resource)
+            })
+            .map(|(ns, rule)| (ns.clone(), rule.verbs.clone()))
+            .collect()
+    };
+    let ns = Some("image-mirror-system".to_string());
+    let verbs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        on("batch", "jobs"),
+        [(ns.clone(), verbs(&["create", "get", "list", "watch"]))]
+    );
+    assert_eq!(on("", "pods"), [(ns, verbs(&["get"]))]);
+    // Without the component: no right on Jobs or Pods.
+    let plain = Rendered::new(&root().join("deploy/overlays/ghcr")).granted();
+    assert!(!plain.iter().any(|(_, rule)| rule
+        .resources
+        .iter()
+        .flatten()
+        .any(|x| x == "jobs" || x == "pods")));
+    // The copy Pods' NetworkPolicy selects what the webhook labels them with.
+    let policies: Vec<NetworkPolicy> = r.all("NetworkPolicy");
+    let copy_policy = policies
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("image-mirror-copy"))
+        .expect("the component's NetworkPolicy");
+    let selector = copy_policy.spec.as_ref().unwrap().pod_selector.clone();
+    assert_eq!(
+        selector.unwrap().match_labels.unwrap()["app.kubernetes.io/name"],
+        "image-mirror-copy"
+    );
+    assert_eq!(
+        copy_policy.metadata.namespace.as_deref(),
+        Some("image-mirror-system")
+    );
 }
 
 fn copy_tree(from: &Path, to: &Path) {
