@@ -692,3 +692,291 @@ async fn the_exported_policy_rewrites_exactly_as_the_webhook_would() {
     c.ok(&["delete", "mutatingadmissionpolicybinding", "image-mirror"]);
     c.ok(&["delete", "mutatingadmissionpolicy", "image-mirror"]);
 }
+
+/// The webhook's Pod as `overlay`'s Deployment makes it, with its certificate and table mounted
+/// where `hook` has them (the Job is modelled on it); named `name`, in the system namespace.
+fn webhook_pod(c: &Cluster, overlay: &str, hook: &Hook, name: &str) -> Value {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root.join(overlay))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let deployment: Value = text
+        .split("\n---\n")
+        .map(|doc| serde_saphyr::from_str::<Value>(doc).unwrap())
+        .find(|o| o["kind"] == "Deployment")
+        .unwrap();
+    let template = &deployment["spec"]["template"];
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": SYSTEM, "labels": template["metadata"]["labels"]},
+        "spec": template["spec"],
+    });
+    let config_dir = hook.config_path.parent().unwrap().display().to_string();
+    for m in pod["spec"]["containers"][0]["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+    {
+        match m["name"].as_str().unwrap() {
+            "tls" => m["mountPath"] = json!(hook.tls_dir.display().to_string()),
+            "config" => m["mountPath"] = json!(config_dir),
+            _ => {}
+        }
+    }
+    // What the ServiceAccount admission plugin adds in a cluster (this API server runs without
+    // it): the token, which a copy Job must not get.
+    let token = "kube-api-access-test1";
+    pod["spec"]["containers"][0]["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": token, "readOnly": true,
+            "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}));
+    pod["spec"]["volumes"].as_array_mut().unwrap().push(json!({"name": token,
+        "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}}]}}));
+    c.apply(&pod.to_string());
+    c.get(&["-n", SYSTEM, "pod", name]).unwrap()
+}
+
+fn copy_jobs(c: &Cluster) -> Vec<Value> {
+    c.get(&["-n", SYSTEM, "jobs", "-l", "image-mirror/role=copy"])
+        .map(|list| list["items"].as_array().cloned().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+/// Sets a Job's status the way the Job controller does when it ends (there is no controller
+/// manager here).
+fn finish_job(c: &Cluster, name: &str, success: bool) {
+    let now = String::from_utf8(
+        std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let condition = |kind: &str, reason: &str| {
+        json!({"type": kind, "status": "True", "reason": reason, "message": "test",
+            "lastProbeTime": now, "lastTransitionTime": now})
+    };
+    let status = if success {
+        json!({"startTime": now, "completionTime": now, "succeeded": 1, "active": 0,
+            "conditions": [condition("SuccessCriteriaMet", "CompletionsReached"),
+                           condition("Complete", "CompletionsReached")]})
+    } else {
+        json!({"startTime": now, "failed": 3, "active": 0,
+            "conditions": [condition("FailureTarget", "BackoffLimitExceeded"),
+                           condition("Failed", "BackoffLimitExceeded")]})
+    };
+    c.ok(&[
+        "-n",
+        SYSTEM,
+        "patch",
+        "job",
+        name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &json!({ "status": status }).to_string(),
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_run_as_one_job_per_image_and_a_finished_job_sends_pods_to_the_mirror() {
+    const OVERLAY: &str = "tests/data/overlays/copy-jobs";
+    let Some(c) = cluster() else { return };
+    c.install_rbac(OVERLAY);
+    let _turn = take_turn().await;
+    common::init();
+    let upstream = common::registry::Registry::plain();
+    let mirror = common::registry::Registry::plain();
+    let image = common::registry::TestImage::generate(&["linux/amd64", "linux/arm64"], 1);
+    upstream.push("team/app", "1", &image).await;
+    let (up, down) = (upstream.host(), mirror.host());
+    let table = format!(
+        "mirrors:\n  local:\n    type: repository\n    registry: \"{down}\"\n    prefix: mirror\n    naming: flatten\n\
+         rules:\n  - name: upstream\n    match: [\"{up}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n\
+         registries:\n  \"{up}\": {{insecure: true}}\n  \"{down}\": {{insecure: true}}\n\
+         checks: {{presentTtl: 10m, absentTtl: 10m}}\n\
+         copies: {{runner: job, maxAttempts: 3, jobTtl: 2m}}\n\
+         namespaces:\n  exclude: [kube-system, {SYSTEM}]\n"
+    );
+    let kubeconfig = c.token_kubeconfig(SYSTEM, "image-mirror-webhook");
+    let pod_name = unique("image-mirror-webhook");
+    let env = [("POD_NAME", pod_name.as_str()), ("POD_NAMESPACE", SYSTEM)];
+    // Two replicas, each registered on its own, so every Pod asks both.
+    let first = Hook::start_with_env(&table, &kubeconfig, &env).await;
+    let second = Hook::start_with_env(&table, &kubeconfig, &env).await;
+    // Both model their Jobs on one Pod (the first's paths); the second's table is the same.
+    let model = webhook_pod(c, OVERLAY, &first, &pod_name);
+    let ns = unique("jobs");
+    let _opted_in = OptedIn::new(c, &[&ns]);
+    c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+    c.register(&unique("mwc"), &first, &[&ns]);
+    c.register(&unique("mwc"), &second, &[&ns]);
+
+    // The mirror lacks the image: the Pod keeps it, and one Job is started to copy it.
+    let source = format!("{up}/team/app:1");
+    let (pod, _) = run_pod(c, &ns, "one", &source);
+    assert_eq!(image_of(&pod, "containers", 0), source);
+    let job = first
+        .eventually(20, "a copy Job", || copy_jobs(c).into_iter().next())
+        .await;
+    let target = job["metadata"]["annotations"]["image-mirror/target"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        job["metadata"]["annotations"]["image-mirror/source"],
+        source
+    );
+    assert!(target.starts_with(&format!("{down}/mirror/")), "{target}");
+    let name = job["metadata"]["name"].as_str().unwrap().to_string();
+    assert_eq!(
+        name,
+        image_mirror_webhook::cluster::copy_jobs::job_name(&source, &target)
+    );
+    assert_eq!(job["spec"]["backoffLimit"], 2);
+    assert_eq!(job["spec"]["ttlSecondsAfterFinished"], 120);
+    let spec = &job["spec"]["template"]["spec"];
+    let model = &model["spec"];
+    assert_eq!(spec["restartPolicy"], "Never");
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    assert_eq!(spec["securityContext"], model["securityContext"]);
+    assert_eq!(spec["serviceAccountName"], "image-mirror-webhook");
+    assert_eq!(
+        job["spec"]["template"]["metadata"]["labels"]["image-mirror/inject"],
+        "disabled"
+    );
+    let container = &spec["containers"][0];
+    let webhook = &model["containers"][0];
+    assert_eq!(container["image"], webhook["image"]);
+    assert_eq!(container["securityContext"], webhook["securityContext"]);
+    assert_eq!(container["envFrom"], webhook["envFrom"]);
+    assert_eq!(container["resources"]["requests"]["memory"], "64Mi");
+    // The table and /tmp, but neither the serving key nor the API token the Pod was given.
+    let names = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        names(&model["volumes"])
+            .iter()
+            .any(|v| v.starts_with("kube-api-access")),
+        "the model Pod has a token volume: {}",
+        model["volumes"]
+    );
+    assert_eq!(
+        names(&spec["volumes"]),
+        ["config", "tmp", "ghcr-credentials"]
+    );
+    assert_eq!(
+        names(&container["volumeMounts"]),
+        ["config", "tmp", "ghcr-credentials"]
+    );
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "copy".to_string(),
+            source.clone(),
+            target.clone(),
+            format!("--config={}", first.config_path.display())
+        ]
+    );
+
+    // More Pods of the image, each seen by both replicas: still that one Job.
+    for i in 0..3 {
+        let (pod, _) = run_pod(c, &ns, &format!("more-{i}"), &source);
+        assert_eq!(image_of(&pod, "containers", 0), source);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(copy_jobs(c).len(), 1);
+    let started = |text: &str| sample(text, "image_mirror_copies_total{result=\"job\"}");
+    let (a, b) = (first.metrics().await, second.metrics().await);
+    assert_eq!(started(&a) + started(&b), 1.0, "{a}\n{b}");
+
+    // What the Job's Pod would do, done here with its very arguments; then the Job controller's
+    // part: the status that says it completed.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (pod, _) = run_pod(c, &ns, "before", &source);
+    assert_eq!(
+        image_of(&pod, "containers", 0),
+        source,
+        "absent is cached for 10 minutes: only the Job's end can change it"
+    );
+    finish_job(c, &name, true);
+    for hook in [&first, &second] {
+        hook.eventually(10, "the finished Job noticed", || {
+            hook.log().contains("copy Job finished").then_some(())
+        })
+        .await;
+    }
+    let (pod, said) = run_pod(c, &ns, "after", &source);
+    assert_eq!(image_of(&pod, "containers", 0), target, "{said}");
+    let succeeded = |text: &str| sample(text, "image_mirror_copies_total{result=\"success\"}");
+    let (a, b) = (first.metrics().await, second.metrics().await);
+    assert_eq!(succeeded(&a) + succeeded(&b), 1.0, "{a}\n{b}");
+
+    // A copy whose Job fails: given up once, and no second Job while the failed one is kept.
+    let missing = format!("{up}/team/missing:1");
+    let (pod, _) = run_pod(c, &ns, "missing", &missing);
+    assert_eq!(image_of(&pod, "containers", 0), missing);
+    let failing = first
+        .eventually(20, "a second copy Job", || {
+            copy_jobs(c)
+                .into_iter()
+                .find(|j| j["metadata"]["annotations"]["image-mirror/source"] == missing.as_str())
+        })
+        .await;
+    finish_job(c, failing["metadata"]["name"].as_str().unwrap(), false);
+    let given_up = |text: &str| sample(text, "image_mirror_copies_total{result=\"given_up\"}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (a, b) = (first.metrics().await, second.metrics().await);
+        if given_up(&a) + given_up(&b) == 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failed Job is not counted:\n{a}\n{b}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (pod, _) = run_pod(c, &ns, "missing-again", &missing);
+    assert_eq!(image_of(&pod, "containers", 0), missing);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(copy_jobs(c).len(), 2);
+    for hook in [&first, &second] {
+        assert!(!hook.log().contains("copying in-process"), "{}", hook.log());
+    }
+    c.ok(&[
+        "-n",
+        SYSTEM,
+        "delete",
+        "jobs",
+        "-l",
+        "image-mirror/role=copy",
+    ]);
+    c.ok(&["-n", SYSTEM, "delete", "pod", &pod_name, "--wait=false"]);
+}

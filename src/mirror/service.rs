@@ -244,6 +244,7 @@ impl CopyEnds for Ends {
         let ours = lock(&inner.handed)
             .remove(&(source.to_string(), target.to_string()))
             .is_some_and(|h| h.started);
+        tracing::debug!(source, target, ?end, "copy Job finished");
         match end {
             CopyEnd::Succeeded => {
                 inner.remember(target, Presence::Present);

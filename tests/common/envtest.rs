@@ -466,6 +466,9 @@ pub struct Hook {
     pub metrics_addr: SocketAddr,
     pub ca_pem: String,
     pub log: Arc<Mutex<String>>,
+    /// Where its certificate and key are, and its table.
+    pub tls_dir: PathBuf,
+    pub config_path: PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -473,10 +476,21 @@ pub struct Hook {
 impl Hook {
     /// Starts `serve` with `table`, as `kubeconfig`; returns once `/readyz` says ready.
     pub async fn start(table: &str, kubeconfig: &Path) -> Hook {
+        Hook::start_with_env(table, kubeconfig, &[]).await
+    }
+
+    /// [`Hook::start`] with more environment variables (`POD_NAME`, as a Pod has it).
+    pub async fn start_with_env(table: &str, kubeconfig: &Path, env: &[(&str, &str)]) -> Hook {
         let dir = tempfile::tempdir().unwrap();
+        // Certificates and table in directories of their own, as the Deployment mounts them.
+        let tls_dir = dir.path().join("tls");
+        let config_dir = dir.path().join("config");
+        std::fs::create_dir_all(&tls_dir).unwrap();
+        std::fs::create_dir_all(&config_dir).unwrap();
         let certs = DevCerts::generate(&["localhost".to_string()]).unwrap();
-        certs.write(dir.path()).unwrap();
-        std::fs::write(dir.path().join("table.yaml"), table).unwrap();
+        certs.write(&tls_dir).unwrap();
+        let config_path = config_dir.join("table.yaml");
+        std::fs::write(&config_path, table).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"));
         cmd.args([
             "serve",
@@ -487,14 +501,17 @@ impl Hook {
         ])
         .args(["--log-format", "json", "--shutdown-delay", "0s"])
         .arg("--tls-cert")
-        .arg(dir.path().join("tls.crt"))
+        .arg(tls_dir.join("tls.crt"))
         .arg("--tls-key")
-        .arg(dir.path().join("tls.key"))
+        .arg(tls_dir.join("tls.key"))
         .arg("--config")
-        .arg(dir.path().join("table.yaml"))
+        .arg(&config_path)
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info,image_mirror_webhook=debug")
         .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("POD_NAME")
+        .env_remove("POD_NAMESPACE")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
         let mut child = spawn_tied(cmd);
@@ -526,6 +543,8 @@ impl Hook {
             metrics_addr,
             ca_pem: certs.ca_pem.clone(),
             log,
+            tls_dir,
+            config_path,
             child,
             _dir: dir,
         };
