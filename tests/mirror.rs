@@ -295,7 +295,16 @@ async fn webhook(
     budget: Duration,
     checks: &str,
 ) -> Webhook {
-    webhook_with(&upstream.host(), mirror_host, access, budget, checks, "").await
+    webhook_with(
+        &upstream.host(),
+        mirror_host,
+        access,
+        budget,
+        checks,
+        "",
+        "",
+    )
+    .await
 }
 
 /// [`webhook`] for images of `upstream_host`, with more settings (`rule`, YAML lines) on its
@@ -307,6 +316,7 @@ async fn webhook_with(
     budget: Duration,
     checks: &str,
     rule: &str,
+    copies: &str,
 ) -> Webhook {
     common::init();
     let dir = tempfile::tempdir().unwrap();
@@ -317,7 +327,7 @@ async fn webhook_with(
          rules:\n  - name: upstream\n    match: [\"{upstream_host}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n{rule}\
          registries:\n{access}\
          checks: {{presentTtl: 10m, absentTtl: 30s, {checks}}}\n\
-         copies: {{concurrency: 2, retryBackoff: 200ms, maxAttempts: 20}}\n",
+         copies: {{concurrency: 2, retryBackoff: 200ms, maxAttempts: 20{copies}}}\n",
     );
     let path = dir.path().join("table.yaml");
     std::fs::write(&path, table).unwrap();
@@ -544,6 +554,7 @@ async fn pin_digest_never_uses_a_stale_tag_on_the_mirror() {
         Duration::from_secs(8),
         "timeout: 5s",
         "    pin: digest\n",
+        "",
     )
     .await;
     let source = format!("{}/team/app:1.0", upstream.host());
@@ -607,6 +618,7 @@ async fn copies_wait_while_the_pull_budget_is_down_to_its_reserve() {
         &access,
         Duration::from_secs(8),
         "timeout: 5s",
+        "",
         "",
     )
     .await;
@@ -1439,4 +1451,43 @@ async fn no_credential_reaches_a_log_line_or_a_metric() {
             "a credential from copy:\n{said}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_job_without_a_kubernetes_api_copies_in_process() {
+    let upstream = Registry::plain();
+    let mirror = Registry::plain();
+    let image = TestImage::generate(&["linux/amd64"], MIB);
+    upstream.push("team/app", "1.0", &image).await;
+    let access = format!(
+        "  \"{}\": {{insecure: true}}\n  \"{}\": {{insecure: true}}\n",
+        upstream.host(),
+        mirror.host()
+    );
+    let hook = webhook_with(
+        &upstream.host(),
+        &mirror.host(),
+        &access,
+        Duration::from_secs(8),
+        "timeout: 5s",
+        "",
+        ", runner: job",
+    )
+    .await;
+    let source = format!("{}/team/app:1.0", upstream.host());
+    let (pod, _, _) = hook.review(&source, false).await;
+    assert_eq!(image_of(&pod), source);
+    hook.wait_copied().await;
+    // Never lost: copied here, as if no runner had been asked for.
+    assert_same_image(&upstream, "team/app", &mirror, "mirror/app", "1.0");
+    assert_eq!(
+        hook.metric("image_mirror_copies_total", "result=\"success\""),
+        1.0
+    );
+    assert_eq!(
+        hook.metric("image_mirror_copies_total", "result=\"job\""),
+        0.0
+    );
+    let (pod, _, _) = hook.review(&source, false).await;
+    assert_eq!(image_of(&pod), format!("{}/mirror/app:1.0", mirror.host()));
 }

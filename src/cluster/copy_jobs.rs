@@ -26,7 +26,9 @@ use tokio::sync::OnceCell;
 
 use super::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::error::Report;
-use crate::mirror::{CopyEnd, CopyEnds, CopyRequest, CopyRunner, Submitted};
+use crate::mirror::{
+    CopyEnd, CopyEnds, CopyRequest, CopyRunner, RunnerError, Submission, Submitted,
+};
 use crate::pod::INJECT_LABEL;
 use crate::settings::Settings;
 
@@ -401,22 +403,11 @@ impl JobRunner {
 }
 
 impl CopyRunner for JobRunner {
-    fn submit<'a>(
-        &'a self,
-        copy: &'a CopyRequest,
-        settings: &'a Settings,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<Submitted, Box<dyn std::error::Error + Send + Sync>>,
-                > + Send
-                + 'a,
-        >,
-    > {
+    fn submit<'a>(&'a self, copy: &'a CopyRequest, settings: &'a Settings) -> Submission<'a> {
         Box::pin(async move {
             self.submit_job(copy, settings)
                 .await
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                .map_err(|e| Box::new(e) as RunnerError)
         })
     }
 }

@@ -705,4 +705,40 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn job_settings_are_read_and_bad_ones_named_with_line_and_field() {
+        let (_, settings) = parse_file(
+            "t.yaml",
+            "copies: {runner: job, jobTtl: 5m, jobImage: 'registry.local/imw:1'}\n",
+        )
+        .unwrap();
+        assert_eq!(settings.copies.runner, crate::settings::Runner::Job);
+        assert_eq!(settings.copies.job_ttl, std::time::Duration::from_secs(300));
+        assert_eq!(settings.job_image.as_deref(), Some("registry.local/imw:1"));
+        let (_, defaults) = parse_file("t.yaml", "copies: {concurrency: 2}\n").unwrap();
+        assert_eq!(defaults.copies.runner, crate::settings::Runner::InProcess);
+        assert_eq!(defaults.job_image, None);
+        for (bad, field, says) in [
+            (
+                "runner: jobs",
+                "copies.runner",
+                "not one of in-process, job",
+            ),
+            ("jobTtl: soon", "copies.jobTtl", "soon"),
+            ("jobTtl: 1000000000h", "copies.jobTtl", "at most"),
+            (
+                "jobImage: 'Not An Image'",
+                "copies.jobImage",
+                "not an image reference",
+            ),
+        ] {
+            let yaml = format!("checks: {{timeout: 1s}}\ncopies:\n  {bad}\n");
+            let e = parse_file("t.yaml", &yaml).unwrap_err().to_string();
+            assert!(
+                e.contains("t.yaml:3") && e.contains(field) && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

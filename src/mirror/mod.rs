@@ -51,19 +51,19 @@ pub enum Submitted {
     Failed,
 }
 
+/// Why a runner could not take a copy (the copy then runs in-process).
+pub type RunnerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A copy being handed to a [`CopyRunner`].
+pub type Submission<'a> = Pin<Box<dyn Future<Output = Result<Submitted, RunnerError>> + Send + 'a>>;
+
 /// Runs copies outside the webhook (Kubernetes Jobs, `copies.runner: job`).
 pub trait CopyRunner: Send + Sync {
     fn submit<'a>(
         &'a self,
         copy: &'a CopyRequest,
         settings: &'a crate::settings::Settings,
-    ) -> Pin<
-        Box<
-            dyn Future<Output = Result<Submitted, Box<dyn std::error::Error + Send + Sync>>>
-                + Send
-                + 'a,
-        >,
-    >;
+    ) -> Submission<'a>;
 }
 
 /// How a copy run elsewhere ended.

@@ -640,10 +640,11 @@ impl Inner {
             }
         }
         let settings = &self.config.current().settings;
-        if settings.copies.runner == Runner::Job && job.copy.mode == CopyMode::Copy {
-            if self.hand_over(&job.copy, &settings).await {
-                return;
-            }
+        if settings.copies.runner == Runner::Job
+            && job.copy.mode == CopyMode::Copy
+            && self.hand_over(&job.copy, settings).await
+        {
+            return;
         }
         let started = Instant::now();
         let copy = &job.copy;
