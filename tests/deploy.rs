@@ -767,6 +767,11 @@ fn monitoring_names_only_metrics_the_binary_exports() {
 fn dockerfile_runs_the_binary_as_non_root() {
     let text = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
     assert!(text.contains("ENTRYPOINT [\"/image-mirror-webhook\", \"serve\"]"));
+    // Copy Jobs run the binary by this path (the ENTRYPOINT would add `serve`).
+    assert!(text.contains(&format!(
+        "release/image-mirror-webhook {}\n",
+        image_mirror_webhook::cluster::copy_jobs::IMAGE_BINARY
+    )));
     assert!(text.contains("USER 65532"));
     assert!(text.matches("FROM ").count() >= 2, "multi-stage");
     assert!(text.contains("org.opencontainers.image.source"));

@@ -808,7 +808,7 @@ async fn copies_run_as_one_job_per_image_and_a_finished_job_sends_pods_to_the_mi
     let kubeconfig = c.token_kubeconfig(SYSTEM, "image-mirror-webhook");
     let pod_name = unique("image-mirror-webhook");
     let env = [("POD_NAME", pod_name.as_str()), ("POD_NAMESPACE", SYSTEM)];
-    // Two replicas, each registered on its own, so every Pod asks both.
+    // Two replicas, each registered on its own, so that every Pod asks both.
     let first = Hook::start_with_env(&table, &kubeconfig, &env).await;
     let second = Hook::start_with_env(&table, &kubeconfig, &env).await;
     // Both model their Jobs on one Pod (the first's paths); the second's table is the same.
@@ -817,7 +817,6 @@ async fn copies_run_as_one_job_per_image_and_a_finished_job_sends_pods_to_the_mi
     let _opted_in = OptedIn::new(c, &[&ns]);
     c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
     c.register(&unique("mwc"), &first, &[&ns]);
-    c.register(&unique("mwc"), &second, &[&ns]);
 
     // The mirror lacks the image: the Pod keeps it, and one Job is started to copy it.
     let source = format!("{up}/team/app:1");
@@ -881,6 +880,7 @@ async fn copies_run_as_one_job_per_image_and_a_finished_job_sends_pods_to_the_mi
         names(&container["volumeMounts"]),
         ["config", "tmp", "ghcr-credentials"]
     );
+    assert_eq!(container["command"], json!(["/image-mirror-webhook"]));
     let args: Vec<String> = container["args"]
         .as_array()
         .unwrap()
@@ -897,12 +897,21 @@ async fn copies_run_as_one_job_per_image_and_a_finished_job_sends_pods_to_the_mi
         ]
     );
 
-    // More Pods of the image, each seen by both replicas: still that one Job.
+    // The other replica too (its paths differ from the model Pod's, so it must not be the one
+    // that makes the Job): more Pods of the image, each seen by both, still that one Job.
+    c.register(&unique("mwc"), &second, &[&ns]);
     for i in 0..3 {
         let (pod, _) = run_pod(c, &ns, &format!("more-{i}"), &source);
         assert_eq!(image_of(&pod, "containers", 0), source);
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    second
+        .eventually(10, "the second replica finding the Job there", || {
+            second
+                .log()
+                .contains("copy already running in a Job")
+                .then_some(())
+        })
+        .await;
     assert_eq!(copy_jobs(c).len(), 1);
     let started = |text: &str| sample(text, "image_mirror_copies_total{result=\"job\"}");
     let (a, b) = (first.metrics().await, second.metrics().await);

@@ -48,6 +48,9 @@ const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io";
 const MEMORY_REQUEST: &str = "64Mi";
 const MEMORY_LIMIT: &str = "256Mi";
 const CPU_REQUEST: &str = "100m";
+/// Where the image has the binary (the Dockerfile's); its ENTRYPOINT adds `serve`, so a Job
+/// names the binary itself.
+pub const IMAGE_BINARY: &str = "/image-mirror-webhook";
 
 /// Why a copy Job could not be started (the copy then runs in the webhook).
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +212,13 @@ pub fn job_for(
             .job_image
             .clone()
             .or_else(|| template.container.image.clone()),
+        // The webhook's own binary when its container names one, else the image's.
+        command: Some(vec![template
+            .container
+            .command
+            .as_ref()
+            .and_then(|c| c.first().cloned())
+            .unwrap_or_else(|| IMAGE_BINARY.to_string())]),
         args: Some(args),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
@@ -566,6 +576,7 @@ mod tests {
         assert_eq!(containers.len(), 1);
         let c = &containers[0];
         assert_eq!(c["image"], "ghcr.io/ameideio/image-mirror-webhook:0.1.0");
+        assert_eq!(c["command"], serde_json::json!([IMAGE_BINARY]));
         assert_eq!(
             c["args"],
             serde_json::json!([
@@ -599,6 +610,7 @@ mod tests {
         let j = job(&s, &request(&["linux/amd64", "linux/arm/v7"], false));
         let c = &j["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(c["image"], "registry.local/imw:1");
+        assert_eq!(c["command"], serde_json::json!([IMAGE_BINARY]));
         let args: Vec<&str> = c["args"]
             .as_array()
             .unwrap()
@@ -666,6 +678,21 @@ mod tests {
         );
         // No status at all: running.
         assert_eq!(job_end(&Job::default()), None);
+    }
+
+    #[test]
+    fn a_webhook_container_with_a_command_lends_its_binary_not_its_subcommand() {
+        let mut pod = webhook_pod();
+        pod.spec.as_mut().unwrap().containers[1].command =
+            Some(vec!["/bin/imw".to_string(), "serve".to_string()]);
+        let template = Template::from_pod(&pod, &[], None).unwrap();
+        let job = job_for(&template, &request(&[], true), &settings(""), "ns", None);
+        let v = serde_json::to_value(job).unwrap();
+        let c = &v["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["command"], serde_json::json!(["/bin/imw"]));
+        assert_eq!(c["args"][0], "copy");
+        // No table file: the Job's copy uses the embedded one, as the webhook does.
+        assert_eq!(c["args"].as_array().unwrap().len(), 3);
     }
 
     #[test]

@@ -594,6 +594,9 @@ impl Inner {
                     self.count_copy("job");
                     tracing::info!(source = %copy.source, target = %copy.target,
                         "copy handed to a Job");
+                } else {
+                    tracing::debug!(source = %copy.source, target = %copy.target,
+                        "copy already running in a Job");
                 }
                 let mut handed = lock(&self.handed);
                 let entry = handed.entry(key).or_insert(Handed {
