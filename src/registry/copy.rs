@@ -120,6 +120,9 @@ impl ManifestDoc {
     }
 }
 
+/// A child manifest to push: where, its bytes, its type, and what it says.
+type Fetched = (Reference, Bytes, String, ManifestDoc);
+
 type BoxedCopy<'a> = Pin<Box<dyn Future<Output = Result<(), RegistryError>> + Send + 'a>>;
 
 impl CopyJob<'_> {
@@ -172,10 +175,16 @@ impl CopyJob<'_> {
         let doc = ManifestDoc::parse(&raw, &name)?;
         let mut top_digest = got;
         let mut body = raw;
-        // Digests whose signatures and referrers follow: the children copied, and the top
-        // manifest unless it was rebuilt (nothing upstream can have signed a new digest).
-        let mut subjects = Vec::new();
-        let mut rebuilt = false;
+        // Digests whose signatures and referrers follow: the top manifest unless it is rebuilt
+        // (nobody upstream can have signed a new digest), and the children copied. They are
+        // looked for while the image is copied, and copied once it is in.
+        let find = |subjects: Vec<String>| async move {
+            match self.referrers {
+                true => self.find_referrers(&subjects).await.map(Some),
+                false => Ok(None),
+            }
+        };
+        let found;
         if let Some(children) = &doc.manifests {
             let selected: Vec<&Descriptor> = children
                 .iter()
@@ -196,8 +205,11 @@ impl CopyJob<'_> {
                     ImageError::PinnedNeedsAllPlatforms,
                 ));
             }
-            self.copy_manifests(&selected, 1).await?;
-            subjects.extend(selected.iter().map(|c| c.digest.clone()));
+            let mut subjects: Vec<String> = selected.iter().map(|c| c.digest.clone()).collect();
+            if !filtered {
+                subjects.insert(0, top_digest.clone());
+            }
+            found = futures::try_join!(self.copy_manifests(&selected, 1), find(subjects))?.1;
             for child in &selected {
                 if let Some(p) = &child.platform {
                     self.report().platforms.push(p.label());
@@ -207,11 +219,11 @@ impl CopyJob<'_> {
                 body = filter_index(&body, &selected)
                     .map_err(|e| RegistryError::image(&name, ImageError::NotJson(e)))?;
                 top_digest = sha256_digest(&body);
-                rebuilt = true;
                 self.report().filtered = true;
             }
         } else {
-            self.copy_blobs(std::iter::once(&doc)).await?;
+            let subjects = vec![top_digest.clone()];
+            found = futures::try_join!(self.copy_blobs(std::iter::once(&doc)), find(subjects))?.1;
         }
         let content_type = doc.content_type().to_string();
         // By digest first, then the tag, so a tag+digest reference finds both.
@@ -221,11 +233,8 @@ impl CopyJob<'_> {
             let by_tag = self.at_tag(&self.target, tag)?;
             self.push_manifest(&by_tag, &body, &content_type).await?;
         }
-        if self.referrers {
-            if !rebuilt {
-                subjects.insert(0, top_digest.clone());
-            }
-            self.copy_referrers(&subjects).await?;
+        if let Some(found) = found {
+            self.bring_referrers(found).await?;
         }
         let mut report = self.take_report();
         report.digest = top_digest;
@@ -335,30 +344,17 @@ impl CopyJob<'_> {
     /// children go first, the same way.
     fn copy_manifests<'a>(&'a self, children: &'a [&'a Descriptor], depth: usize) -> BoxedCopy<'a> {
         Box::pin(async move {
-            let mut images = Vec::new();
-            let mut indexes = Vec::new();
-            for desc in children {
-                let at_target = self.at_digest(&self.target, &desc.digest);
-                if self.target_has(&at_target).await?.is_some() {
-                    self.report().manifests_skipped += 1;
-                    continue;
-                }
-                let at_source = self.at_digest(&self.source, &desc.digest);
-                let (raw, _) = self.pull_manifest(&at_source).await?;
-                let doc = ManifestDoc::parse(&raw, &at_source.to_string())?;
-                let content_type = if desc.media_type.is_empty() {
-                    doc.content_type().to_string()
-                } else {
-                    desc.media_type.clone()
-                };
-                match doc.manifests {
-                    Some(_) if depth >= 3 => {
-                        return Err(RegistryError::image(&at_source, ImageError::NestedTooDeep))
-                    }
-                    Some(_) => indexes.push((at_target, raw, content_type, doc)),
-                    None => images.push((at_target, raw, content_type, doc)),
-                }
-            }
+            // Each child looked up in the target and fetched from the source, several at once.
+            let fetched: Vec<Option<Fetched>> = futures::stream::iter(children)
+                .map(|desc| self.fetch_child(desc, depth))
+                .boxed()
+                .buffered(BLOB_CONCURRENCY)
+                .try_collect()
+                .await?;
+            let (indexes, images): (Vec<Fetched>, Vec<Fetched>) = fetched
+                .into_iter()
+                .flatten()
+                .partition(|(_, _, _, doc)| doc.is_index());
             for (at_target, raw, content_type, doc) in &indexes {
                 let grandchildren: Vec<&Descriptor> = doc.manifests.iter().flatten().collect();
                 self.copy_manifests(&grandchildren, depth + 1).await?;
@@ -367,12 +363,43 @@ impl CopyJob<'_> {
             }
             self.copy_blobs(images.iter().map(|(_, _, _, doc)| doc))
                 .await?;
-            for (at_target, raw, content_type, _) in &images {
-                self.push_manifest(at_target, raw, content_type).await?;
-                self.report().manifests_copied += 1;
-            }
+            // Their blobs are all in: the manifests can go at once.
+            futures::future::try_join_all(images.iter().map(
+                |(at_target, raw, content_type, _)| async move {
+                    self.push_manifest(at_target, raw, content_type).await?;
+                    self.report().manifests_copied += 1;
+                    Ok::<_, RegistryError>(())
+                },
+            ))
+            .await?;
             Ok(())
         })
+    }
+
+    /// A child manifest the target lacks, fetched from the source; `None` when the target
+    /// has it.
+    async fn fetch_child(
+        &self,
+        desc: &Descriptor,
+        depth: usize,
+    ) -> Result<Option<Fetched>, RegistryError> {
+        let at_target = self.at_digest(&self.target, &desc.digest);
+        if self.target_has(&at_target).await?.is_some() {
+            self.report().manifests_skipped += 1;
+            return Ok(None);
+        }
+        let at_source = self.at_digest(&self.source, &desc.digest);
+        let (raw, _) = self.pull_manifest(&at_source).await?;
+        let doc = ManifestDoc::parse(&raw, &at_source.to_string())?;
+        if doc.is_index() && depth >= 3 {
+            return Err(RegistryError::image(&at_source, ImageError::NestedTooDeep));
+        }
+        let content_type = if desc.media_type.is_empty() {
+            doc.content_type().to_string()
+        } else {
+            desc.media_type.clone()
+        };
+        Ok(Some((at_target, raw, content_type, doc)))
     }
 
     /// Config and layers of image manifests, a few at a time, each blob once.
@@ -380,7 +407,7 @@ impl CopyJob<'_> {
         &self,
         docs: impl Iterator<Item = &'d ManifestDoc>,
     ) -> Result<(), RegistryError> {
-        let blobs = docs
+        let mut blobs = docs
             .flat_map(|doc| doc.config.iter().chain(&doc.layers).chain(&doc.blobs))
             // Foreign (non-distributable) layers live at their URLs, not in the registry.
             .filter(|d| d.urls.is_empty() || !is_foreign(&d.media_type))
@@ -391,6 +418,8 @@ impl CopyJob<'_> {
                     .insert(d.digest.clone())
             })
             .collect::<Vec<_>>();
+        // Largest first: the longest transfer starts at once, small ones fill in beside it.
+        blobs.sort_by_key(|d| std::cmp::Reverse(d.size));
         futures::stream::iter(blobs)
             .map(|d| self.copy_blob(d))
             // Boxing works around rust-lang/rust#104382 (a Send future over a borrowing map).

@@ -30,39 +30,97 @@ struct Listing {
     tag_index: Option<Bytes>,
 }
 
+/// What points at one subject, found in the source (and what of it the target lacks).
+pub(super) struct Found {
+    schema_tag: String,
+    /// cosign tags the source has: (source, target).
+    cosign: Vec<(Reference, Reference)>,
+    listing: Option<Listing>,
+    /// Listed referrers the target lacks: (source, target).
+    missing: Vec<(Reference, Reference)>,
+}
+
+/// Subjects looked at, and cosign tags asked about, at once.
+const LOOKUPS_AT_ONCE: usize = 4;
+
 impl CopyJob<'_> {
     /// Copies what points at each of `subjects` (digests the target now has).
     pub(super) async fn copy_referrers(&self, subjects: &[String]) -> Result<(), RegistryError> {
-        let mut target_api = None;
-        for digest in subjects {
-            let schema_tag = digest.replace(':', "-");
-            for suffix in COSIGN_SUFFIXES {
-                let tag = format!("{schema_tag}{suffix}");
+        let found = self.find_referrers(subjects).await?;
+        self.bring_referrers(found).await
+    }
+
+    /// Looks for what points at each of `subjects`, reading only: so it can run while the
+    /// image itself is copied. Every lookup is a `HEAD` or a referrers listing, several at once.
+    pub(super) async fn find_referrers(
+        &self,
+        subjects: &[String],
+    ) -> Result<Vec<Found>, RegistryError> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(subjects)
+            .map(|digest| self.find_referrers_of(digest))
+            .boxed()
+            .buffered(LOOKUPS_AT_ONCE)
+            .try_collect()
+            .await
+    }
+
+    async fn find_referrers_of(&self, digest: &str) -> Result<Found, RegistryError> {
+        let schema_tag = digest.replace(':', "-");
+        let tag_base = schema_tag.as_str();
+        let cosign = async {
+            let mut found = Vec::new();
+            let lookups = COSIGN_SUFFIXES.map(|suffix| async move {
+                let tag = format!("{tag_base}{suffix}");
                 let from = self.at_tag(&self.source, &tag)?;
-                if self.source_has(&from).await?.is_some() {
-                    let to = self.at_tag(&self.target, &tag)?;
-                    self.copy_artifact(from, to).await?;
-                }
+                let has = self.source_has(&from).await?.is_some();
+                Ok::<_, RegistryError>(match has {
+                    true => Some((from, self.at_tag(&self.target, &tag)?)),
+                    false => None,
+                })
+            });
+            for pair in futures::future::try_join_all(lookups).await? {
+                found.extend(pair);
             }
-            let Some(listing) = self.list_referrers(digest, &schema_tag).await? else {
+            Ok::<_, RegistryError>(found)
+        };
+        let listing = self.list_referrers(digest, &schema_tag);
+        let (cosign, listing) = futures::try_join!(cosign, listing)?;
+        let mut missing = Vec::new();
+        for m in listing.iter().flat_map(|l| &l.manifests) {
+            let Some(d) = m.get("digest").and_then(Value::as_str) else {
                 continue;
             };
-            for m in &listing.manifests {
-                let Some(d) = m.get("digest").and_then(Value::as_str) else {
-                    continue;
-                };
-                let to = self.at_digest(&self.target, d);
-                if self.target_has(&to).await?.is_some() {
-                    continue;
-                }
-                self.copy_artifact(self.at_digest(&self.source, d), to)
-                    .await?;
+            let to = self.at_digest(&self.target, d);
+            if self.target_has(&to).await?.is_none() {
+                missing.push((self.at_digest(&self.source, d), to));
             }
+        }
+        Ok(Found {
+            schema_tag,
+            cosign,
+            listing,
+            missing,
+        })
+    }
+
+    /// Copies what [`find_referrers`](Self::find_referrers) found, once the subjects are in
+    /// the target; a target without the referrers API gets the tag-schema indexes.
+    pub(super) async fn bring_referrers(&self, found: Vec<Found>) -> Result<(), RegistryError> {
+        let mut target_api = None;
+        for f in found {
+            for (from, to) in f.cosign.into_iter().chain(f.missing) {
+                self.copy_artifact(from, to).await?;
+            }
+            let Some(listing) = &f.listing else {
+                continue;
+            };
             let api = match target_api {
                 Some(api) => api,
                 None => {
+                    let subject = f.schema_tag.replacen('-', ":", 1);
                     let api = self
-                        .referrers_api(&self.dst, &self.target, digest)
+                        .referrers_api(&self.dst, &self.target, &subject)
                         .await
                         .is_some();
                     target_api = Some(api);
@@ -70,7 +128,7 @@ impl CopyJob<'_> {
                 }
             };
             if !api {
-                self.write_tag_index(&schema_tag, &listing).await?;
+                self.write_tag_index(&f.schema_tag, listing).await?;
             }
         }
         Ok(())
