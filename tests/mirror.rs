@@ -1491,3 +1491,58 @@ async fn runner_job_without_a_kubernetes_api_copies_in_process() {
     let (pod, _, _) = hook.review(&source, false).await;
     assert_eq!(image_of(&pod), format!("{}/mirror/app:1.0", mirror.host()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nested_index_is_copied_children_first_byte_for_byte() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Registry::plain();
+    let mirror = Registry::plain();
+    let inner = TestImage::generate(&["linux/amd64", "linux/arm64"], MIB);
+    let plain = TestImage::generate(&["linux/s390x"], MIB);
+    upstream.push("team/app", "inner", &inner).await;
+    upstream.push("team/app", "plain", &plain).await;
+    // An index of an index and of a plain image manifest, as some build tools emit.
+    let entry = |(digest, body, media_type): &(String, Vec<u8>, String)| json!({"mediaType": media_type, "digest": digest, "size": body.len()});
+    let outer = serde_json::to_vec_pretty(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry(&inner.top), entry(&plain.manifests[0])]
+    }))
+    .unwrap();
+    let client = upstream.client();
+    upstream
+        .put_manifest(
+            &client,
+            "team/app",
+            "nested",
+            &outer,
+            "application/vnd.oci.image.index.v1+json",
+        )
+        .await;
+    let table = access_table(dir.path(), &[&upstream, &mirror]);
+    let registries = Registries::new(table.settings, quick(), None);
+    let source = r(&format!("{}/team/app:nested", upstream.host()));
+    let target = r(&format!("{}/mirror/app:nested", mirror.host()));
+    let report = registries.copy(&source, &target, &[], None).await.unwrap();
+    // The outer index, the inner one, its two platforms and the plain manifest.
+    assert_eq!(report.manifests_copied, 5);
+    assert_eq!(
+        mirror.skopeo_raw("mirror/app", "nested"),
+        Some(outer.clone())
+    );
+    assert_eq!(
+        mirror.skopeo_raw("mirror/app", &inner.top.0),
+        Some(inner.top.1.clone())
+    );
+    for (digest, body, _) in inner.manifests.iter().chain(&plain.manifests) {
+        assert_eq!(
+            mirror.skopeo_raw("mirror/app", digest).as_ref(),
+            Some(body),
+            "{digest}"
+        );
+    }
+    for (digest, _) in inner.blobs.iter().chain(&plain.blobs) {
+        assert!(mirror.has_blob("mirror/app", digest).await, "{digest}");
+    }
+}
