@@ -840,6 +840,11 @@ async fn copies_run_as_one_job_per_image_and_a_finished_job_sends_pods_to_the_mi
         image_mirror_webhook::cluster::copy_jobs::job_name(&source, &target)
     );
     assert_eq!(job["spec"]["backoffLimit"], 2);
+    // Accepted by the API server as the Job controller will read it.
+    assert_eq!(
+        job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"],
+        json!([3])
+    );
     assert_eq!(job["spec"]["ttlSecondsAfterFinished"], 120);
     let spec = &job["spec"]["template"]["spec"];
     let model = &model["spec"];

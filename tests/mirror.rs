@@ -206,11 +206,28 @@ async fn copy_command_reports_what_it_moved() {
             .args(extra);
         cmd.output().unwrap()
     };
-    // The mirror is not declared insecure: HTTPS to a plain registry fails, naming it.
+    // The mirror is not declared insecure: HTTPS to a plain registry fails, naming it; that
+    // may heal (a CA, a setting), so it is the ordinary failure status.
     let out = run(&[]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&mirror.host()), "{err}");
+    // A platform the image does not have cannot come by trying again: status 3, which a copy
+    // Job's podFailurePolicy stops on.
+    let out = run(&[
+        "--insecure-registry",
+        &mirror.host(),
+        "--platform",
+        "linux/s390x",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(
+            image_mirror_webhook::mirror::COPY_PERMANENT_FAILURE
+        ))
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("linux/s390x"), "{err}");
 
     let out = run(&["--insecure-registry", &mirror.host()]);
     let text = String::from_utf8_lossy(&out.stdout);

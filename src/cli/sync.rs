@@ -12,7 +12,7 @@ use futures::{FutureExt, StreamExt};
 use super::{init_tracing, runtime, CopyArgs, LogFormat, SyncArgs};
 use crate::error::Report;
 use crate::mapping::{Decision, Table};
-use crate::mirror::{CopyMode, CopyRequest};
+use crate::mirror::{CopyMode, CopyRequest, COPY_PERMANENT_FAILURE};
 use crate::reference::Reference;
 use crate::registry::{CopyReport, Failure, Progress, Registries};
 use crate::settings::Settings;
@@ -49,7 +49,14 @@ pub(super) fn copy(args: &CopyArgs) -> anyhow::Result<ExitCode> {
     if let Some((bar, _)) = bar {
         bar.finish_and_clear();
     }
-    let report = report?;
+    let report = match report {
+        Ok(report) => report,
+        Err(e) if e.permanent() => {
+            eprintln!("error: {}", Report(&e));
+            return Ok(ExitCode::from(COPY_PERMANENT_FAILURE));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let (source, target) = (&request.source, &request.target);
     print_report(
         &mut std::io::stdout().lock(),

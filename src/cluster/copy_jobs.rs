@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
+    PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, PodTemplateSpec, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -28,6 +31,7 @@ use super::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::error::Report;
 use crate::mirror::{
     CopyEnd, CopyEnds, CopyRequest, CopyRunner, RunnerError, Submission, Submitted,
+    COPY_PERMANENT_FAILURE,
 };
 use crate::pod::INJECT_LABEL;
 use crate::settings::Settings;
@@ -251,6 +255,7 @@ pub fn job_for(
             ttl_seconds_after_finished: Some(
                 i32::try_from(copies.job_ttl.as_secs()).unwrap_or(i32::MAX),
             ),
+            pod_failure_policy: Some(failure_policy()),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(true)),
@@ -266,6 +271,33 @@ pub fn job_for(
             ..JobSpec::default()
         }),
         status: None,
+    }
+}
+
+/// A copy that cannot succeed (`copy` exits [`COPY_PERMANENT_FAILURE`]: an unusable image, a
+/// refused manifest) fails the Job at once; a Pod evicted or preempted (a node drained) is
+/// not counted against `backoffLimit`.
+fn failure_policy() -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "FailJob".to_string(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    container_name: Some(ROLE_VALUE.to_string()),
+                    operator: "In".to_string(),
+                    values: vec![i32::from(COPY_PERMANENT_FAILURE)],
+                }),
+                on_pod_conditions: None,
+            },
+            PodFailurePolicyRule {
+                action: "Ignore".to_string(),
+                on_exit_codes: None,
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".to_string(),
+                    status: Some("True".to_string()),
+                }]),
+            },
+        ],
     }
 }
 
@@ -556,6 +588,16 @@ mod tests {
         );
         assert_eq!(j["metadata"]["labels"][ROLE_LABEL], ROLE_VALUE);
         assert_eq!(j["spec"]["backoffLimit"], 3);
+        // No try spent on what cannot work; none on a drained node.
+        let rules = &j["spec"]["podFailurePolicy"]["rules"];
+        assert_eq!(rules[0]["action"], "FailJob");
+        assert_eq!(rules[0]["onExitCodes"]["containerName"], "copy");
+        assert_eq!(
+            rules[0]["onExitCodes"]["values"],
+            serde_json::json!([COPY_PERMANENT_FAILURE])
+        );
+        assert_eq!(rules[1]["action"], "Ignore");
+        assert_eq!(rules[1]["onPodConditions"][0]["type"], "DisruptionTarget");
         assert_eq!(j["spec"]["ttlSecondsAfterFinished"], 300);
         let pod = &j["spec"]["template"];
         assert_eq!(pod["metadata"]["labels"][INJECT_LABEL], "disabled");

@@ -101,6 +101,10 @@ pub struct CopyRequest {
     pub mode: CopyMode,
 }
 
+/// `copy`'s exit status when trying again cannot help ([`MirrorError::permanent`]); a copy
+/// Job's `podFailurePolicy` fails the Job on it instead of spending every try.
+pub const COPY_PERMANENT_FAILURE: u8 = 3;
+
 /// Why a copy did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {
@@ -112,6 +116,14 @@ pub enum MirrorError {
 }
 
 impl MirrorError {
+    /// Whether trying again cannot help (see [`RegistryError::permanent`]).
+    pub fn permanent(&self) -> bool {
+        match self {
+            MirrorError::Registry(e) => e.permanent(),
+            MirrorError::Panicked { .. } => false,
+        }
+    }
+
     /// The label of this error in metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {

@@ -164,6 +164,17 @@ impl RegistryError {
         }
     }
 
+    /// Whether trying again cannot help: the image itself is unusable (a schema 1 manifest, no
+    /// matching platform, garbage) or the registry refuses what it is (a bad digest, a refused
+    /// manifest). Missing images, refused credentials and a CA file may all be fixed meanwhile.
+    pub fn permanent(&self) -> bool {
+        match self {
+            RegistryError::Image { .. } => true,
+            RegistryError::Request { failure, .. } => *failure == Failure::Invalid,
+            RegistryError::Credentials { .. } | RegistryError::CaFile { .. } => false,
+        }
+    }
+
     /// How long a registry asked us to wait before trying again.
     pub fn retry_after(&self) -> Option<Duration> {
         match self.failure() {
