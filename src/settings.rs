@@ -86,14 +86,46 @@ fn rate_limit_reserve<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u
     d.deserialize_any(Reserve)
 }
 
+/// One of `choices` by name, with an error that names the setting (serde's own names only the
+/// variant).
+pub(crate) fn one_of<'de, D, T: Copy>(
+    d: D,
+    setting: &str,
+    choices: &[(&str, T)],
+) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let word = String::deserialize(d)?;
+    match choices.iter().find(|(name, _)| *name == word) {
+        Some((_, value)) => Ok(*value),
+        None => {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            Err(serde::de::Error::custom(format!(
+                "{setting}: {word:?} is not one of {}",
+                names.join(", ")
+            )))
+        }
+    }
+}
+
 /// How a blob is pushed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UploadMode {
     /// One streamed PUT: the fastest, and what ECR needs.
     Monolithic,
     /// A PATCH per 4 MiB piece, then a PUT: for a registry that limits request bodies.
     Chunked,
+}
+
+impl<'de> Deserialize<'de> for UploadMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let choices = [
+            ("monolithic", UploadMode::Monolithic),
+            ("chunked", UploadMode::Chunked),
+        ];
+        one_of(d, "uploadMode", &choices)
+    }
 }
 
 impl RegistryAccess {

@@ -446,8 +446,8 @@ fn check_pin<T>(
         problems.add(
             at,
             field,
-            "pin: digest cannot go with platforms: an index copied for some platforms has \
-             another digest than upstream's (remove platforms here or on the mirror)",
+            "digest cannot go with platforms: an index copied for some platforms has another \
+             digest than upstream's (remove platforms here or on the mirror)",
         );
     }
 }
@@ -740,5 +740,27 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn an_upload_mode_is_read_and_a_bad_one_named() {
+        let (_, settings) =
+            parse_file("t.yaml", "registries:\n  ghcr.io: {uploadMode: chunked}\n").unwrap();
+        assert_eq!(
+            settings.access("ghcr.io").map(|a| a.upload()),
+            Some(crate::settings::UploadMode::Chunked)
+        );
+        let e = parse_file(
+            "t.yaml",
+            "checks: {timeout: 1s}\nregistries:\n  ghcr.io: {uploadMode: fast}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("t.yaml:3")
+                && e.contains("uploadMode")
+                && e.contains("not one of monolithic, chunked"),
+            "{e}"
+        );
     }
 }

@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::settings::ValueError;
+use crate::settings::{one_of, ValueError};
 
 /// Whether a match is rewritten unconditionally or only when the mirror has the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,25 +28,6 @@ pub enum Pin {
     #[default]
     Tag,
     Digest,
-}
-
-/// One of `choices` by name, with an error that names the setting (serde's own names only the
-/// variant).
-fn one_of<'de, D, T: Copy>(d: D, setting: &str, choices: &[(&str, T)]) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    let word = String::deserialize(d)?;
-    match choices.iter().find(|(name, _)| *name == word) {
-        Some((_, value)) => Ok(*value),
-        None => {
-            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
-            Err(serde::de::Error::custom(format!(
-                "{setting}: {word:?} is not one of {}",
-                names.join(", ")
-            )))
-        }
-    }
 }
 
 impl<'de> Deserialize<'de> for SwapPolicy {
