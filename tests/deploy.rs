@@ -715,6 +715,11 @@ fn monitoring_names_only_metrics_the_binary_exports() {
             registry: "x".into(),
         })
         .inc();
+    m.copies_paused
+        .get_or_create(&RegistryLabels {
+            registry: "x".into(),
+        })
+        .set(1);
     let (text, _) = encode(&registry, false).unwrap();
     let mut known: Vec<String> = Vec::new();
     for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
