@@ -760,9 +760,26 @@ fn monitoring_names_only_metrics_the_binary_exports() {
         "ImageMirrorRegistryRateLimited",
         "ImageMirrorCertificateExpiring",
         "ImageMirrorAdmissionSlow",
+        "ImageMirrorCopiesGivenUp",
+        "ImageMirrorPullBudgetLow",
     ] {
         assert!(alerts.contains(&a), "{a}");
     }
+    // Prometheus itself accepts the rules (the spec is a rule file; JSON is YAML).
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, rule["spec"].to_string()).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool (Debian: prometheus) is installed");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cm: ConfigMap = r.one("ConfigMap");
     let dash: Value = serde_json::from_str(&cm.data.unwrap()["image-mirror-webhook.json"]).unwrap();
     assert!(dash["panels"].as_array().unwrap().len() >= 6);
