@@ -109,7 +109,7 @@ pub struct Template {
 impl Template {
     /// The parts of `pod` a copy needs: its webhook container's image, command, env, mounts
     /// and security context, the volumes those mounts use, and the Pod's security context,
-    /// scheduling and pull secrets. Left behind: the ServiceAccount token's mount, and the
+    /// scheduling (not its affinity, which is about webhook replicas), DNS and pull secrets. Left behind: the ServiceAccount token's mount, and the
     /// mounts holding one of the files in `drop` (the serving key) but not the table `keep`.
     pub fn from_pod(pod: &Pod, drop: &[PathBuf], keep: Option<&Path>) -> Option<Template> {
         let spec = pod.spec.as_ref()?;
@@ -157,6 +157,10 @@ impl Template {
             tolerations: spec.tolerations.clone(),
             image_pull_secrets: spec.image_pull_secrets.clone(),
             priority_class_name: spec.priority_class_name.clone(),
+            // The same names resolve the same way (registries behind private DNS).
+            dns_policy: spec.dns_policy.clone(),
+            dns_config: spec.dns_config.clone(),
+            host_aliases: spec.host_aliases.clone(),
             volumes: (!volumes.is_empty()).then_some(volumes),
             ..PodSpec::default()
         };
@@ -491,6 +495,9 @@ mod tests {
                 "serviceAccountName": "image-mirror-webhook",
                 "securityContext": {"runAsNonRoot": true, "runAsUser": 65532},
                 "nodeSelector": {"kubernetes.io/os": "linux"},
+                "dnsPolicy": "ClusterFirst",
+                "hostAliases": [{"ip": "10.0.0.5", "hostnames": ["registry.internal"]}],
+                "affinity": {"podAntiAffinity": {}},
                 "containers": [
                     {"name": "sidecar", "image": "busybox"},
                     {
@@ -607,6 +614,9 @@ mod tests {
         assert_eq!(spec["serviceAccountName"], "image-mirror-webhook");
         assert_eq!(spec["securityContext"]["runAsUser"], 65532);
         assert_eq!(spec["nodeSelector"]["kubernetes.io/os"], "linux");
+        assert_eq!(spec["dnsPolicy"], "ClusterFirst");
+        assert_eq!(spec["hostAliases"][0]["hostnames"][0], "registry.internal");
+        assert!(spec.get("affinity").is_none());
         let volumes: Vec<&str> = spec["volumes"]
             .as_array()
             .unwrap()
