@@ -185,6 +185,13 @@ struct ContainerPlan<'t> {
     unpinned: Option<String>,
 }
 
+impl ContainerPlan<'_> {
+    /// A warning about this image, as the kubectl user reads it.
+    fn say(&self, what: std::fmt::Arguments<'_>) -> String {
+        format!("image-mirror: {} {:?}: {what}", self.site.noun(), self.name)
+    }
+}
+
 /// What the table decided for each container of a request, before mirror presence is known.
 #[derive(Debug)]
 pub struct Plan<'t> {
@@ -224,23 +231,6 @@ pub struct RewriteRecord {
     pub mirror: String,
 }
 
-impl RewriteRecord {
-    /// The warning the kubectl user gets for it.
-    fn warning(&self, mode: Mode) -> String {
-        let verb = match mode {
-            Mode::Enforce => "",
-            Mode::Report => "would rewrite ",
-        };
-        format!(
-            "image-mirror: {} {:?}: {verb}{} -> {}",
-            self.site.noun(),
-            self.container,
-            self.source,
-            self.target
-        )
-    }
-}
-
 /// The outcome of a request.
 #[derive(Debug, Clone, Default)]
 pub struct Mutation {
@@ -252,25 +242,6 @@ pub struct Mutation {
     pub pull_secrets_added: Vec<String>,
     pub skips: Vec<Skip>,
     pub copies: Vec<CopyRequest>,
-}
-
-impl Mutation {
-    /// The same decisions, reported instead of made: no patch, "would rewrite" warnings, and
-    /// the rewrites kept for the audit annotation and the metrics. Copies stay queued.
-    pub fn into_report(mut self) -> Mutation {
-        self.patch.clear();
-        self.pull_secrets_added.clear();
-        for r in &self.rewrites {
-            let done = r.warning(Mode::Enforce);
-            if let Some(w) = self.warnings.iter_mut().find(|w| **w == done) {
-                *w = r.warning(Mode::Report);
-            }
-        }
-        self.warnings
-            .retain(|w| !w.starts_with("image-mirror: original images: "));
-        self.would_rewrite = std::mem::take(&mut self.rewrites);
-        self
-    }
 }
 
 /// Decides each container of the request against the table, given which pull secrets exist
@@ -369,19 +340,22 @@ fn with_digest(r: &Reference, digest: &str) -> Option<Reference> {
 }
 
 impl<'t> Plan<'t> {
+    /// The rewrites nothing holds back before the registries are asked (a missing pull
+    /// secret does).
+    fn live_rewrites(&self) -> impl Iterator<Item = &Rewrite<'t>> {
+        self.containers
+            .iter()
+            .filter(|c| c.secret_missing.is_none())
+            .filter_map(|c| c.decision.rewrite())
+    }
+
     /// The sources (canonical) whose tag's digest upstream the rewrite carries (`pin: digest`).
     pub fn sources_to_pin(&self) -> Vec<Reference> {
         let mut out: Vec<Reference> = Vec::new();
-        for c in self
-            .containers
-            .iter()
-            .filter(|c| c.secret_missing.is_none())
-        {
-            if let Decision::Rewrite(rw) = &c.decision {
-                let source = rw.source.canonical();
-                if wants_pin(rw) && !out.contains(&source) {
-                    out.push(source.into_owned());
-                }
+        for rw in self.live_rewrites().filter(|rw| wants_pin(rw)) {
+            let source = rw.source.canonical();
+            if !out.contains(&source) {
+                out.push(source.into_owned());
             }
         }
         out
@@ -430,15 +404,9 @@ impl<'t> Plan<'t> {
     /// nothing else holds back).
     pub fn targets_to_check(&self) -> Vec<&Reference> {
         let mut out: Vec<&Reference> = Vec::new();
-        for c in self
-            .containers
-            .iter()
-            .filter(|c| c.secret_missing.is_none())
-        {
-            if let Decision::Rewrite(rw) = &c.decision {
-                if rw.policy.swap == SwapPolicy::IfPresent && !out.contains(&&rw.target) {
-                    out.push(&rw.target);
-                }
+        for rw in self.live_rewrites() {
+            if rw.policy.swap == SwapPolicy::IfPresent && !out.contains(&&rw.target) {
+                out.push(&rw.target);
             }
         }
         out
@@ -446,6 +414,18 @@ impl<'t> Plan<'t> {
 
     /// Turns the decisions into a patch, given what is known of mirror presence (pure).
     pub fn finish(&self, pod: Option<&Pod>, presence: &dyn Fn(&Reference) -> Presence) -> Mutation {
+        self.finish_as(Mode::Enforce, pod, presence)
+    }
+
+    /// [`finish`](Self::finish) in `mode`: in report mode the same decisions are reported
+    /// instead of made (no patch, "would rewrite" warnings, the rewrites kept for the audit
+    /// annotation and the metrics), and copies are still queued.
+    pub fn finish_as(
+        &self,
+        mode: Mode,
+        pod: Option<&Pod>,
+        presence: &dyn Fn(&Reference) -> Presence,
+    ) -> Mutation {
         let mut m = Mutation::default();
         if let Some(skip) = self.skipped {
             m.skips.push(skip);
@@ -459,33 +439,24 @@ impl<'t> Plan<'t> {
                 Decision::Keep(keep) => {
                     m.skips.push(Skip::Image(keep.reason.kind()));
                     if let KeepReason::Unparsable(e) = &keep.reason {
-                        m.warnings.push(format!(
-                            "image-mirror: {} {:?}: image {:?} left unchanged: {e}",
-                            c.site.noun(),
-                            c.name,
-                            c.image
-                        ));
+                        let image = &c.image;
+                        m.warnings
+                            .push(c.say(format_args!("image {image:?} left unchanged: {e}")));
                     }
                     continue;
                 }
             };
             if let Some(why) = &c.secret_missing {
                 m.skips.push(Skip::PullSecretMissing);
-                m.warnings.push(format!(
-                    "image-mirror: {} {:?}: kept {}: {why}",
-                    c.site.noun(),
-                    c.name,
-                    c.image
-                ));
+                m.warnings
+                    .push(c.say(format_args!("kept {}: {why}", c.image)));
                 continue;
             }
             if let Some(why) = &c.unpinned {
-                m.warnings.push(format!(
-                    "image-mirror: {} {:?}: not pinned to a digest ({why}); going by tag {}",
-                    c.site.noun(),
-                    c.name,
+                m.warnings.push(c.say(format_args!(
+                    "not pinned to a digest ({why}); going by tag {}",
                     rw.target
-                ));
+                )));
             }
             if rw.policy.swap == SwapPolicy::IfPresent {
                 match presence(&rw.target) {
@@ -496,25 +467,18 @@ impl<'t> Plan<'t> {
                         if copying && !m.copies.iter().any(|q| q.target == rw.target) {
                             m.copies.push(CopyRequest::for_rewrite(rw));
                         }
-                        m.warnings.push(format!(
-                            "image-mirror: {} {:?}: mirror lacks {}; kept {}{}",
-                            c.site.noun(),
-                            c.name,
+                        m.warnings.push(c.say(format_args!(
+                            "mirror lacks {}; kept {}{}",
                             rw.target,
                             c.image,
                             if copying { " (copy queued)" } else { "" }
-                        ));
+                        )));
                         continue;
                     }
                     Presence::Unknown => {
                         m.skips.push(Skip::MirrorUnknown);
                         continue;
                     }
-                }
-            }
-            if let Some(secret) = rw.pull_secret() {
-                if !secrets.contains(&secret) {
-                    secrets.push(secret);
                 }
             }
             let record = RewriteRecord {
@@ -526,8 +490,22 @@ impl<'t> Plan<'t> {
                 target: rw.target.to_string(),
                 mirror: rw.mirror_name().to_string(),
             };
-            m.warnings.push(record.warning(Mode::Enforce));
+            if mode == Mode::Report {
+                m.warnings.push(c.say(format_args!(
+                    "would rewrite {} -> {}",
+                    c.image, record.target
+                )));
+                m.would_rewrite.push(record);
+                continue;
+            }
+            m.warnings
+                .push(c.say(format_args!("{} -> {}", c.image, record.target)));
             m.rewrites.push(record);
+            if let Some(secret) = rw.pull_secret() {
+                if !secrets.contains(&secret) {
+                    secrets.push(secret);
+                }
+            }
             changes.push(ImageChange {
                 site: c.site,
                 index: c.index,
@@ -536,7 +514,7 @@ impl<'t> Plan<'t> {
                 image: rw.target.to_string(),
             });
         }
-        if let Some(pod) = pod {
+        if let (Some(pod), false) = (pod, changes.is_empty()) {
             if self.ephemeral {
                 // Only the images: the API server would drop the pull secrets and the record,
                 // so the kubectl user gets the record as a warning instead.

@@ -65,7 +65,7 @@ impl Webhook {
         };
         let config = self.config.current();
         // Only the mirror lookups wait, and they are bounded by the budget inside `mutate`.
-        let outcome = self.mutate(&review, &config.table).await;
+        let outcome = self.mutate(&review, &config.table, mode).await;
         let mutation = match outcome {
             Ok(m) => m,
             Err(e) => {
@@ -85,10 +85,6 @@ impl Webhook {
             }
         };
         // Report mode only ever reports: it never refuses a Pod either.
-        let mutation = match mode {
-            Mode::Enforce => mutation,
-            Mode::Report => mutation.into_report(),
-        };
         let strict = self.strict && mode == Mode::Enforce;
         if let Some(why) = strict.then(|| strict_refusal(&mutation)).flatten() {
             self.count_request(review.operation(), "refused", started);
@@ -107,7 +103,12 @@ impl Webhook {
         ))
     }
 
-    async fn mutate(&self, review: &Review, table: &Table) -> Result<Mutation, AdmissionError> {
+    async fn mutate(
+        &self,
+        review: &Review,
+        table: &Table,
+        mode: Mode,
+    ) -> Result<Mutation, AdmissionError> {
         let secrets = |namespace: &str, secret: &str| {
             self.pull_secrets
                 .as_ref()
@@ -139,7 +140,7 @@ impl Webhook {
             }
         }
         let lookup = |t: &Reference| known.get(t).copied().unwrap_or(Presence::Unknown);
-        catch(|| plan.finish(review.request.object.as_ref(), &lookup))
+        catch(|| plan.finish_as(mode, review.request.object.as_ref(), &lookup))
     }
 
     fn count_request(&self, operation: &str, result: &'static str, started: Instant) {
