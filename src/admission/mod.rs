@@ -284,31 +284,31 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
     let ephemeral = sites == [ImageSite::EphemeralContainers];
     let namespace = review.namespace();
     let referenced = pod.pull_secrets();
+    // Why a rewrite to a mirror with this pull secret cannot happen here, if it cannot.
+    let missing = |secret: &str| {
+        if ephemeral && !referenced.contains(&secret) {
+            Some(format!(
+                "the Pod does not reference the mirror's pull secret {secret:?}, and on the \
+                 ephemeral containers subresource it cannot be added"
+            ))
+        } else if !secrets(namespace, secret) {
+            Some(format!(
+                "the mirror's pull secret {secret:?} is missing in namespace {namespace:?}"
+            ))
+        } else {
+            None
+        }
+    };
     let containers = pod
         .images(sites)
         .into_iter()
         .filter(|c| !old_names.contains(&c.name))
         .map(|c| {
             let decision = table.decide(c.image);
-            let secret_missing =
-                decision
-                    .rewrite()
-                    .and_then(|rw| rw.pull_secret())
-                    .and_then(|secret| {
-                        if ephemeral && !referenced.contains(&secret) {
-                            Some(format!(
-                            "the Pod does not reference the mirror's pull secret {secret:?}, and \
-                             on the ephemeral containers subresource it cannot be added"
-                        ))
-                        } else if !secrets(namespace, secret) {
-                            Some(format!(
-                                "the mirror's pull secret {secret:?} is missing in namespace \
-                             {namespace:?}"
-                            ))
-                        } else {
-                            None
-                        }
-                    });
+            let secret_missing = decision
+                .rewrite()
+                .and_then(|rw| rw.pull_secret())
+                .and_then(missing);
             ContainerPlan {
                 decision,
                 secret_missing,
