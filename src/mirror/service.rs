@@ -40,8 +40,9 @@ const HANDED_RECHECK: Duration = Duration::from_secs(60);
 /// How often a paused registry's pull budget is read again, at most.
 const BUDGET_RECHECK: Duration = Duration::from_secs(60);
 
-/// How often the "check unauthorized" warning is repeated per registry (DEBUG in between).
-const UNAUTHORIZED_WARNING_EVERY: Duration = Duration::from_secs(600);
+/// How often a warning about lasting trouble is repeated (a registry's refused checks, Jobs
+/// asked for without a Kubernetes API); DEBUG in between.
+const WARNING_EVERY: Duration = Duration::from_secs(600);
 
 type Shared_<T> = Shared<BoxFuture<'static, T>>;
 
@@ -108,7 +109,7 @@ struct Inner {
     slots: Arc<Semaphore>,
     concurrency: Mutex<usize>,
     circuits: Mutex<Circuits>,
-    /// When each registry's "unauthorized" warning was last logged.
+    /// When each lasting-trouble warning was last logged, by registry (or by what it is about).
     warned: Mutex<HashMap<String, Instant>>,
     /// Registries whose copies wait for their pull budget (`rateLimitReserve`), until when.
     paused: Mutex<HashMap<String, Instant>>,
@@ -118,8 +119,6 @@ struct Inner {
     handed: Mutex<HashMap<(String, String), Handed>>,
     /// Where copies go with `copies.runner: job` (set once the Kubernetes API is there).
     runner: Mutex<Option<Arc<dyn CopyRunner>>>,
-    /// Whether "runner: job without a Kubernetes API" was said already.
-    warned_no_runner: std::sync::atomic::AtomicBool,
 }
 
 /// A copy a Job runs (see `Inner::handed`).
@@ -205,7 +204,6 @@ impl MirrorService {
             paused: Mutex::new(HashMap::new()),
             handed: Mutex::new(HashMap::new()),
             runner: Mutex::new(None),
-            warned_no_runner: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(workers(Arc::downgrade(&inner)));
         tokio::spawn(follow_reloads(Arc::downgrade(&inner), changes));
@@ -405,21 +403,23 @@ impl Inner {
         (outcome, answer.ok().and_then(Result::ok))
     }
 
+    /// Whether the warning about `key` is due: once per [`WARNING_EVERY`], DEBUG in between.
+    fn warning_due(&self, key: &str) -> bool {
+        let now = Instant::now();
+        let mut warned = lock(&self.warned);
+        let due = warned
+            .get(key)
+            .is_none_or(|last| now.duration_since(*last) >= WARNING_EVERY);
+        if due {
+            warned.insert(key.to_string(), now);
+        }
+        due
+    }
+
     /// Says once per registry per period what to configure when checks are refused.
     fn warn_unauthorized(&self, target: &Reference, e: &RegistryError) {
         let registry = target.registry();
-        let now = Instant::now();
-        let due = {
-            let mut warned = lock(&self.warned);
-            let due = warned
-                .get(registry)
-                .is_none_or(|last| now.duration_since(*last) >= UNAUTHORIZED_WARNING_EVERY);
-            if due {
-                warned.insert(registry.to_string(), now);
-            }
-            due
-        };
-        if !due {
+        if !self.warning_due(registry) {
             tracing::debug!(target = %target, error = %Report(e), "mirror check unauthorized");
             return;
         }
@@ -567,10 +567,8 @@ impl Inner {
     /// (a copy is never lost to trouble with Kubernetes).
     async fn hand_over(&self, copy: &CopyRequest, settings: &crate::settings::Settings) -> bool {
         let Some(runner) = lock(&self.runner).clone() else {
-            if !self
-                .warned_no_runner
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
-            {
+            // Not a registry name: a host cannot be spelt with a space.
+            if self.warning_due("copies runner") {
                 tracing::warn!(
                     "copies.runner is job, but there is no Kubernetes API; copying in-process"
                 );
@@ -587,42 +585,35 @@ impl Inner {
         };
         let key = key_of(copy);
         lock(&self.pending).remove(&key);
+        let (source, target) = (&copy.source, &copy.target);
         match submitted {
-            Submitted::Started | Submitted::Running => {
-                let started = submitted == Submitted::Started;
-                if started {
-                    self.count_copy("job");
-                    tracing::info!(source = %copy.source, target = %copy.target,
-                        "copy handed to a Job");
-                } else {
-                    tracing::debug!(source = %copy.source, target = %copy.target,
-                        "copy already running in a Job");
-                }
-                let mut handed = lock(&self.handed);
-                let entry = handed.entry(key).or_insert(Handed {
-                    at: Instant::now(),
-                    started,
-                });
-                entry.at = Instant::now();
-                entry.started |= started;
-            }
             Submitted::Succeeded => {
                 lock(&self.handed).remove(&key);
-                self.remember(copy.target.as_str(), Presence::Present);
+                self.remember(target.as_str(), Presence::Present);
+                return true;
+            }
+            Submitted::Started => {
+                self.count_copy("job");
+                tracing::info!(%source, %target, "copy handed to a Job");
+            }
+            Submitted::Running => {
+                tracing::debug!(%source, %target, "copy already running in a Job");
             }
             Submitted::Failed => {
-                lock(&self.handed).insert(
-                    key,
-                    Handed {
-                        at: Instant::now(),
-                        started: false,
-                    },
-                );
-                tracing::warn!(source = %copy.source, target = %copy.target,
+                tracing::warn!(%source, %target,
                     "the copy Job of this image failed; a new one starts once it expires \
                      (copies.jobTtl; kubectl logs shows why it failed)");
             }
         }
+        let now = Instant::now();
+        let started = submitted == Submitted::Started;
+        lock(&self.handed)
+            .entry(key)
+            .and_modify(|h| {
+                h.at = now;
+                h.started |= started;
+            })
+            .or_insert(Handed { at: now, started });
         true
     }
 
