@@ -264,12 +264,24 @@ impl CopyJob<'_> {
     /// The digest the target has at `r`; `None` when it has nothing there. Any other failure
     /// stops the copy: pushing blind into a registry that does not answer helps nobody.
     pub(super) async fn target_has(&self, r: &Reference) -> Result<Option<String>, RegistryError> {
+        Self::digest_at(self.registries, &self.dst, r).await
+    }
+
+    /// The digest the source has at `r`; `None` when it has nothing there.
+    pub(super) async fn source_has(&self, r: &Reference) -> Result<Option<String>, RegistryError> {
+        Self::digest_at(self.registries, &self.src, r).await
+    }
+
+    async fn digest_at(
+        registries: &Registries,
+        host: &HostClient,
+        r: &Reference,
+    ) -> Result<Option<String>, RegistryError> {
         let oci = to_oci(r);
         let name = r.to_string();
-        let found = self
-            .registries
-            .retry(&self.dst, "inspect", &name, || {
-                self.dst.client.fetch_manifest_digest(&oci, &self.dst.auth)
+        let found = registries
+            .retry(host, "inspect", &name, || {
+                host.client.fetch_manifest_digest(&oci, &host.auth)
             })
             .await;
         match found {

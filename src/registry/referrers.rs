@@ -13,8 +13,8 @@ use oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE;
 use serde_json::Value;
 
 use super::copy::CopyJob;
-use super::failure::{Failure, ImageError, RegistryError};
-use super::{to_oci, CopyReport, HostClient};
+use super::failure::{ImageError, RegistryError};
+use super::{CopyReport, HostClient};
 use crate::reference::Reference;
 
 /// cosign's tags for a digest `sha256:<hex>`: `sha256-<hex>` and one of these.
@@ -149,23 +149,6 @@ impl CopyJob<'_> {
             report.bytes += nested.bytes;
             Ok(nested)
         })
-    }
-
-    /// The digest the source has at `r`; `None` when it has nothing there.
-    async fn source_has(&self, r: &Reference) -> Result<Option<String>, RegistryError> {
-        let oci = to_oci(r);
-        let name = r.to_string();
-        let found = self
-            .registries
-            .retry(&self.src, "inspect", &name, || {
-                self.src.client.fetch_manifest_digest(&oci, &self.src.auth)
-            })
-            .await;
-        match found {
-            Ok(d) => Ok(Some(d)),
-            Err(e) if e.failure() == Some(Failure::NotFound) => Ok(None),
-            Err(e) => Err(e),
-        }
     }
 
     /// The source's referrers of `digest`: the API, else the tag schema; `None` when there
