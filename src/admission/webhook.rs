@@ -120,27 +120,38 @@ impl Webhook {
         let deadline = tokio::time::Instant::now() + self.budget * 3 / 4;
         let sources = plan.sources_to_pin();
         if !sources.is_empty() {
-            let mut digests: HashMap<&Reference, Upstream> = HashMap::new();
-            if let Some(mirrors) = &self.mirrors {
-                let lookups =
-                    futures::future::join_all(sources.iter().map(|s| mirrors.upstream_digest(s)));
-                if let Ok(answers) = tokio::time::timeout_at(deadline, lookups).await {
-                    digests.extend(sources.iter().zip(answers));
-                }
-            }
+            let keys: Vec<&Reference> = sources.iter().collect();
+            let digests = self
+                .ask_all(&keys, deadline, |m, s| m.upstream_digest(s))
+                .await;
             let answer = |s: &Reference| digests.get(s).cloned().unwrap_or(Upstream::Unknown);
             catch(|| plan.pin(&answer))?;
         }
-        let mut known: HashMap<&Reference, Presence> = HashMap::new();
         let targets = plan.targets_to_check();
-        if let (Some(mirrors), false) = (&self.mirrors, targets.is_empty()) {
-            let lookups = futures::future::join_all(targets.iter().map(|t| mirrors.presence(t)));
-            if let Ok(answers) = tokio::time::timeout_at(deadline, lookups).await {
-                known.extend(targets.iter().copied().zip(answers));
-            }
-        }
+        let known = self.ask_all(&targets, deadline, |m, t| m.presence(t)).await;
         let lookup = |t: &Reference| known.get(t).copied().unwrap_or(Presence::Unknown);
         catch(|| plan.finish_as(mode, review.request.object.as_ref(), &lookup))
+    }
+
+    /// Asks the mirrors about every key at once, until `deadline`; what is not answered by
+    /// then (or everything, without mirrors) stays unknown.
+    async fn ask_all<'k, V, F>(
+        &'k self,
+        keys: &[&'k Reference],
+        deadline: tokio::time::Instant,
+        ask: impl Fn(&'k dyn MirrorAccess, &'k Reference) -> F,
+    ) -> HashMap<&'k Reference, V>
+    where
+        F: std::future::Future<Output = V>,
+    {
+        let Some(mirrors) = self.mirrors.as_deref().filter(|_| !keys.is_empty()) else {
+            return HashMap::new();
+        };
+        let lookups = futures::future::join_all(keys.iter().map(|k| ask(mirrors, k)));
+        match tokio::time::timeout_at(deadline, lookups).await {
+            Ok(answers) => keys.iter().copied().zip(answers).collect(),
+            Err(_) => HashMap::new(),
+        }
     }
 
     fn count_request(&self, operation: &str, result: &'static str, started: Instant) {
