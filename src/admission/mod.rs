@@ -514,7 +514,7 @@ impl<'t> Plan<'t> {
                 image: rw.target.to_string(),
             });
         }
-        if let (Some(pod), false) = (pod, changes.is_empty()) {
+        if let Some(pod) = pod {
             if self.ephemeral {
                 // Only the images: the API server would drop the pull secrets and the record,
                 // so the kubectl user gets the record as a warning instead.
