@@ -14,7 +14,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::StreamExt;
 use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
     PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
@@ -26,9 +25,9 @@ use kube::api::{Api, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
+use tokio::task::AbortHandle;
 
-use super::{MANAGED_BY_LABEL, MANAGED_BY_VALUE};
-use crate::error::Report;
+use super::{spawn_stream, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 use crate::mirror::{
     CopyEnd, CopyEnds, CopyRequest, CopyRunner, RunnerError, Submission, Submitted,
     COPY_PERMANENT_FAILURE,
@@ -340,7 +339,7 @@ pub struct JobRunner {
     ends: Arc<dyn CopyEnds>,
     /// Watches Jobs from the first copy handed over (so a webhook that never runs Jobs needs
     /// no right on them); stopped with the runner.
-    watcher: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
+    watcher: std::sync::OnceLock<AbortHandle>,
 }
 
 impl Drop for JobRunner {
@@ -405,7 +404,7 @@ impl JobRunner {
         settings: &Settings,
     ) -> Result<Submitted, JobError> {
         self.watcher
-            .get_or_init(|| tokio::spawn(watch(self.jobs.clone(), self.ends.clone())));
+            .get_or_init(|| watch(self.jobs.clone(), self.ends.clone()));
         let template = self.template().await?;
         let job = job_for(
             template,
@@ -458,28 +457,23 @@ impl CopyRunner for JobRunner {
     }
 }
 
-/// Reports every copy Job that finishes, or goes before it does; runs while `ends` is wanted.
-async fn watch(jobs: Api<Job>, ends: Arc<dyn CopyEnds>) {
+/// Reports every copy Job that finishes, or goes before it does.
+fn watch(jobs: Api<Job>, ends: Arc<dyn CopyEnds>) -> AbortHandle {
     let config = watcher::Config::default().labels(&format!("{ROLE_LABEL}={ROLE_VALUE}"));
-    let mut events = watcher(jobs, config).default_backoff().boxed();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Apply(job) | watcher::Event::InitApply(job)) => {
-                if let (Some(end), Some((source, target))) = (job_end(&job), copies_of(&job)) {
-                    ends.ended(source, target, end);
-                }
-            }
-            Ok(watcher::Event::Delete(job)) => {
-                if let (None, Some((source, target))) = (job_end(&job), copies_of(&job)) {
-                    ends.ended(source, target, CopyEnd::Vanished);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %Report(&e), "watching copy Jobs (retrying)");
+    let events = watcher(jobs, config).default_backoff();
+    spawn_stream(events, "copy Jobs", move |event| match event {
+        watcher::Event::Apply(job) | watcher::Event::InitApply(job) => {
+            if let (Some(end), Some((source, target))) = (job_end(&job), copies_of(&job)) {
+                ends.ended(source, target, end);
             }
         }
-    }
+        watcher::Event::Delete(job) => {
+            if let (None, Some((source, target))) = (job_end(&job), copies_of(&job)) {
+                ends.ended(source, target, CopyEnd::Vanished);
+            }
+        }
+        _ => {}
+    })
 }
 
 #[cfg(test)]

@@ -7,6 +7,11 @@ pub mod pull_secrets;
 
 use std::path::PathBuf;
 
+use futures::StreamExt;
+use kube::runtime::watcher;
+
+use crate::error::Report;
+
 pub use pull_secrets::{PullSecretIndex, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SOURCE_ANNOTATION};
 
 /// The field manager of every write, shared by all replicas so that their server-side applies
@@ -60,4 +65,27 @@ pub async fn connect(access: Access) -> Result<Option<kube::Client>, ClusterErro
     kube::Client::try_from(config)
         .map(Some)
         .map_err(ClusterError::Client)
+}
+
+/// Drives a watch stream in a task, calling `seen` for every item; errors are logged and the
+/// stream (with its back-off) goes on. Stopped by aborting the handle.
+pub(crate) fn spawn_stream<K, S>(
+    stream: S,
+    what: &'static str,
+    seen: impl Fn(K) + Send + 'static,
+) -> tokio::task::AbortHandle
+where
+    K: Send + 'static,
+    S: futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(obj) => seen(obj),
+                Err(e) => tracing::warn!(what, error = %Report(&e), "watch failed; retrying"),
+            }
+        }
+    })
+    .abort_handle()
 }

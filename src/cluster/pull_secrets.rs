@@ -31,7 +31,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Resource, ResourceExt};
 
-use super::FIELD_MANAGER;
+use super::{spawn_stream, FIELD_MANAGER};
 use crate::admission::webhook::PullSecrets;
 use crate::config::ConfigHandle;
 use crate::error::Report;
@@ -372,28 +372,6 @@ where
 {
     use futures::FutureExt as _;
     Box::new(move || store.wait_until_ready().now_or_never().is_some())
-}
-
-/// Drives a reflector's stream in a task, calling `seen` for every object it touches.
-fn spawn_stream<K, S>(
-    stream: S,
-    what: &'static str,
-    seen: impl Fn(K) + Send + 'static,
-) -> tokio::task::AbortHandle
-where
-    K: Send + 'static,
-    S: futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
-{
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(obj) => seen(obj),
-                Err(e) => tracing::warn!(what, error = %Report(&e), "watch failed; retrying"),
-            }
-        }
-    })
-    .abort_handle()
 }
 
 struct Context {
