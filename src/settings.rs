@@ -97,14 +97,16 @@ where
     D: serde::Deserializer<'de>,
 {
     let word = String::deserialize(d)?;
+    choose(&word, choices).map_err(|e| serde::de::Error::custom(format!("{setting}: {e}")))
+}
+
+/// The choice named `word`, or what the choices are.
+pub(crate) fn choose<T: Copy>(word: &str, choices: &[(&str, T)]) -> Result<T, String> {
     match choices.iter().find(|(name, _)| *name == word) {
         Some((_, value)) => Ok(*value),
         None => {
             let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
-            Err(serde::de::Error::custom(format!(
-                "{setting}: {word:?} is not one of {}",
-                names.join(", ")
-            )))
+            Err(format!("{word:?} is not one of {}", names.join(", ")))
         }
     }
 }
@@ -214,11 +216,15 @@ pub enum Runner {
 }
 
 impl Runner {
+    /// Each runner by the name the table gives it.
+    pub const CHOICES: [(&'static str, Runner); 2] =
+        [("in-process", Runner::InProcess), ("job", Runner::Job)];
+
     pub fn label(self) -> &'static str {
-        match self {
-            Runner::InProcess => "in-process",
-            Runner::Job => "job",
-        }
+        Runner::CHOICES
+            .iter()
+            .find(|(_, r)| *r == self)
+            .map_or("", |(name, _)| name)
     }
 }
 
@@ -378,14 +384,9 @@ pub(crate) fn build(
             }
         }
         if let Some(v) = &c.runner {
-            match v.value.as_str() {
-                "in-process" => copies.runner = Runner::InProcess,
-                "job" => copies.runner = Runner::Job,
-                other => problems.add(
-                    v,
-                    "copies.runner",
-                    format!("{other:?} is not one of in-process, job"),
-                ),
+            match choose(&v.value, &Runner::CHOICES) {
+                Ok(runner) => copies.runner = runner,
+                Err(e) => problems.add(v, "copies.runner", e),
             }
         }
         if let Some(v) = &c.job_ttl {
