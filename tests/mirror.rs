@@ -1310,21 +1310,13 @@ async fn no_credential_reaches_a_log_line_or_a_metric() {
         ("IMW_HYGIENE_WRONG", wrong.as_str()),
         ("RUST_LOG", "debug"),
     ];
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-format", "json", "--shutdown-delay", "0s"])
-        .arg("--tls-cert")
-        .arg(dir.path().join("tls.crt"))
-        .arg("--tls-key")
-        .arg(dir.path().join("tls.key"))
-        .arg("--config")
-        .arg(&table_path)
+    let serve = common::serve_command(
+        &dir.path().join("tls.crt"),
+        &dir.path().join("tls.key"),
+        &table_path,
+    );
+    let mut child = tokio::process::Command::from(serve)
+        .args(["--shutdown-delay", "0s"])
         .envs(env)
         .env_remove("IMW_HYGIENE_UNSET")
         .stderr(std::process::Stdio::piped())
@@ -1341,13 +1333,8 @@ async fn no_credential_reaches_a_log_line_or_a_metric() {
             .expect("log line");
         log.push_str(&line);
         log.push('\n');
-        let v: Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "serving" {
-            let addr = v["addr"].as_str().unwrap().to_string();
-            break (
-                addr.rsplit(':').next().unwrap().to_string(),
-                v["metrics_addr"].as_str().unwrap().to_string(),
-            );
+        if let Some((addr, metrics_addr)) = common::serving_addrs(&line) {
+            break (addr.port(), metrics_addr);
         }
     };
     let collected = tokio::spawn(async move {

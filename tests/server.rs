@@ -330,23 +330,9 @@ fn res(result: &'static str) -> image_mirror_webhook::metrics::ResultLabels {
 async fn sigterm_drains_in_flight_requests() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let tls = Tls::new();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
+    let serve = common::serve_command(&tls.files.cert, &tls.files.key, &data("table.yaml"));
+    let mut child = tokio::process::Command::from(serve)
         .args(["--shutdown-delay", "700ms", "--drain-timeout", "10s"])
-        .arg("--tls-cert")
-        .arg(&tls.files.cert)
-        .arg("--tls-key")
-        .arg(&tls.files.key)
-        .arg("--config")
-        .arg(data("table.yaml"))
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -358,16 +344,12 @@ async fn sigterm_drains_in_flight_requests() {
             .expect("server starts")
             .unwrap()
             .expect("log line");
-        let v: Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "serving" {
-            break (
-                v["addr"].as_str().unwrap().to_string(),
-                v["metrics_addr"].as_str().unwrap().to_string(),
-            );
+        if let Some(addrs) = common::serving_addrs(&line) {
+            break addrs;
         }
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let port = addr.rsplit(':').next().unwrap().to_string();
+    let port = addr.port();
 
     let body = serde_json::to_vec(&fixture("pod_plain")).unwrap();
     let mut inflight = Vec::new();
@@ -610,21 +592,9 @@ async fn a_short_soak_keeps_memory_flat() {
     use futures::StreamExt as _;
     use tokio::io::AsyncBufReadExt;
     let tls = Tls::new();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-format", "json", "--shutdown-delay", "0s"])
-        .arg("--tls-cert")
-        .arg(&tls.files.cert)
-        .arg("--tls-key")
-        .arg(&tls.files.key)
-        .arg("--config")
-        .arg(data("table.yaml"))
+    let serve = common::serve_command(&tls.files.cert, &tls.files.key, &data("table.yaml"));
+    let mut child = tokio::process::Command::from(serve)
+        .args(["--shutdown-delay", "0s"])
         .env("RUST_LOG", "warn,image_mirror_webhook::server=info")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -633,15 +603,8 @@ async fn a_short_soak_keeps_memory_flat() {
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let port = loop {
         let line = lines.next_line().await.unwrap().expect("server starts");
-        let v: Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "serving" {
-            break v["addr"]
-                .as_str()
-                .unwrap()
-                .rsplit(':')
-                .next()
-                .unwrap()
-                .to_string();
+        if let Some((addr, _)) = common::serving_addrs(&line) {
+            break addr.port();
         }
     };
     let pid = child.id().unwrap();

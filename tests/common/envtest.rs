@@ -491,33 +491,24 @@ impl Hook {
         certs.write(&tls_dir).unwrap();
         let config_path = config_dir.join("table.yaml");
         std::fs::write(&config_path, table).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"));
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--log-format", "json", "--shutdown-delay", "0s"])
-        .arg("--tls-cert")
-        .arg(tls_dir.join("tls.crt"))
-        .arg("--tls-key")
-        .arg(tls_dir.join("tls.key"))
-        .arg("--config")
-        .arg(&config_path)
-        .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "info,image_mirror_webhook=debug")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("POD_NAME")
-        .env_remove("POD_NAMESPACE")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        let mut cmd = super::serve_command(
+            &tls_dir.join("tls.crt"),
+            &tls_dir.join("tls.key"),
+            &config_path,
+        );
+        cmd.args(["--shutdown-delay", "0s"])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,image_mirror_webhook=debug")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = spawn_tied(cmd);
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<Value>();
+        let (tx, rx) = std::sync::mpsc::channel::<(SocketAddr, SocketAddr)>();
         let sink = log.clone();
         std::thread::spawn(move || {
             use std::io::BufRead as _;
@@ -526,18 +517,16 @@ impl Hook {
                 .map_while(Result::ok)
             {
                 sink.lock().unwrap().push_str(&format!("{line}\n"));
-                let v: Value = serde_json::from_str(&line).unwrap_or_default();
-                if v["message"] == "serving" {
-                    let _ = tx.send(v);
+                if let Some(addrs) = super::serving_addrs(&line) {
+                    let _ = tx.send(addrs);
                 }
             }
         });
-        let serving = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
-            .await
-            .unwrap()
-            .unwrap_or_else(|_| panic!("serve did not start: {}", log.lock().unwrap()));
-        let addr: SocketAddr = serving["addr"].as_str().unwrap().parse().unwrap();
-        let metrics_addr: SocketAddr = serving["metrics_addr"].as_str().unwrap().parse().unwrap();
+        let (addr, metrics_addr) =
+            tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+                .await
+                .unwrap()
+                .unwrap_or_else(|_| panic!("serve did not start: {}", log.lock().unwrap()));
         let hook = Hook {
             addr,
             metrics_addr,

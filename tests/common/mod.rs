@@ -14,6 +14,42 @@ pub use registry::*;
 #[allow(unused_imports)]
 pub use webhook::*;
 
+/// The binary's `serve` on loopback ports the system chooses, logging JSON, with this
+/// certificate, key and table; a caller adds its own flags and environment.
+pub fn serve_command(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    table: &std::path::Path,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .args(["--log-format", "json"])
+    .arg("--tls-cert")
+    .arg(cert)
+    .arg("--tls-key")
+    .arg(key)
+    .arg("--config")
+    .arg(table);
+    cmd
+}
+
+/// The admission and metrics addresses from `serve`'s JSON "serving" line; `None` for any
+/// other line.
+pub fn serving_addrs(line: &str) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    if v["message"] != "serving" {
+        return None;
+    }
+    let addr = |key: &str| v[key].as_str()?.parse().ok();
+    Some((addr("addr")?, addr("metrics_addr")?))
+}
+
 pub fn init() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
