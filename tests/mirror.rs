@@ -312,69 +312,97 @@ async fn webhook(
     budget: Duration,
     checks: &str,
 ) -> Webhook {
-    webhook_with(
-        &upstream.host(),
-        mirror_host,
-        access,
+    Setup {
         budget,
         checks,
-        "",
-        "",
-    )
+        ..Setup::new(&upstream.host(), mirror_host, access)
+    }
+    .start()
     .await
 }
 
-/// [`webhook`] for images of `upstream_host`, with more settings (`rule`, YAML lines) on its
-/// rule.
-async fn webhook_with(
-    upstream_host: &str,
-    mirror_host: &str,
-    access: &str,
+/// A test webhook's table and budget: images of `upstream/team/*` to a flattening mirror,
+/// `if-present` and `on-demand`, with more settings where a test needs them.
+struct Setup<'a> {
+    upstream: &'a str,
+    mirror: &'a str,
+    /// The `registries:` entries.
+    access: &'a str,
     budget: Duration,
-    checks: &str,
-    rule: &str,
-    copies: &str,
-) -> Webhook {
-    common::init();
-    let dir = tempfile::tempdir().unwrap();
-    let certs = DevCerts::generate(&["localhost".to_string()]).unwrap();
-    certs.write(dir.path()).unwrap();
-    let table = format!(
-        "mirrors:\n  local:\n    type: repository\n    registry: \"{mirror_host}\"\n    prefix: mirror\n    naming: flatten\n    pullSecret: local-pull\n\
-         rules:\n  - name: upstream\n    match: [\"{upstream_host}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n{rule}\
-         registries:\n{access}\
-         checks: {{presentTtl: 10m, absentTtl: 30s, {checks}}}\n\
-         copies: {{concurrency: 2, retryBackoff: 200ms, maxAttempts: 20{copies}}}\n",
-    );
-    let path = dir.path().join("table.yaml");
-    std::fs::write(&path, table).unwrap();
-    let opts = ServeOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        tls: TlsFiles {
-            cert: dir.path().join("tls.crt"),
-            key: dir.path().join("tls.key"),
-        },
-        config: Some(path),
-        budget,
-        shutdown_delay: Duration::ZERO,
-        drain_timeout: Duration::from_secs(5),
-        strict: false,
-        kubernetes: image_mirror_webhook::cluster::Access::Off,
-        mode: image_mirror_webhook::admission::Mode::Enforce,
-    };
-    let running = server::start(opts, Mirrors::Registries(quick()))
-        .await
-        .unwrap();
-    let client = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(certs.ca_pem.as_bytes()).unwrap()])
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
-    Webhook {
-        running,
-        client,
-        _dir: dir,
+    /// More `checks:` settings.
+    checks: &'a str,
+    /// More settings (YAML lines) on the rule.
+    rule: &'a str,
+    /// More `copies:` settings (", key: value").
+    copies: &'a str,
+}
+
+impl<'a> Setup<'a> {
+    /// A generous budget and check timeout: the tests that use it are about copies and pins,
+    /// not deadlines.
+    fn new(upstream: &'a str, mirror: &'a str, access: &'a str) -> Self {
+        Setup {
+            upstream,
+            mirror,
+            access,
+            budget: Duration::from_secs(8),
+            checks: "timeout: 5s",
+            rule: "",
+            copies: "",
+        }
+    }
+
+    async fn start(self) -> Webhook {
+        let Setup {
+            upstream: upstream_host,
+            mirror: mirror_host,
+            access,
+            budget,
+            checks,
+            rule,
+            copies,
+        } = self;
+        common::init();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = DevCerts::generate(&["localhost".to_string()]).unwrap();
+        certs.write(dir.path()).unwrap();
+        let table = format!(
+            "mirrors:\n  local:\n    type: repository\n    registry: \"{mirror_host}\"\n    prefix: mirror\n    naming: flatten\n    pullSecret: local-pull\n\
+             rules:\n  - name: upstream\n    match: [\"{upstream_host}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n{rule}\
+             registries:\n{access}\
+             checks: {{presentTtl: 10m, absentTtl: 30s, {checks}}}\n\
+             copies: {{concurrency: 2, retryBackoff: 200ms, maxAttempts: 20{copies}}}\n",
+        );
+        let path = dir.path().join("table.yaml");
+        std::fs::write(&path, table).unwrap();
+        let opts = ServeOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: "127.0.0.1:0".parse().unwrap(),
+            tls: TlsFiles {
+                cert: dir.path().join("tls.crt"),
+                key: dir.path().join("tls.key"),
+            },
+            config: Some(path),
+            budget,
+            shutdown_delay: Duration::ZERO,
+            drain_timeout: Duration::from_secs(5),
+            strict: false,
+            kubernetes: image_mirror_webhook::cluster::Access::Off,
+            mode: image_mirror_webhook::admission::Mode::Enforce,
+        };
+        let running = server::start(opts, Mirrors::Registries(quick()))
+            .await
+            .unwrap();
+        let client = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(certs.ca_pem.as_bytes()).unwrap()])
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        Webhook {
+            running,
+            client,
+            _dir: dir,
+        }
     }
 }
 
@@ -564,15 +592,11 @@ async fn pin_digest_never_uses_a_stale_tag_on_the_mirror() {
             .unwrap();
     }
     upstream.push("team/app", "1.0", &new).await;
-    let hook = webhook_with(
-        &upstream.host(),
-        &mirror.host(),
-        &access,
-        Duration::from_secs(8),
-        "timeout: 5s",
-        "    pin: digest\n",
-        "",
-    )
+    let hook = Setup {
+        rule: "    pin: digest\n",
+        ..Setup::new(&upstream.host(), &mirror.host(), &access)
+    }
+    .start()
     .await;
     let source = format!("{}/team/app:1.0", upstream.host());
     let pinned = format!("{}/mirror/app:1.0@{}", mirror.host(), new.top.0);
@@ -629,16 +653,9 @@ async fn copies_wait_while_the_pull_budget_is_down_to_its_reserve() {
         hub.host(),
         mirror.host()
     );
-    let hook = webhook_with(
-        &hub.host(),
-        &mirror.host(),
-        &access,
-        Duration::from_secs(8),
-        "timeout: 5s",
-        "",
-        "",
-    )
-    .await;
+    let hook = Setup::new(&hub.host(), &mirror.host(), &access)
+        .start()
+        .await;
     let source = format!("{}/team/app:1.0", hub.host());
     let (_, warnings, _) = hook.review(&source, false).await;
     assert!(
@@ -1468,15 +1485,11 @@ async fn runner_job_without_a_kubernetes_api_copies_in_process() {
         upstream.host(),
         mirror.host()
     );
-    let hook = webhook_with(
-        &upstream.host(),
-        &mirror.host(),
-        &access,
-        Duration::from_secs(8),
-        "timeout: 5s",
-        "",
-        ", runner: job",
-    )
+    let hook = Setup {
+        copies: ", runner: job",
+        ..Setup::new(&upstream.host(), &mirror.host(), &access)
+    }
+    .start()
     .await;
     let source = format!("{}/team/app:1.0", upstream.host());
     let (pod, _, _) = hook.review(&source, false).await;
