@@ -134,6 +134,14 @@ impl OptedIn {
     fn new(c: &'static Cluster, namespaces: &[&str]) -> OptedIn {
         OptedIn(c, namespaces.iter().map(|n| n.to_string()).collect())
     }
+
+    /// A new namespace named after `prefix`, opted in (`image-mirror/inject=enabled`).
+    fn namespace(c: &'static Cluster, prefix: &str) -> (String, OptedIn) {
+        let ns = unique(prefix);
+        let opted_in = OptedIn::new(c, &[&ns]);
+        c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+        (ns, opted_in)
+    }
 }
 
 impl Drop for OptedIn {
@@ -279,9 +287,7 @@ async fn a_pod_is_sent_to_the_mirror_only_where_its_pull_secret_exists() {
 async fn kubectl_debug_goes_to_the_mirror_only_when_the_pod_has_its_pull_secret() {
     let Some(c) = with_rbac() else { return };
     let _turn = take_turn().await;
-    let ns = unique("debug");
-    let _opted_in = OptedIn::new(c, &[&ns]);
-    c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+    let (ns, _opted_in) = OptedIn::namespace(c, "debug");
     c.docker_secret(&ns, PULL, "ghcr.io");
     // Created before the webhook is there: a Pod without the mirror's pull secret.
     let (plain, _) = run_pod(c, &ns, "before", "nginx:1.27");
@@ -335,9 +341,7 @@ async fn two_replicas_apply_the_same_secret_and_never_flap() {
     c.docker_secret(SYSTEM, SOURCE, "ghcr.io");
     let t = table(PULL, Some(SOURCE));
     let (a, b) = (hook(c, &t).await, hook(c, &t).await);
-    let ns = unique("pair");
-    let _opted_in = OptedIn::new(c, &[&ns]);
-    c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+    let (ns, _opted_in) = OptedIn::namespace(c, "pair");
     let first = a.eventually(10, "the copy", || secret(c, &ns, PULL)).await;
     let version = |s: &Value| {
         s["metadata"]["resourceVersion"]
@@ -399,9 +403,7 @@ async fn without_the_pull_secrets_component_secrets_are_injected_unchecked() {
         "--clusterrole=image-mirror-webhook",
         &format!("--serviceaccount={SYSTEM}:{sa}"),
     ]);
-    let ns = unique("unchecked");
-    let _opted_in = OptedIn::new(c, &[&ns]);
-    c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+    let (ns, _opted_in) = OptedIn::namespace(c, "unchecked");
     let h = Hook::start(&table(PULL, Some(SOURCE)), &c.token_kubeconfig(SYSTEM, &sa)).await;
     assert!(h.log().contains("no right to read Secrets"), "{}", h.log());
     c.register(&unique("mwc"), &h, &[&ns]);
@@ -487,9 +489,7 @@ async fn a_pod_in_a_report_namespace_is_stored_unchanged_while_kubectl_shows_wha
 async fn an_image_volume_is_rewritten_and_brings_the_pull_secret() {
     let Some(c) = with_rbac() else { return };
     let _turn = take_turn().await;
-    let ns = unique("volumes");
-    let _opted_in = OptedIn::new(c, &[&ns]);
-    c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+    let (ns, _opted_in) = OptedIn::namespace(c, "volumes");
     c.docker_secret(&ns, PULL, "ghcr.io");
     let h = hook(c, &table(PULL, None)).await;
     c.register(&unique("mwc"), &h, &[&ns]);
@@ -591,9 +591,7 @@ async fn the_exported_policy_rewrites_exactly_as_the_webhook_would() {
     let table_path = root.join("tests/data/admission/table.yaml");
     let (yaml, _) = export_policy(&table_path);
     c.apply(&yaml);
-    let ns = unique("policy");
-    let _opted_in = OptedIn::new(c, &[&ns]);
-    c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+    let (ns, _opted_in) = OptedIn::namespace(c, "policy");
     // The policy is picked up within a moment: wait for it to rewrite a first Pod.
     let table =
         image_mirror_webhook::Table::parse("t", &std::fs::read_to_string(&table_path).unwrap())
@@ -813,9 +811,7 @@ async fn copies_run_as_one_job_per_image_and_a_finished_job_sends_pods_to_the_mi
     let second = Hook::start_with_env(&table, &kubeconfig, &env).await;
     // Both model their Jobs on one Pod (the first's paths); the second's table is the same.
     let model = webhook_pod(c, OVERLAY, &first, &pod_name);
-    let ns = unique("jobs");
-    let _opted_in = OptedIn::new(c, &[&ns]);
-    c.namespace(&ns, &[("image-mirror/inject", "enabled")]);
+    let (ns, _opted_in) = OptedIn::namespace(c, "jobs");
     c.register(&unique("mwc"), &first, &[&ns]);
 
     // The mirror lacks the image: the Pod keeps it, and one Job is started to copy it.
