@@ -12,19 +12,13 @@ command -v h2load >/dev/null || { echo "h2load missing: apt-get install nghttp2-
 
 cargo build --release --quiet
 work=$(mktemp -d)
+. benches/lib.sh
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
-./target/release/image-mirror-webhook certs --out "$work" --dns localhost >/dev/null 2>&1
+make_certs
 port=$(( 20000 + RANDOM % 20000 ))
-RUST_LOG=warn ./target/release/image-mirror-webhook serve --listen "127.0.0.1:$port" \
-  --metrics-listen "127.0.0.1:$((port + 1))" --tls-cert "$work/tls.crt" --tls-key "$work/tls.key" \
-  --config tests/data/admission/table.yaml --shutdown-delay 0s >"$work/server.log" 2>&1 &
-pid=$!
-for _ in $(seq 50); do
-  curl -sk "https://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2],"w"), separators=(",",":"))' \
-  tests/data/admission/pod_three_containers.json "$work/review.json"
+start_server "$port" "$work/server.log" warn --config tests/data/admission/table.yaml
+pid=$server_pid
+compact_review
 
 run() { # name, extra h2load args...
   local name=$1; shift

@@ -30,13 +30,12 @@ if [ -z "${IMW_NETNS:-}" ]; then
 fi
 [ "$IMW_NETNS" = own ] && ip link set lo up
 
-bin=./target/release/image-mirror-webhook
 work=$(mktemp -d)
+. benches/lib.sh
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"' EXIT
-"$bin" certs --out "$work" --dns localhost >/dev/null 2>&1
-python3 -c 'import json,sys; json.dump(json.load(open(sys.argv[1])), open(sys.argv[2],"w"), separators=(",",":"))' \
-  tests/data/admission/pod_three_containers.json "$work/review.json"
+make_certs
+compact_review
 
 # A mirror that accepts and never answers; it ends by itself.
 hang_port=$(( 30000 + RANDOM % 10000 ))
@@ -68,15 +67,9 @@ table if-present >"$work/hanging.yaml"
 run() { # name, extra serve args...
   local name=$1; shift
   local port=$(( 20000 + RANDOM % 10000 ))
-  RUST_LOG=error "$bin" serve --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$((port + 1))" \
-    --tls-cert "$work/tls.crt" --tls-key "$work/tls.key" --shutdown-delay 0s "$@" \
-    >"$work/$name.server.log" 2>&1 &
-  local pid=$!
+  start_server "$port" "$work/$name.server.log" error "$@"
+  local pid=$server_pid
   pids+=("$pid")
-  for _ in $(seq 100); do
-    curl -sk "https://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
-    sleep 0.1
-  done
   # The first review of a troubled mirror waits for its check; this one pays for all.
   local first
   first=$(curl -sk -o /dev/null -w '%{time_total}' -H 'content-type: application/json' \
