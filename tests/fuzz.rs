@@ -7,6 +7,8 @@
 //! The test run keeps them small; `scripts/fuzz.sh` runs 1,000,000 cases per target
 //! (`IMW_FUZZ_CASES`). cargo-fuzz would need a nightly toolchain, which cannot be had here.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use proptest::prelude::*;
@@ -72,35 +74,6 @@ fn reference_like() -> impl Strategy<Value = String> {
     })
 }
 
-/// References the grammar accepts, under the spellings Pods use.
-fn valid_reference() -> impl Strategy<Value = String> {
-    let host = prop_oneof![
-        Just(String::new()),
-        Just("docker.io/".to_string()),
-        Just("index.docker.io/".to_string()),
-        Just("registry-1.docker.io/".to_string()),
-        Just("ghcr.io/ameideio/mirror/".to_string()),
-        Just("quay.io/".to_string()),
-        "[a-z]{1,6}\\.[a-z]{2,3}(:[0-9]{2,5})?/",
-    ];
-    let component = "[a-z0-9]{1,8}([._-][a-z0-9]{1,6}){0,2}";
-    let path = prop::collection::vec(component, 1..4).prop_map(|c| c.join("/"));
-    let tag = prop::option::of("[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}");
-    let digest = prop::option::of("[a-f0-9]{64}");
-    (host, path, tag, digest).prop_map(|(h, p, t, d)| {
-        let mut s = format!("{h}{p}");
-        if let Some(t) = t {
-            s.push(':');
-            s.push_str(&t);
-        }
-        if let Some(d) = d {
-            s.push_str("@sha256:");
-            s.push_str(&d);
-        }
-        s
-    })
-}
-
 fn check_reference(s: &str) -> Result<(), TestCaseError> {
     if let Ok(r) = Reference::parse(s) {
         let again = Reference::parse(r.as_str());
@@ -120,7 +93,7 @@ fn reference_parser_on_arbitrary_bytes() {
 #[test]
 fn reference_parser_on_reference_shaped_input() {
     let table = Table::embedded_default().unwrap();
-    proptest!(config(), |(s in prop_oneof![reference_like(), valid_reference()])| {
+    proptest!(config(), |(s in prop_oneof![reference_like(), common::strategies::valid_reference()])| {
         check_reference(&s)?;
         let _ = table.decide(&s);
     });
@@ -268,7 +241,7 @@ fn container() -> impl Strategy<Value = Value> {
     prop_oneof![
         4 => (
             prop::option::of("[a-z0-9~/-]{1,8}"),
-            prop_oneof![3 => valid_reference(), 1 => reference_like()],
+            prop_oneof![3 => common::strategies::valid_reference(), 1 => reference_like()],
         )
             .prop_map(|(n, i)| match n {
             Some(n) => json!({"name": n, "image": i}),

@@ -1,5 +1,7 @@
 //! The pure rewrite core against the seeds' tables, the public grammar and generated input.
 
+mod common;
+
 use image_mirror_webhook::mapping::{
     CopyPolicy, Decision, KeepReasonKind, Matched, SwapPolicy, Table,
 };
@@ -547,35 +549,6 @@ fn the_example_tables_load() {
 
 // --- properties ---------------------------------------------------------------------------------
 
-fn reference_strategy() -> impl Strategy<Value = String> {
-    let component = "[a-z0-9]{1,8}([._-][a-z0-9]{1,6}){0,2}";
-    let host = prop_oneof![
-        Just(String::new()),
-        Just("docker.io/".to_string()),
-        Just("index.docker.io/".to_string()),
-        Just("quay.io/".to_string()),
-        Just("localhost:5000/".to_string()),
-        Just("[::1]:5000/".to_string()),
-        Just("ghcr.io/ameideio/mirror/".to_string()),
-        "[a-z]{1,6}\\.[a-z]{2,3}(:[0-9]{2,5})?/",
-    ];
-    let path = prop::collection::vec(component, 1..4).prop_map(|c| c.join("/"));
-    let tag = prop::option::of("[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}");
-    let digest = prop::option::of("[a-f0-9]{64}");
-    (host, path, tag, digest).prop_map(|(h, p, t, d)| {
-        let mut s = format!("{h}{p}");
-        if let Some(t) = t {
-            s.push(':');
-            s.push_str(&t);
-        }
-        if let Some(d) = d {
-            s.push_str("@sha256:");
-            s.push_str(&d);
-        }
-        s
-    })
-}
-
 fn default_table() -> &'static Table {
     static TABLE: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
     TABLE.get_or_init(|| Table::embedded_default().unwrap())
@@ -595,7 +568,7 @@ proptest! {
     }
 
     #[test]
-    fn canonical_strings_reparse_to_themselves(s in reference_strategy()) {
+    fn canonical_strings_reparse_to_themselves(s in common::strategies::valid_reference()) {
         if let Ok(r) = Reference::parse(&s) {
             let canonical = r.to_string();
             let again = Reference::parse(&canonical).unwrap();
@@ -612,7 +585,7 @@ proptest! {
     }
 
     #[test]
-    fn rewriting_is_idempotent(s in reference_strategy()) {
+    fn rewriting_is_idempotent(s in common::strategies::valid_reference()) {
         static TABLES: std::sync::OnceLock<Vec<Table>> = std::sync::OnceLock::new();
         let tables = TABLES.get_or_init(|| vec![Table::embedded_default().unwrap(), table_file("ecr-pull-through.yaml"), table_file("rancher.yaml")]);
         for table in tables {

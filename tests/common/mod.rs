@@ -5,6 +5,7 @@
 pub mod envtest;
 pub mod header_proxy;
 pub mod registry;
+pub mod strategies;
 pub mod webhook;
 
 #[allow(unused_imports)]
