@@ -54,12 +54,6 @@ fn secret(c: &Cluster, ns: &str, name: &str) -> Option<Value> {
     c.get(&["-n", ns, "secret", name])
 }
 
-fn sample(text: &str, key: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_labelled_namespace_gets_the_secret_and_a_rotation_follows() {
     let Some(c) = with_rbac() else { return };
@@ -110,7 +104,7 @@ async fn a_labelled_namespace_gets_the_secret_and_a_rotation_follows() {
     .await;
     let text = h.metrics().await;
     assert!(
-        sample(
+        common::scrape(
             &text,
             &format!("image_mirror_pull_secrets_managed{{secret=\"{name}\"}}")
         ) >= 1.0,
@@ -174,12 +168,17 @@ async fn opting_out_removes_only_managed_secrets_and_a_foreign_one_is_left_alone
     let mut text = String::new();
     for _ in 0..100 {
         text = h.metrics().await;
-        if sample(&text, &conflicts) >= 1.0 {
+        if common::scrape(&text, &conflicts) >= 1.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(sample(&text, &conflicts), 1.0, "{text}\n{}", h.log());
+    assert_eq!(
+        common::scrape(&text, &conflicts),
+        1.0,
+        "{text}\n{}",
+        h.log()
+    );
     let event = h
         .eventually(10, "the conflict Event", || {
             let events = c.get(&["-n", "default", "events.events.k8s.io"])?;
@@ -274,7 +273,7 @@ async fn a_pod_is_sent_to_the_mirror_only_where_its_pull_secret_exists() {
     );
     let text = h.metrics().await;
     assert_eq!(
-        sample(
+        common::scrape(
             &text,
             "image_mirror_skips_total{reason=\"pull-secret-missing\"}"
         ),
@@ -474,7 +473,7 @@ async fn a_pod_in_a_report_namespace_is_stored_unchanged_while_kubectl_shows_wha
     );
     let text = h.metrics().await;
     assert_eq!(
-        sample(
+        common::scrape(
             &text,
             &format!(
                 "image_mirror_would_rewrite_total{{namespace=\"{report}\",source_registry=\"docker.io\",mirror=\"ghcr\",kind=\"container\"}}"
@@ -694,15 +693,7 @@ async fn the_exported_policy_rewrites_exactly_as_the_webhook_would() {
 /// The webhook's Pod as `overlay`'s Deployment makes it, with its certificate and table mounted
 /// where `hook` has them (the Job is modelled on it); named `name`, in the system namespace.
 fn webhook_pod(c: &Cluster, overlay: &str, hook: &Hook, name: &str) -> Value {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new("kubectl")
-        .arg("kustomize")
-        .arg(root.join(overlay))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let deployment: Value = text
+    let deployment: Value = common::envtest::kustomize(overlay)
         .split("\n---\n")
         .map(|doc| serde_saphyr::from_str::<Value>(doc).unwrap())
         .find(|o| o["kind"] == "Deployment")
@@ -914,7 +905,7 @@ async fn copies_run_as_one_job_per_image_and_a_finished_job_sends_pods_to_the_mi
         })
         .await;
     assert_eq!(copy_jobs(c).len(), 1);
-    let started = |text: &str| sample(text, "image_mirror_copies_total{result=\"job\"}");
+    let started = |text: &str| common::scrape(text, "image_mirror_copies_total{result=\"job\"}");
     let (a, b) = (first.metrics().await, second.metrics().await);
     assert_eq!(started(&a) + started(&b), 1.0, "{a}\n{b}");
 
@@ -944,7 +935,8 @@ async fn copies_run_as_one_job_per_image_and_a_finished_job_sends_pods_to_the_mi
     }
     let (pod, said) = run_pod(c, &ns, "after", &source);
     assert_eq!(image_of(&pod, "containers", 0), target, "{said}");
-    let succeeded = |text: &str| sample(text, "image_mirror_copies_total{result=\"success\"}");
+    let succeeded =
+        |text: &str| common::scrape(text, "image_mirror_copies_total{result=\"success\"}");
     let (a, b) = (first.metrics().await, second.metrics().await);
     assert_eq!(succeeded(&a) + succeeded(&b), 1.0, "{a}\n{b}");
 
@@ -960,7 +952,8 @@ async fn copies_run_as_one_job_per_image_and_a_finished_job_sends_pods_to_the_mi
         })
         .await;
     finish_job(c, failing["metadata"]["name"].as_str().unwrap(), false);
-    let given_up = |text: &str| sample(text, "image_mirror_copies_total{result=\"given_up\"}");
+    let given_up =
+        |text: &str| common::scrape(text, "image_mirror_copies_total{result=\"given_up\"}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (a, b) = (first.metrics().await, second.metrics().await);

@@ -7,7 +7,6 @@
 //! apart by namespace, by pull secret name and by their own MutatingWebhookConfiguration. The
 //! processes die with the test binary (`PR_SET_PDEATHSIG`, from a thread that never ends).
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -291,24 +290,8 @@ impl Cluster {
     ) -> std::process::Output {
         let mut cmd = Command::new("kubectl");
         cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("kubectl is on the machine");
-        if let Some(text) = stdin {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-        }
-        child.wait_with_output().unwrap()
+            .args(args);
+        super::output_with_input(&mut cmd, stdin).expect("kubectl is on the machine")
     }
 
     /// `kubectl` as admin that must succeed; its stdout.
@@ -352,18 +335,7 @@ impl Cluster {
         if done.iter().any(|o| o == overlay) {
             return;
         }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new("kubectl")
-            .arg("kustomize")
-            .arg(root.join(overlay))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
+        let text = kustomize(overlay);
         let wanted = [
             "Namespace",
             "ServiceAccount",
@@ -458,6 +430,22 @@ impl Cluster {
         // The API server picks a new configuration up within a second or so.
         std::thread::sleep(Duration::from_millis(1500));
     }
+}
+
+/// `kubectl kustomize` of `overlay` (a directory of this repository): the rendered YAML.
+pub fn kustomize(overlay: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root.join(overlay))
+        .output()
+        .expect("kubectl is on the machine");
+    assert!(
+        out.status.success(),
+        "kustomize {overlay}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The webhook binary, serving on loopback with the Kubernetes access of `kubeconfig`.

@@ -51,6 +51,28 @@ pub fn serving_addrs(line: &str) -> Option<(std::net::SocketAddr, std::net::Sock
     Some((addr("addr")?, addr("metrics_addr")?))
 }
 
+/// Runs `cmd` with `stdin` written to its standard input (none without), and collects its
+/// output.
+pub fn output_with_input(
+    cmd: &mut std::process::Command,
+    stdin: Option<&str>,
+) -> std::io::Result<std::process::Output> {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+        input.write_all(text.as_bytes())?;
+    }
+    child.wait_with_output()
+}
+
 pub fn init() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }

@@ -210,21 +210,10 @@ pub fn scrape(text: &str, sample: &str) -> f64 {
 
 /// `promtool check metrics` accepts `text` without a word of complaint.
 pub fn promtool_check(text: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+    let mut cmd = std::process::Command::new("promtool");
+    cmd.args(["check", "metrics"]);
+    let out = super::output_with_input(&mut cmd, Some(text))
         .expect("promtool (Debian package prometheus) is installed by scripts/test.sh");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
