@@ -11,6 +11,7 @@ use crate::mapping::{parse_file, Table, DEFAULT_TABLE_NAME, DEFAULT_TABLE_YAML};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::problems::TableError;
 use crate::settings::Settings;
+use crate::sync::lock;
 
 /// The configuration layer's error.
 #[derive(Debug, thiserror::Error)]
@@ -203,8 +204,4 @@ impl ConfigHandle {
         })
         .map(Some)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

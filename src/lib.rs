@@ -25,6 +25,7 @@ pub mod reference;
 pub mod registry;
 pub mod server;
 pub mod settings;
+mod sync;
 pub mod tls;
 pub mod watch;
 

@@ -22,6 +22,7 @@ use crate::config::{ConfigError, ConfigHandle};
 use crate::metrics::Metrics;
 use crate::mirror::{MirrorAccess, MirrorService};
 use crate::registry::{Registries, RegistryOptions};
+use crate::sync::lock;
 use crate::tls::{TlsError, TlsFiles};
 
 /// Why `serve` could not start, or did not stop cleanly.
@@ -96,19 +97,10 @@ impl Readiness {
     }
     /// Makes readiness wait for `gate` too.
     pub fn require(&self, gate: Gate) {
-        self.gates
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(gate);
+        lock(&self.gates).push(gate);
     }
     pub fn get(&self) -> bool {
-        self.serving.load(Ordering::SeqCst)
-            && self
-                .gates
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .all(|g| g())
+        self.serving.load(Ordering::SeqCst) && lock(&self.gates).iter().all(|g| g())
     }
 }
 

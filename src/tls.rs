@@ -8,6 +8,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 
 use crate::metrics::{Metrics, ResultLabels};
+use crate::sync::lock;
 
 /// The TLS layer's error.
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +137,7 @@ impl TlsFiles {
         let loaded = tokio::task::spawn_blocking(move || files.load())
             .await
             .unwrap_or(Err(TlsError::Cancelled));
-        let mut current = in_force.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = lock(in_force);
         let result = match loaded {
             Ok(loaded) if loaded.digest == *current => {
                 tracing::debug!(cert = %self.cert.display(), "serving certificate unchanged");

@@ -38,6 +38,7 @@ use crate::error::Report;
 use crate::mapping::{SecretRef, Table};
 use crate::metrics::{Metrics, ReasonLabels, SecretLabels};
 use crate::pod::INJECT_LABEL;
+use crate::sync::lock;
 
 /// The label every Secret this controller writes carries, and the only ones it deletes.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -501,10 +502,7 @@ impl Context {
             .await
         {
             Ok(_) => {
-                self.conflicts
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&(namespace, name.to_string()));
+                lock(&self.conflicts).remove(&(namespace, name.to_string()));
                 Ok(())
             }
             Err(kube::Error::Api(status)) if status.code == 409 => {
@@ -550,11 +548,7 @@ impl Context {
     /// Reports someone else's Secret in the way, once per namespace and name.
     async fn conflict(&self, ns: &Namespace, name: &str, why: &str) {
         let namespace = ns.name_any();
-        let new = self
-            .conflicts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((namespace.clone(), name.to_string()));
+        let new = lock(&self.conflicts).insert((namespace.clone(), name.to_string()));
         if !new {
             return;
         }

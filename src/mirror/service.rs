@@ -26,6 +26,7 @@ use super::{
 };
 use crate::config::ConfigHandle;
 use crate::error::Report;
+use crate::sync::lock;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
@@ -175,11 +176,6 @@ fn circuit_settings(c: &CheckSettings) -> CircuitSettings {
 struct Job {
     copy: CopyRequest,
     attempt: u32,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these maps leaves it usable: every entry is whole.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl MirrorService {

@@ -19,6 +19,7 @@ use super::{to_oci, CopyReport, HostClient, Progress, Registries, MANIFEST_TYPES
 use crate::mapping::Platform;
 use crate::reference::{wire_host, Reference};
 use crate::settings::UploadMode;
+use crate::sync::lock;
 
 /// oci-client sends each stream item as its own PATCH; collect items into pieces this big.
 const UPLOAD_PIECE: usize = 4 * 1024 * 1024;
@@ -244,7 +245,7 @@ impl CopyJob<'_> {
     }
 
     pub(super) fn report(&self) -> std::sync::MutexGuard<'_, CopyReport> {
-        self.report.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.report)
     }
 
     fn take_report(&self) -> CopyReport {
@@ -423,12 +424,7 @@ impl CopyJob<'_> {
             .flat_map(|doc| doc.config.iter().chain(&doc.layers).chain(&doc.blobs))
             // Foreign (non-distributable) layers live at their URLs, not in the registry.
             .filter(|d| d.urls.is_empty() || !is_foreign(&d.media_type))
-            .filter(|d| {
-                self.blobs_seen
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(d.digest.clone())
-            })
+            .filter(|d| lock(&self.blobs_seen).insert(d.digest.clone()))
             .collect::<Vec<_>>();
         // Largest first: the longest transfer starts at once, small ones fill in beside it.
         blobs.sort_by_key(|d| std::cmp::Reverse(d.size));

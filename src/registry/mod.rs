@@ -36,6 +36,7 @@ use crate::mapping::Platform;
 use crate::metrics::Metrics;
 use crate::reference::{registry_host, wire_host, Reference};
 use crate::settings::{RegistryAccess, Settings};
+use crate::sync::lock;
 
 /// Manifest types a copy accepts: Docker schema 2 and OCI, single images and indexes.
 const MANIFEST_TYPES: [&str; 4] = [
@@ -166,7 +167,7 @@ impl Registries {
         let insecure = access.insecure
             || (!self.insecure.is_empty() && self.insecure.contains(registry_host(host)));
         {
-            let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+            let clients = lock(&self.clients);
             if let Some(c) = clients.get(host) {
                 if c.access == access
                     && c.insecure == insecure
@@ -181,10 +182,7 @@ impl Registries {
         // TLS, plain HTTP otherwise (so it probes once).
         let plain = access.insecure || (insecure && !self.speaks_tls(host).await);
         let built = Arc::new(self.build(host, access, insecure, plain).await?);
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(host.to_string(), built.clone());
+        lock(&self.clients).insert(host.to_string(), built.clone());
         Ok(built)
     }
 
