@@ -283,7 +283,12 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
     };
     let ephemeral = sites == [ImageSite::EphemeralContainers];
     let namespace = review.namespace();
-    let referenced = pod.pull_secrets();
+    // Only the ephemeral subresource cannot add a pull secret, so only it asks the Pod's.
+    let referenced = if ephemeral {
+        pod.pull_secrets()
+    } else {
+        Vec::new()
+    };
     // Why a rewrite to a mirror with this pull secret cannot happen here, if it cannot.
     let missing = |secret: &str| {
         if ephemeral && !referenced.contains(&secret) {
