@@ -256,8 +256,11 @@ pub async fn sync_all(
             SyncOutcome::Copied(r) => {
                 copied += 1;
                 bytes += r.bytes;
+                let tag = r.tag_left.as_ref().map_or(String::new(), |t| {
+                    format!("; tag {} left alone: {}", t.tag, t.why)
+                });
                 format!(
-                    "copied      {} → {} ({} blobs, {} skipped, {})",
+                    "copied      {} → {} ({} blobs, {} skipped, {}{tag})",
                     item.source,
                     item.target,
                     r.blobs_copied,
@@ -321,6 +324,13 @@ pub fn print_report(
             } else {
                 ""
             }
+        )?;
+    }
+    if let Some(left) = &r.tag_left {
+        writeln!(
+            out,
+            "  tag:       {} left alone ({}); the image is on the mirror by digest only",
+            left.tag, left.why
         )?;
     }
     writeln!(

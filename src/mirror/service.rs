@@ -652,6 +652,7 @@ impl Inner {
                     digest = report.digest, manifests = report.manifests_copied,
                     blobs_copied = report.blobs_copied, blobs_skipped = report.blobs_skipped,
                     bytes = report.bytes, duration_ms = started.elapsed().as_millis() as u64,
+                    tag_left_alone = report.tag_left.as_ref().map(|t| t.why.as_str()),
                     "image copied");
                 return;
             }

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::failure::{Failure, ImageError, RegistryError};
 use super::stream::{read_ahead, rechunk};
-use super::{to_oci, CopyReport, HostClient, Progress, Registries, MANIFEST_TYPES};
+use super::{to_oci, CopyReport, HostClient, Progress, Registries, TagLeft, MANIFEST_TYPES};
 use crate::mapping::Platform;
 use crate::reference::{wire_host, Reference};
 use crate::settings::UploadMode;
@@ -152,12 +152,14 @@ impl CopyJob<'_> {
                     .await?
             }
         };
-        // The target already holds this exact top manifest (under its tag, when it has one):
-        // nothing to move.
+        // The tag the target gets, if any: never one upstream's tag does not point at now.
+        let tag = self.tag_to_push(&digest).await?;
+        // The target already holds this exact top manifest (under the tag it gets, else by
+        // digest): nothing to move.
         if platforms.is_empty() {
-            let probe = match self.target.tag() {
+            let probe = match tag {
                 Some(tag) => self.at_tag(&self.target, tag)?,
-                None => self.target.clone(),
+                None => self.at_digest(&self.target, &digest),
             };
             if self.target_has(&probe).await?.as_deref() == Some(digest.as_str()) {
                 // A signature may have come since the image did.
@@ -230,7 +232,7 @@ impl CopyJob<'_> {
         // By digest first, then the tag, so a tag+digest reference finds both.
         let by_digest = self.at_digest(&self.target, &top_digest);
         self.push_manifest(&by_digest, &body, &content_type).await?;
-        if let Some(tag) = self.target.tag() {
+        if let Some(tag) = tag {
             let by_tag = self.at_tag(&self.target, tag)?;
             self.push_manifest(&by_tag, &body, &content_type).await?;
         }
@@ -242,6 +244,39 @@ impl CopyJob<'_> {
         report.manifests_copied += 1;
         report.bytes += self.bytes.load(Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// The target's tag, when pushing it cannot move the mirror's tag backwards: always when
+    /// the source was read by its tag just now, else only when upstream's tag points at
+    /// `digest` now (a Pod's `app:1.0@sha256:<old>` must not make every `app:1.0` on the mirror
+    /// the old build). A tag left alone is said in the report, with why.
+    async fn tag_to_push(&self, digest: &str) -> Result<Option<&str>, RegistryError> {
+        let Some(tag) = self.target.tag() else {
+            return Ok(None);
+        };
+        if self.source.digest().is_none() {
+            return Ok(Some(tag));
+        }
+        let why = match self.source.tag() {
+            None => format!(
+                "the source {} names no tag, so nothing shows that upstream serves this digest \
+                 as {tag}",
+                self.source
+            ),
+            Some(upstream_tag) => {
+                let at = self.at_tag(&self.source, upstream_tag)?;
+                match self.source_has(&at).await? {
+                    Some(now) if now == digest => return Ok(Some(tag)),
+                    Some(now) => format!("upstream's {upstream_tag} is now {now}, not {digest}"),
+                    None => format!("upstream has no tag {upstream_tag} now"),
+                }
+            }
+        };
+        self.report().tag_left = Some(TagLeft {
+            tag: tag.to_string(),
+            why,
+        });
+        Ok(None)
     }
 
     pub(super) fn report(&self) -> std::sync::MutexGuard<'_, CopyReport> {

@@ -94,6 +94,16 @@ pub struct CopyReport {
     /// Signatures, attestations, SBOMs and OCI referrers copied along (their blobs count in
     /// `blobs_copied` and `bytes`).
     pub referrers: usize,
+    /// The target's tag, when it was not pushed (the image went by digest only).
+    pub tag_left: Option<TagLeft>,
+}
+
+/// A target tag a copy did not move, and why: upstream's tag does not point at the copied
+/// digest now, so moving the mirror's tag could roll every Pod that uses it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagLeft {
+    pub tag: String,
+    pub why: String,
 }
 
 /// Called with the byte count of every piece of blob data copied.
