@@ -294,6 +294,121 @@ async fn copy_command_reports_what_it_moved() {
     assert_same_image(&upstream, "team/tool", &secured, "m/tool", "v1");
 }
 
+/// A Pod pinned to yesterday's build (`app:1.0@sha256:<old>`) must not roll the mirror's `1.0`
+/// back for every tenant that pulls `app:1.0`: the old digest is copied by digest only, and
+/// the tag moves only to what upstream's tag points at now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_by_an_old_digest_never_moves_the_mirror_tag_back() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Registry::plain();
+    let mirror = Registry::plain();
+    let old = TestImage::generate(&["linux/amd64", "linux/arm64"], MIB);
+    let new = TestImage::generate(&["linux/amd64", "linux/arm64"], MIB);
+    upstream.push("team/app", "1.0", &old).await;
+    upstream.push("team/app", "1.0", &new).await;
+    let table = access_table(dir.path(), &[&upstream, &mirror]);
+    let registries = Registries::new(table.settings, quick(), None);
+    let (u, m) = (upstream.host(), mirror.host());
+
+    // The mirror has today's 1.0.
+    let today = registries
+        .copy(
+            &r(&format!("{u}/team/app:1.0")),
+            &r(&format!("{m}/m/app:1.0")),
+            &[],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(today.tag_left, None);
+    assert_eq!(mirror.skopeo_raw("m/app", "1.0"), Some(new.top.1.clone()));
+
+    // Yesterday's digest, through the library (the on-demand queue and Jobs run this) ...
+    let pinned = |d: &str| {
+        (
+            r(&format!("{u}/team/app:1.0@{d}")),
+            r(&format!("{m}/m/app:1.0@{d}")),
+        )
+    };
+    let (src, tgt) = pinned(&old.top.0);
+    let report = registries.copy(&src, &tgt, &[], None).await.unwrap();
+    assert_eq!(report.digest, old.top.0);
+    let left = report.tag_left.expect("the tag is left alone");
+    assert_eq!(left.tag, "1.0");
+    assert!(left.why.contains(&new.top.0), "{}", left.why);
+    assert_eq!(mirror.skopeo_raw("m/app", "1.0"), Some(new.top.1.clone()));
+    assert_eq!(
+        mirror.skopeo_raw("m/app", &old.top.0),
+        Some(old.top.1.clone())
+    );
+    // ... and with a platform filter (a rebuilt index), where the tag is compared by the
+    // source's digest.
+    let amd64 = [Platform::parse("linux/amd64").unwrap()];
+    let to_filtered = r(&format!("{m}/m/app-amd64:1.0"));
+    let by_tag = r(&format!("{u}/team/app:1.0"));
+    let filtered = registries
+        .copy(&by_tag, &to_filtered, &amd64, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        filtered.tag_left, None,
+        "the source was read by its tag just now"
+    );
+    let (src, _) = pinned(&old.top.0);
+    // A pinned source into a tag-only target with platforms: the tag would hold the old build.
+    let report = registries
+        .copy(&src, &to_filtered, &amd64, None)
+        .await
+        .unwrap();
+    assert!(report.tag_left.is_some());
+    let amd64_today = mirror.skopeo_raw("m/app-amd64", "1.0").unwrap();
+    let amd64_today: Value = serde_json::from_slice(&amd64_today).unwrap();
+    let new_index: Value = serde_json::from_slice(&new.top.1).unwrap();
+    assert_eq!(
+        amd64_today["manifests"][0]["digest"],
+        new_index["manifests"][0]["digest"]
+    );
+
+    // Today's digest, pinned: upstream's tag points at it, so the tag is set (on a fresh
+    // repository, where nothing else could have set it).
+    let (src, _) = pinned(&new.top.0);
+    let fresh = r(&format!("{m}/m/app-fresh:1.0@{}", new.top.0));
+    let report = registries.copy(&src, &fresh, &[], None).await.unwrap();
+    assert_eq!(report.tag_left, None);
+    assert_eq!(
+        mirror.skopeo_raw("m/app-fresh", "1.0"),
+        Some(new.top.1.clone())
+    );
+
+    // The copy command says so.
+    let out = binary()
+        .arg("copy")
+        .arg(format!("{u}/team/app:1.0@{}", old.top.0))
+        .arg(format!("{m}/m/app2:1.0@{}", old.top.0))
+        .args(["--insecure-registry", &u, "--insecure-registry", &m])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!(
+            "tag:       1.0 left alone (upstream's 1.0 is now {}",
+            new.top.0
+        )),
+        "{text}"
+    );
+    assert_eq!(mirror.skopeo_raw("m/app2", "1.0"), None);
+    assert_eq!(
+        mirror.skopeo_raw("m/app2", &old.top.0),
+        Some(old.top.1.clone())
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Through the running webhook
 
@@ -381,6 +496,7 @@ impl<'a> Setup<'a> {
             tls: TlsFiles {
                 cert: dir.path().join("tls.crt"),
                 key: dir.path().join("tls.key"),
+                client_ca: None,
             },
             config: Some(path),
             budget,
@@ -389,6 +505,7 @@ impl<'a> Setup<'a> {
             strict: false,
             kubernetes: image_mirror_webhook::cluster::Access::Off,
             mode: image_mirror_webhook::admission::Mode::Enforce,
+            max_in_flight_mib: image_mirror_webhook::server::DEFAULT_IN_FLIGHT_MIB,
         };
         let running = server::start(opts, Mirrors::Registries(quick()))
             .await
