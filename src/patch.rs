@@ -13,10 +13,8 @@ use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
 use jsonptr::PointerBuf;
 use serde_json::{Map, Value};
 
-use crate::pod::{ImageSite, Pod};
-
-/// The annotation recording each container's original image (JSON: container name → image).
-pub const ORIGINAL_IMAGES_ANNOTATION: &str = "image-mirror/original-images";
+pub use crate::pod::ORIGINAL_IMAGES_ANNOTATION;
+use crate::pod::{ImageSite, Member, Pod};
 
 /// One image's rewrite.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,11 +41,8 @@ pub fn build_patch(pod: &Pod, changes: &[ImageChange], pull_secrets: &[&str]) ->
         return PodPatch::default();
     }
     let mut ops = image_ops(changes);
-    let mut added_secrets = Vec::new();
-    if let Some((op, added)) = pull_secrets_op(pod, pull_secrets) {
-        ops.push(op);
-        added_secrets = added;
-    }
+    let (secret_ops, added_secrets) = pull_secrets_ops(pod, pull_secrets);
+    ops.extend(secret_ops);
     if let Some(op) = annotation_op(pod, changes) {
         ops.push(op);
     }
@@ -70,9 +65,10 @@ pub fn image_ops(changes: &[ImageChange]) -> Vec<PatchOperation> {
     ops
 }
 
-/// `add /spec/imagePullSecrets` with the Pod's list plus the missing secrets, or nothing when
-/// every secret is there already.
-fn pull_secrets_op(pod: &Pod, wanted: &[&str]) -> Option<(PatchOperation, Vec<String>)> {
+/// The pull secrets the Pod lacks, added: one `add /spec/imagePullSecrets/-` each to a list
+/// that has entries (what the Pod had stays as it was, even entries we do not understand), else
+/// the whole list; nothing when every secret is there already.
+fn pull_secrets_ops(pod: &Pod, wanted: &[&str]) -> (Vec<PatchOperation>, Vec<String>) {
     let existing = pod.pull_secrets();
     let mut missing: Vec<&str> = Vec::new();
     for &name in wanted {
@@ -80,17 +76,25 @@ fn pull_secrets_op(pod: &Pod, wanted: &[&str]) -> Option<(PatchOperation, Vec<St
             missing.push(name);
         }
     }
-    if missing.is_empty() {
-        return None;
-    }
-    // Keep what the Pod had verbatim (even entries we do not understand), then append.
-    let mut merged: Vec<Value> = pod.pull_secret_entries().cloned().unwrap_or_default();
-    merged.extend(missing.iter().map(|n| serde_json::json!({ "name": n })));
-    let op = PatchOperation::Add(AddOperation {
-        path: PointerBuf::from_tokens(["spec", "imagePullSecrets"]),
-        value: Value::Array(merged),
-    });
-    Some((op, missing.into_iter().map(str::to_string).collect()))
+    let entry = |name: &str| serde_json::json!({ "name": name });
+    let ops = match pod.pull_secret_list() {
+        _ if missing.is_empty() => Vec::new(),
+        // Go omits an empty list when it re-encodes the Pod: only a list with entries is there.
+        Member::Read(list) if list.entries > 0 => missing
+            .iter()
+            .map(|name| {
+                PatchOperation::Add(AddOperation {
+                    path: PointerBuf::from_tokens(["spec", "imagePullSecrets", "-"]),
+                    value: entry(name),
+                })
+            })
+            .collect(),
+        _ => vec![PatchOperation::Add(AddOperation {
+            path: PointerBuf::from_tokens(["spec", "imagePullSecrets"]),
+            value: Value::Array(missing.iter().map(|n| entry(n)).collect()),
+        })],
+    };
+    (ops, missing.into_iter().map(str::to_string).collect())
 }
 
 /// The original-images record (JSON: container name → image) for `changes`, merged with the
@@ -100,7 +104,7 @@ pub fn original_images(pod: &Pod, changes: &[ImageChange]) -> Option<String> {
         return None;
     }
     let mut record: Map<String, Value> = pod
-        .annotation(ORIGINAL_IMAGES_ANNOTATION)
+        .original_images()
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or_default();
     for c in changes {
@@ -114,25 +118,23 @@ pub fn original_images(pod: &Pod, changes: &[ImageChange]) -> Option<String> {
 
 /// Records the original images in the Pod's annotation.
 fn annotation_op(pod: &Pod, changes: &[ImageChange]) -> Option<PatchOperation> {
-    let metadata = pod.metadata();
-    let annotations = pod.annotations();
     let value = Value::String(original_images(pod, changes)?);
-    let op = match (metadata, annotations) {
-        (None, _) => AddOperation {
+    let op = match (pod.metadata_shape(), pod.annotations()) {
+        (Member::Absent, _) => AddOperation {
             path: PointerBuf::from_tokens(["metadata"]),
             value: serde_json::json!({ "annotations": { ORIGINAL_IMAGES_ANNOTATION: value } }),
         },
-        (Some(m), _) if !m.is_object() => return None,
-        (Some(_), Some(Value::Object(map))) if !map.is_empty() => AddOperation {
+        (Member::Null | Member::Odd, _) => return None,
+        (_, Member::Read(map)) if map.any => AddOperation {
             path: PointerBuf::from_tokens(["metadata", "annotations", ORIGINAL_IMAGES_ANNOTATION]),
             value,
         },
         // Missing, null or empty (Go omits an empty map when it re-encodes): add it whole.
-        (Some(_), None | Some(Value::Null)) | (Some(_), Some(Value::Object(_))) => AddOperation {
+        (_, Member::Absent | Member::Null | Member::Read(_)) => AddOperation {
             path: PointerBuf::from_tokens(["metadata", "annotations"]),
             value: serde_json::json!({ ORIGINAL_IMAGES_ANNOTATION: value }),
         },
-        (Some(_), Some(_)) => return None,
+        (_, Member::Odd) => return None,
     };
     Some(PatchOperation::Add(op))
 }

@@ -1,65 +1,42 @@
-//! The Pod of a review, read once and pruned to the fields the webhook uses, with the accessors
+//! The Pod of a review, read once into the few fields the webhook uses, with the accessors
 //! every other module reads it through.
 //!
-//! The rest of the Pod (`managedFields`, volumes, probes, status: most of the bytes) is scanned
-//! but never allocated. The pruned value has the same shape as the full Pod for every kept
-//! path: a missing key stays missing, `null` stays `null`, and a value of an unexpected type is
-//! kept as it came, so the code after it sees exactly what it would have seen in the whole Pod.
+//! The reader keeps only what admission and the patch need: names, the opt-out label, the
+//! original-images record, the image slots and the pull secrets' names. Everything else
+//! (`managedFields`, probes, env, status: most of the bytes) is scanned and never allocated.
+//! Nothing here assumes the Pod is well formed: a member of an unexpected type reads as
+//! *odd*, a list item that is not an object is passed over, and every accessor answers `None`
+//! or nothing for a shape it does not expect. What is kept is bounded whatever a caller sends
+//! ([`MAX_IMAGES`], [`MAX_PULL_SECRETS`], [`MAX_TEXT`]), so that a forged review cannot make
+//! the webhook allocate more than a small multiple of its body.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::{Map, Value};
-
-/// Which keys of an object to keep; a kept key's value is pruned by its own `Keep` in turn.
-#[derive(Clone, Copy)]
-enum Keep {
-    /// Keep the whole value.
-    All,
-    /// Keep these keys of an object (anything that is not an object is kept whole).
-    Keys(&'static [(&'static str, Keep)]),
-    /// Keep every item of a list, each pruned by this (anything that is not a list is kept
-    /// whole).
-    Items(&'static Keep),
-}
-
-const METADATA: Keep = Keep::Keys(&[
-    ("name", Keep::All),
-    ("generateName", Keep::All),
-    ("namespace", Keep::All),
-    ("labels", Keep::All),
-    ("annotations", Keep::All),
-]);
-
-/// A volume: only its name and, for an image volume, the image.
-const VOLUME: Keep = Keep::Keys(&[("name", Keep::All), ("image", Keep::All)]);
-
-const SPEC: Keep = Keep::Keys(&[
-    ("containers", Keep::All),
-    ("initContainers", Keep::All),
-    ("ephemeralContainers", Keep::All),
-    ("imagePullSecrets", Keep::All),
-    ("volumes", Keep::Items(&VOLUME)),
-]);
-
-const POD: Keep = Keep::Keys(&[
-    ("apiVersion", Keep::All),
-    ("kind", Keep::All),
-    ("metadata", METADATA),
-    ("spec", SPEC),
-]);
-
-/// `deserialize_with` for a review's `object` / `oldObject`: absent or `null` → `None` (as
-/// `Option<Value>` reads them), else the pruned Pod.
-pub fn pruned<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pod>, D::Error> {
-    Pruned(POD)
-        .deserialize(d)
-        .map(|v| (!v.is_null()).then_some(Pod(v)))
-}
 
 /// The label (on Pods and namespaces) that opts a workload out (`disabled`) or a namespace in.
 pub const INJECT_LABEL: &str = "image-mirror/inject";
+
+/// The annotation recording each container's original image (JSON: container name → image).
+pub const ORIGINAL_IMAGES_ANNOTATION: &str = "image-mirror/original-images";
+
+/// Image slots read from one list of a Pod; a Pod with more is left unchanged (no real Pod
+/// comes near: every container is a process on one node).
+pub const MAX_IMAGES: usize = 2048;
+
+/// Pull secrets read from a Pod; past it the Pod is left unchanged.
+pub const MAX_PULL_SECRETS: usize = 256;
+
+/// The longest string kept as it came. No name or image reference is this long (a reference is
+/// at most a 255-character host, a 255-character path, a 128-character tag and a digest); a
+/// longer one is kept cut to [`CUT_TO`] characters and `…`, which no reference parses as.
+pub const MAX_TEXT: usize = 1024;
+
+/// What a string past [`MAX_TEXT`] is cut to.
+const CUT_TO: usize = 128;
 
 /// Where in a Pod spec an image is named: the three container lists, and image volumes
 /// (`spec.volumes[].image.reference`, which the kubelet pulls like a container image).
@@ -72,6 +49,13 @@ pub enum ImageSite {
 }
 
 impl ImageSite {
+    const ALL: [ImageSite; 4] = [
+        ImageSite::Containers,
+        ImageSite::InitContainers,
+        ImageSite::EphemeralContainers,
+        ImageSite::Volumes,
+    ];
+
     /// The field name in `spec`.
     pub fn field(self) -> &'static str {
         match self {
@@ -107,6 +91,10 @@ impl ImageSite {
             _ => "container",
         }
     }
+
+    fn slot(self) -> usize {
+        self as usize
+    }
 }
 
 /// A well-formed image: an object in one of the lists, with a string image.
@@ -130,106 +118,185 @@ impl ImageRef<'_> {
     }
 }
 
-/// A Pod as a review carries it, pruned ([`pruned`]). Nothing here assumes the Pod is well
-/// formed: every accessor answers `None` or nothing for a shape it does not expect.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pod(Value);
+/// A JSON member as it came: absent, `null`, the expected type (read), or another type.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Member<T> {
+    #[default]
+    Absent,
+    Null,
+    Read(T),
+    Odd,
+}
+
+impl<T> Member<T> {
+    pub fn read(&self) -> Option<&T> {
+        match self {
+            Member::Read(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+/// A Pod as a review carries it, read into what the webhook uses.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Pod {
+    metadata: Member<Metadata>,
+    spec: Member<Spec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Metadata {
+    name: Option<String>,
+    generate_name: Option<String>,
+    namespace: Option<String>,
+    /// `labels["image-mirror/inject"]`.
+    inject: Option<String>,
+    annotations: Member<Annotations>,
+}
+
+/// What the webhook reads of `metadata.annotations`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Annotations {
+    /// The original-images record, when it is a string.
+    pub original_images: Option<String>,
+    /// Whether the map has any key (the record's included).
+    pub any: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Spec {
+    /// The image slots of each [`ImageSite`], by `ImageSite::slot`.
+    images: [Slots; 4],
+    pull_secrets: Member<PullSecrets>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Slots {
+    items: Vec<Slot>,
+    /// More than [`MAX_IMAGES`] items: the rest were not read.
+    overflow: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Slot {
+    index: usize,
+    name: Option<String>,
+    image: String,
+}
+
+/// What the webhook reads of `spec.imagePullSecrets`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PullSecrets {
+    /// The names of the entries that name a secret.
+    pub names: Vec<String>,
+    /// How many entries the list has, well formed or not.
+    pub entries: usize,
+    /// More than [`MAX_PULL_SECRETS`] entries: not every name was read.
+    pub overflow: bool,
+}
 
 impl Pod {
-    /// A Pod from JSON already in memory (tests, benches), pruned like a review's.
-    pub fn from_value(v: &Value) -> Option<Pod> {
+    /// A Pod from JSON already in memory (tests, benches), read like a review's.
+    pub fn from_value(v: &serde_json::Value) -> Option<Pod> {
         pruned(v).ok().flatten()
     }
 
-    /// The pruned JSON.
-    pub fn json(&self) -> &Value {
-        &self.0
+    fn meta(&self) -> Option<&Metadata> {
+        self.metadata.read()
     }
 
-    pub fn metadata(&self) -> Option<&Value> {
-        self.0.get("metadata")
-    }
-
-    fn meta_str(&self, key: &str) -> Option<&str> {
-        self.metadata()?.get(key)?.as_str()
+    /// `metadata` as it came (the annotation patch needs to know).
+    pub fn metadata_shape(&self) -> Member<()> {
+        shape(&self.metadata)
     }
 
     pub fn name(&self) -> Option<&str> {
-        self.meta_str("name")
+        self.meta()?.name.as_deref()
     }
 
     /// Pods of a Deployment have only this until the API server names them.
     pub fn generate_name(&self) -> Option<&str> {
-        self.meta_str("generateName")
+        self.meta()?.generate_name.as_deref()
     }
 
     pub fn namespace(&self) -> Option<&str> {
-        self.meta_str("namespace")
-    }
-
-    pub fn label(&self, key: &str) -> Option<&str> {
-        self.metadata()?.get("labels")?.get(key)?.as_str()
-    }
-
-    /// `metadata.annotations` as it came: missing, `null`, a map, or something odd.
-    pub fn annotations(&self) -> Option<&Value> {
-        self.metadata()?.get("annotations")
-    }
-
-    pub fn annotation(&self, key: &str) -> Option<&str> {
-        self.annotations()?.get(key)?.as_str()
+        self.meta()?.namespace.as_deref()
     }
 
     /// Whether the Pod opts out with `image-mirror/inject: disabled`.
     pub fn opted_out(&self) -> bool {
-        self.label(INJECT_LABEL) == Some("disabled")
+        self.meta().and_then(|m| m.inject.as_deref()) == Some("disabled")
     }
 
-    /// `spec.imagePullSecrets` as it came, when it is a list.
-    pub fn pull_secret_entries(&self) -> Option<&Vec<Value>> {
-        self.0.get("spec")?.get("imagePullSecrets")?.as_array()
+    /// `metadata.annotations` as it came: missing, `null`, a map, or something odd.
+    pub fn annotations(&self) -> Member<&Annotations> {
+        match self.meta() {
+            Some(m) => match &m.annotations {
+                Member::Read(a) => Member::Read(a),
+                Member::Absent => Member::Absent,
+                Member::Null => Member::Null,
+                Member::Odd => Member::Odd,
+            },
+            None => Member::Absent,
+        }
+    }
+
+    /// The original-images record an earlier invocation left.
+    pub fn original_images(&self) -> Option<&str> {
+        self.annotations().read()?.original_images.as_deref()
+    }
+
+    fn spec(&self) -> Option<&Spec> {
+        self.spec.read()
+    }
+
+    /// `spec.imagePullSecrets` as it came: missing, `null`, a list, or something odd.
+    pub fn pull_secret_list(&self) -> Member<&PullSecrets> {
+        match self.spec() {
+            Some(s) => match &s.pull_secrets {
+                Member::Read(p) => Member::Read(p),
+                Member::Absent => Member::Absent,
+                Member::Null => Member::Null,
+                Member::Odd => Member::Odd,
+            },
+            None => Member::Absent,
+        }
     }
 
     /// The secret names the Pod already lists in `spec.imagePullSecrets`.
     pub fn pull_secrets(&self) -> Vec<&str> {
-        self.pull_secret_entries()
-            .map(|list| {
-                list.iter()
-                    .filter_map(|s| s.get("name").and_then(Value::as_str))
-                    .collect()
-            })
+        self.pull_secret_list()
+            .read()
+            .map(|p| p.names.iter().map(String::as_str).collect())
             .unwrap_or_default()
     }
 
-    /// The well-formed images of `sites`; anything malformed (and any volume that is not an
-    /// image volume) is passed over.
+    /// Whether the Pod holds more images or pull secrets than the reader keeps: it is left
+    /// unchanged, since what was not read cannot be patched right.
+    pub fn too_large(&self) -> bool {
+        self.spec().is_some_and(|s| {
+            s.images.iter().any(|l| l.overflow) || s.pull_secrets.read().is_some_and(|p| p.overflow)
+        })
+    }
+
+    /// The well-formed images of `sites`, site by site in the order given; anything malformed
+    /// (and any volume that is not an image volume) is passed over.
     pub fn images(&self, sites: &[ImageSite]) -> Vec<ImageRef<'_>> {
-        let Some(spec) = self.0.get("spec").and_then(Value::as_object) else {
+        let Some(spec) = self.spec() else {
             return Vec::new();
         };
         let mut out = Vec::new();
         for &site in sites {
-            let Some(items) = spec.get(site.field()).and_then(Value::as_array) else {
-                continue;
-            };
-            for (index, item) in items.iter().enumerate() {
-                let image = site
-                    .image_path()
-                    .iter()
-                    .try_fold(item, |v, key| v.get(key))
-                    .and_then(Value::as_str);
-                let Some(image) = image else {
-                    continue;
-                };
-                let name = match item.get("name").and_then(Value::as_str) {
-                    Some(n) => n.to_string(),
-                    None => format!("{}[{index}]", site.field()),
+            for slot in &spec.images[site.slot()].items {
+                let name = match &slot.name {
+                    Some(n) => n.clone(),
+                    None => format!("{}[{}]", site.field(), slot.index),
                 };
                 out.push(ImageRef {
                     site,
-                    index,
+                    index: slot.index,
                     name,
-                    image,
+                    image: &slot.image,
                 });
             }
         }
@@ -237,284 +304,531 @@ impl Pod {
     }
 }
 
-struct Pruned(Keep);
-
-impl<'de> DeserializeSeed<'de> for Pruned {
-    type Value = Value;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        match self.0 {
-            Keep::All => Value::deserialize(d),
-            keep => d.deserialize_any(PrunedVisitor(keep)),
-        }
+fn shape<T>(m: &Member<T>) -> Member<()> {
+    match m {
+        Member::Absent => Member::Absent,
+        Member::Null => Member::Null,
+        Member::Read(_) => Member::Read(()),
+        Member::Odd => Member::Odd,
     }
 }
 
-struct PrunedVisitor(Keep);
+/// `deserialize_with` for a review's `object` / `oldObject`: absent or `null` → `None`, else
+/// the Pod as read (a value that is no object reads as a Pod with nothing in it).
+pub fn pruned<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pod>, D::Error> {
+    Ok(match Member::<PodFields>::deserialize(d)? {
+        Member::Absent | Member::Null => None,
+        Member::Read(PodFields(pod)) => Some(pod),
+        Member::Odd => Some(Pod {
+            metadata: Member::Odd,
+            spec: Member::Odd,
+        }),
+    })
+}
 
-impl<'de> Visitor<'de> for PrunedVisitor {
-    type Value = Value;
+/// `deserialize_with` for a request's short strings (name, namespace): a string, cut past
+/// [`MAX_TEXT`]; anything else reads as nothing.
+pub fn short_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    d.deserialize_any(TextVisitor)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reader: a visitor per shape, each keeping only what it names.
+
+/// How an object is read: each member by its key, the rest skipped.
+trait Fields: Default {
+    fn field<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error>;
+}
+
+/// Objects read by their [`Fields`], lists item by item; the shape a member must have is the
+/// one its type implements, and every other one reads as [`Member::Odd`].
+trait Shape: Sized {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        skip_map(map).map(|_| None)
+    }
+    fn from_seq<'de, A: SeqAccess<'de>>(seq: A) -> Result<Option<Self>, A::Error> {
+        skip_seq(seq).map(|_| None)
+    }
+}
+
+fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+/// Reads an object's members into `T`.
+fn read_fields<'de, T: Fields, A: MapAccess<'de>>(mut map: A) -> Result<T, A::Error> {
+    let mut t = T::default();
+    while let Some(Key(key)) = map.next_key()? {
+        t.field(&key, &mut map)?;
+    }
+    Ok(t)
+}
+
+impl<'de, T: Shape> Deserialize<'de> for Member<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(MemberVisitor(PhantomData))
+    }
+}
+
+struct MemberVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Shape> Visitor<'de> for MemberVisitor<T> {
+    type Value = Member<T>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        Ok(T::from_map(map)?.map_or(Member::Odd, Member::Read))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        Ok(T::from_seq(seq)?.map_or(Member::Odd, Member::Read))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Member::Null)
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(Member::Null)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Member::Odd)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Member::Odd)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Member::Odd)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Member::Odd)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Member::Odd)
+    }
+}
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let Keep::Keys(keys) = self.0 else {
-            // Not the object this rule expects: kept whole, as the full parse would have it.
-            let mut out = Map::new();
-            while let Some((k, v)) = map.next_entry::<String, Value>()? {
-                out.insert(k, v);
+/// An object key, borrowed from the body unless JSON escapes made it another string.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
             }
-            return Ok(Value::Object(out));
-        };
-        let mut out = Map::new();
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match keys.iter().find(|(k, _)| *k == key) {
-                Some((k, keep)) => {
-                    let v = map.next_value_seed(Pruned(*keep))?;
-                    out.insert((*k).to_string(), v);
-                }
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
             }
         }
-        Ok(Value::Object(out))
+        d.deserialize_str(V)
     }
+}
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut out = Vec::new();
-        match self.0 {
-            Keep::Items(item) => {
-                while let Some(v) = seq.next_element_seed(Pruned(*item))? {
-                    out.push(v);
-                }
-            }
-            // Not a list this rule expects: kept whole, as the full parse would have it.
+/// A string kept (cut past [`MAX_TEXT`]); any other value reads as `None`.
+struct TextVisitor;
+
+fn cut(s: &str) -> String {
+    if s.len() <= MAX_TEXT {
+        return s.to_string();
+    }
+    let mut end = CUT_TO;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+impl<'de> Visitor<'de> for TextVisitor {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(cut(v)))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        skip_map(map).map(|_| None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        skip_seq(seq).map(|_| None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+struct Text;
+
+impl<'de> DeserializeSeed<'de> for Text {
+    type Value = Option<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(TextVisitor)
+    }
+}
+
+fn text<'de, A: MapAccess<'de>>(map: &mut A) -> Result<Option<String>, A::Error> {
+    map.next_value_seed(Text)
+}
+
+fn member<'de, T: Shape, A: MapAccess<'de>>(map: &mut A) -> Result<Member<T>, A::Error> {
+    map.next_value::<Member<T>>()
+}
+
+/// The Pod itself.
+#[derive(Default)]
+struct PodFields(Pod);
+
+impl Fields for PodFields {
+    fn field<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        match key {
+            "metadata" => self.0.metadata = member(map)?,
+            "spec" => self.0.spec = member(map)?,
             _ => {
-                while let Some(v) = seq.next_element::<Value>()? {
-                    out.push(v);
-                }
+                map.next_value::<IgnoredAny>()?;
             }
         }
-        Ok(Value::Array(out))
+        Ok(())
     }
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
+}
+
+impl Shape for PodFields {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        read_fields(map).map(Some)
     }
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
+}
+
+impl Fields for Metadata {
+    fn field<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        match key {
+            "name" => self.name = text(map)?,
+            "generateName" => self.generate_name = text(map)?,
+            "namespace" => self.namespace = text(map)?,
+            "labels" => {
+                self.inject = match member::<Labels, A>(map)? {
+                    Member::Read(l) => l.inject,
+                    _ => None,
+                }
+            }
+            "annotations" => self.annotations = member(map)?,
+            _ => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
+}
+
+impl Shape for Metadata {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        read_fields(map).map(Some)
     }
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(Value::from(v))
+}
+
+#[derive(Default)]
+struct Labels {
+    inject: Option<String>,
+}
+
+impl Fields for Labels {
+    fn field<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        if key == INJECT_LABEL {
+            self.inject = text(map)?;
+        } else {
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(())
     }
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_string()))
+}
+
+impl Shape for Labels {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        read_fields(map).map(Some)
     }
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
+}
+
+impl Fields for Annotations {
+    fn field<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        self.any = true;
+        if key == ORIGINAL_IMAGES_ANNOTATION {
+            self.original_images = text(map)?;
+        } else {
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(())
     }
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+}
+
+impl Shape for Annotations {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        read_fields(map).map(Some)
     }
-    fn visit_none<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+}
+
+impl Fields for Spec {
+    fn field<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        if key == "imagePullSecrets" {
+            self.pull_secrets = member(map)?;
+            return Ok(());
+        }
+        match ImageSite::ALL.iter().find(|s| s.field() == key) {
+            Some(&site) => {
+                let read = map.next_value_seed(SlotsSeed(site))?;
+                self.images[site.slot()] = read;
+            }
+            None => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Shape for Spec {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        read_fields(map).map(Some)
+    }
+}
+
+/// One list of image slots; anything but a list reads as none.
+struct SlotsSeed(ImageSite);
+
+impl<'de> DeserializeSeed<'de> for SlotsSeed {
+    type Value = Slots;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Slots, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SlotsSeed {
+    type Value = Slots;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Slots, A::Error> {
+        let mut slots = Slots::default();
+        let mut index = 0;
+        loop {
+            if slots.items.len() >= MAX_IMAGES {
+                if seq.next_element::<IgnoredAny>()?.is_none() {
+                    break;
+                }
+                slots.overflow = true;
+                continue;
+            }
+            let Some(item) = seq.next_element::<Member<Item>>()? else {
+                break;
+            };
+            let image = match item {
+                Member::Read(Item {
+                    name,
+                    image: Some(image),
+                }) => match (image, self.0) {
+                    (ItemImage::Volume(Some(i)), ImageSite::Volumes) => Some((name, i)),
+                    (ItemImage::Container(Some(i)), site) if site != ImageSite::Volumes => {
+                        Some((name, i))
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some((name, image)) = image {
+                slots.items.push(Slot { index, name, image });
+            }
+            index += 1;
+        }
+        Ok(slots)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Slots, A::Error> {
+        skip_map(map).map(|_| Slots::default())
+    }
+    fn visit_unit<E>(self) -> Result<Slots, E> {
+        Ok(Slots::default())
+    }
+    fn visit_none<E>(self) -> Result<Slots, E> {
+        Ok(Slots::default())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Slots, E> {
+        Ok(Slots::default())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Slots, E> {
+        Ok(Slots::default())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Slots, E> {
+        Ok(Slots::default())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Slots, E> {
+        Ok(Slots::default())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Slots, E> {
+        Ok(Slots::default())
+    }
+}
+
+/// One list item: a container (`image`: a string) or a volume (`image.reference`: a string).
+#[derive(Default)]
+struct Item {
+    name: Option<String>,
+    image: Option<ItemImage>,
+}
+
+impl Fields for Item {
+    fn field<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        match key {
+            "name" => self.name = text(map)?,
+            "image" => self.image = Some(map.next_value::<ItemImage>()?),
+            _ => {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Shape for Item {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        read_fields(map).map(Some)
+    }
+}
+
+/// An item's `image`: a container's string, or a volume's `{reference: string}`.
+enum ItemImage {
+    Container(Option<String>),
+    Volume(Option<String>),
+}
+
+impl<'de> Deserialize<'de> for ItemImage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ItemImage;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<ItemImage, E> {
+                Ok(ItemImage::Container(Some(cut(v))))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<ItemImage, A::Error> {
+                let v: VolumeImage = read_fields(map)?;
+                Ok(ItemImage::Volume(v.reference))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<ItemImage, A::Error> {
+                skip_seq(seq).map(|_| ItemImage::Container(None))
+            }
+            fn visit_unit<E>(self) -> Result<ItemImage, E> {
+                Ok(ItemImage::Container(None))
+            }
+            fn visit_none<E>(self) -> Result<ItemImage, E> {
+                Ok(ItemImage::Container(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<ItemImage, E> {
+                Ok(ItemImage::Container(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<ItemImage, E> {
+                Ok(ItemImage::Container(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<ItemImage, E> {
+                Ok(ItemImage::Container(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<ItemImage, E> {
+                Ok(ItemImage::Container(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Default)]
+struct VolumeImage {
+    reference: Option<String>,
+}
+
+impl Fields for VolumeImage {
+    fn field<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        if key == "reference" {
+            self.reference = text(map)?;
+        } else {
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(())
+    }
+}
+
+impl Shape for PullSecrets {
+    fn from_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Option<Self>, A::Error> {
+        let mut p = PullSecrets::default();
+        loop {
+            if p.entries >= MAX_PULL_SECRETS {
+                if seq.next_element::<IgnoredAny>()?.is_none() {
+                    break;
+                }
+                p.overflow = true;
+                p.entries += 1;
+                continue;
+            }
+            let Some(entry) = seq.next_element::<Member<SecretRef>>()? else {
+                break;
+            };
+            if let Member::Read(SecretRef { name: Some(name) }) = entry {
+                p.names.push(name);
+            }
+            p.entries += 1;
+        }
+        Ok(Some(p))
+    }
+}
+
+#[derive(Default)]
+struct SecretRef {
+    name: Option<String>,
+}
+
+impl Fields for SecretRef {
+    fn field<'de, A: MapAccess<'de>>(&mut self, key: &str, map: &mut A) -> Result<(), A::Error> {
+        if key == "name" {
+            self.name = text(map)?;
+        } else {
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(())
+    }
+}
+
+impl Shape for SecretRef {
+    fn from_map<'de, A: MapAccess<'de>>(map: A) -> Result<Option<Self>, A::Error> {
+        read_fields(map).map(Some)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    /// What the pruned read must equal: the full parse with everything else removed.
-    fn pruned_by_hand(full: &Value) -> Value {
-        fn keep(v: &Value, rule: Keep) -> Value {
-            match (rule, v) {
-                (Keep::All, v) => v.clone(),
-                (Keep::Keys(keys), Value::Object(m)) => Value::Object(
-                    keys.iter()
-                        .filter_map(|(k, r)| m.get(*k).map(|v| (k.to_string(), keep(v, *r))))
-                        .collect(),
-                ),
-                (Keep::Items(item), Value::Array(a)) => {
-                    Value::Array(a.iter().map(|v| keep(v, *item)).collect())
-                }
-                (_, v) => v.clone(),
-            }
-        }
-        keep(full, POD)
-    }
-
-    fn read(text: &str) -> Value {
-        let mut d = serde_json::Deserializer::from_str(text);
-        pruned(&mut d)
-            .unwrap()
-            .map_or(Value::Null, |p| p.json().clone())
-    }
-
-    #[test]
-    fn keeps_exactly_what_the_webhook_reads() {
-        let cases = [
-            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a", "namespace": "n",
-                "labels": {"x": "y"}, "annotations": null, "managedFields": [{"manager": "m"}],
-                "uid": "u"}, "spec": {"containers": [{"name": "c", "image": "nginx", "env": []}],
-                "volumes": [{"name": "v"}], "imagePullSecrets": [{"name": "s"}]},
-                "status": {"phase": "Pending"}}),
-            json!({"metadata": null, "spec": null}),
-            json!({"spec": {"containers": null, "initContainers": [], "ephemeralContainers": [1, "x"]}}),
-            json!({"metadata": "odd", "spec": [1, 2, {"containers": 3}]}),
-            json!({}),
-            json!([{"metadata": {}}]),
-            json!("a string"),
-            json!(null),
-            json!(12.5),
-            json!({"metadata": {"generateName": "web-", "labels": {"image-mirror/inject": "disabled"}}}),
-        ];
-        for full in cases {
-            let text = serde_json::to_string(&full).unwrap();
-            assert_eq!(read(&text), pruned_by_hand(&full), "{text}");
-        }
-    }
-
-    #[test]
-    fn every_admission_fixture_reads_the_same_as_the_full_pod() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/admission");
-        let mut seen = 0;
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).unwrap();
-            let full: Value = serde_json::from_str(&text).unwrap();
-            for field in ["object", "oldObject"] {
-                if let Some(obj) = full["request"].get(field) {
-                    let raw = serde_json::to_string(obj).unwrap();
-                    assert_eq!(
-                        read(&raw),
-                        pruned_by_hand(obj),
-                        "{}: {field}",
-                        path.display()
-                    );
-                    seen += 1;
-                }
-            }
-        }
-        assert!(seen >= 20, "{seen}");
-    }
-
-    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
-        use proptest::prelude::*;
-        // Keys the pruning cares about, mixed with others, at every depth.
-        let key = prop::sample::select(vec![
-            "metadata",
-            "spec",
-            "name",
-            "labels",
-            "annotations",
-            "containers",
-            "image",
-            "imagePullSecrets",
-            "status",
-            "managedFields",
-            "kind",
-            "volumes",
-            "reference",
-            "other",
-        ]);
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(Value::from),
-            "[a-z/:.@]{0,8}".prop_map(Value::String),
-        ];
-        leaf.prop_recursive(4, 48, 6, move |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-                prop::collection::vec((key.clone(), inner), 0..6).prop_map(|kv| {
-                    Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
-                }),
-            ]
-        })
-    }
-
-    proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
-        #[test]
-        fn any_json_reads_as_the_full_parse_pruned(v in json_value()) {
-            let text = serde_json::to_string(&v).unwrap();
-            proptest::prop_assert_eq!(read(&text), pruned_by_hand(&v));
-        }
-    }
-
-    #[test]
-    fn malformed_containers_are_passed_over() {
-        let pod = Pod::from_value(&json!({"spec": {"containers": [{"name": "a"}, 7, {"name": "b", "image": 3}, {"image": "x"}], "initContainers": null}})).unwrap();
-        let found = pod.images(&[ImageSite::Containers, ImageSite::InitContainers]);
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].name, "containers[3]");
-        assert_eq!(found[0].index, 3);
-        for odd in [json!({"spec": 1}), json!({})] {
-            let pod = Pod::from_value(&odd).unwrap();
-            assert!(pod.images(&[ImageSite::Containers]).is_empty());
-        }
-    }
-
-    #[test]
-    fn image_volumes_are_images_other_volumes_are_not() {
-        let pod = Pod::from_value(&json!({"spec": {"volumes": [
-            {"name": "models", "image": {"reference": "quay.io/crio/artifact:v2", "pullPolicy": "IfNotPresent"}},
-            {"name": "config", "configMap": {"name": "c", "items": [{"key": "k", "path": "p"}]}},
-            {"name": "odd", "image": {"reference": 7}},
-            {"image": {"reference": "redis:7"}}]}}))
-        .unwrap();
-        let found = pod.images(&[ImageSite::Volumes]);
-        let seen: Vec<(String, &str, usize)> = found
-            .iter()
-            .map(|i| (i.record_key(), i.image, i.index))
-            .collect();
-        assert_eq!(
-            seen,
-            [
-                ("volumes/models".to_string(), "quay.io/crio/artifact:v2", 0),
-                ("volumes/volumes[3]".to_string(), "redis:7", 3)
-            ]
-        );
-        // The configMap volume is pruned to its name.
-        assert_eq!(pod.json()["spec"]["volumes"][1], json!({"name": "config"}));
-    }
-
-    #[test]
-    fn accessors_read_what_is_there_and_nothing_else() {
-        let pod = Pod::from_value(
-            &json!({"metadata": {"generateName": "web-", "namespace": "n",
-            "labels": {"image-mirror/inject": "disabled"}, "annotations": {"a": "b", "n": 1}},
-            "spec": {"imagePullSecrets": [{"name": "s"}, {"other": 1}, "x"]}}),
-        )
-        .unwrap();
-        assert_eq!((pod.name(), pod.generate_name()), (None, Some("web-")));
-        assert_eq!(pod.namespace(), Some("n"));
-        assert!(pod.opted_out());
-        assert_eq!(
-            (pod.annotation("a"), pod.annotation("n")),
-            (Some("b"), None)
-        );
-        assert_eq!(pod.pull_secrets(), ["s"]);
-        let odd =
-            Pod::from_value(&json!({"metadata": "x", "spec": {"imagePullSecrets": {}}})).unwrap();
-        assert!(!odd.opted_out() && odd.pull_secrets().is_empty() && odd.name().is_none());
-        assert!(Pod::from_value(&Value::Null).is_none());
-    }
-
-    #[test]
-    fn escaped_keys_are_matched() {
-        // JSON may escape any character of a key; the key is what it decodes to.
-        let v = read(r#"{"meta\u0064ata": {"na\u006de": "a"}, "spec": {}}"#);
-        assert_eq!(v, json!({"metadata": {"name": "a"}, "spec": {}}));
-    }
-}
+mod tests;

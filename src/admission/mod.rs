@@ -59,13 +59,14 @@ struct ReviewIn {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AdmissionRequest {
+    #[serde(deserialize_with = "uid")]
     pub uid: String,
     pub resource: GroupVersionResource,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::pod::short_text")]
     pub sub_resource: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::pod::short_text")]
     pub namespace: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::pod::short_text")]
     pub name: Option<String>,
     pub operation: Operation,
     /// The Pod, pruned to the fields the webhook reads.
@@ -76,6 +77,22 @@ pub struct AdmissionRequest {
     #[serde(default)]
     pub dry_run: Option<bool>,
 }
+
+/// The request's uid, which the response echoes: a string no longer than a uid can be (the API
+/// server's are 36 characters), or the body is no review.
+fn uid<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let uid = String::deserialize(d)?;
+    if uid.len() > MAX_UID {
+        return Err(serde::de::Error::custom(format_args!(
+            "request.uid is {} characters long, more than {MAX_UID}",
+            uid.len()
+        )));
+    }
+    Ok(uid)
+}
+
+/// The longest `request.uid` taken.
+const MAX_UID: usize = 128;
 
 /// A parsed review: the request and the `apiVersion` to echo.
 #[derive(Debug, Clone)]
@@ -139,6 +156,9 @@ pub enum Skip {
     NotAPod,
     PodOptedOut,
     NamespaceExcluded,
+    /// More images or pull secrets than the webhook reads ([`crate::pod::MAX_IMAGES`]): no
+    /// real Pod, so it is left unchanged.
+    PodTooLarge,
     Image(KeepReasonKind),
     MirrorAbsent,
     MirrorUnknown,
@@ -153,6 +173,7 @@ impl Skip {
             Skip::NotAPod => "not-a-pod",
             Skip::PodOptedOut => "pod-opted-out",
             Skip::NamespaceExcluded => "namespace-excluded",
+            Skip::PodTooLarge => "pod-too-large",
             Skip::Image(kind) => kind.label(),
             Skip::MirrorAbsent => "mirror-absent",
             Skip::MirrorUnknown => "mirror-unknown",
@@ -164,7 +185,7 @@ impl Skip {
     pub fn is_request(self) -> bool {
         matches!(
             self,
-            Skip::NotAPod | Skip::PodOptedOut | Skip::NamespaceExcluded
+            Skip::NotAPod | Skip::PodOptedOut | Skip::NamespaceExcluded | Skip::PodTooLarge
         )
     }
 }
@@ -273,6 +294,9 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
     }
     if table.namespace_excluded(review.namespace()) {
         return skipped(Skip::NamespaceExcluded);
+    }
+    if pod.too_large() {
+        return skipped(Skip::PodTooLarge);
     }
     // Ephemeral containers cannot change once added: touch only the ones this update adds.
     let old_names: Vec<String> = match (sites, req.old_object.as_ref()) {
@@ -434,6 +458,14 @@ impl<'t> Plan<'t> {
         let mut m = Mutation::default();
         if let Some(skip) = self.skipped {
             m.skips.push(skip);
+            if skip == Skip::PodTooLarge {
+                m.warnings.push(format!(
+                    "image-mirror: the Pod has more than {} images or {} pull secrets in one \
+                     list; left unchanged",
+                    crate::pod::MAX_IMAGES,
+                    crate::pod::MAX_PULL_SECRETS
+                ));
+            }
             return m;
         }
         let mut changes = Vec::new();

@@ -23,8 +23,35 @@ fn table() -> Table {
     Table::parse("t.yaml", TABLE).unwrap()
 }
 
+/// A parsed review, with the Pod as sent (what a patch applies to).
+struct Case {
+    review: Review,
+    pod: Value,
+}
+
+impl std::ops::Deref for Case {
+    type Target = Review;
+    fn deref(&self) -> &Review {
+        &self.review
+    }
+}
+
+impl std::ops::DerefMut for Case {
+    fn deref_mut(&mut self) -> &mut Review {
+        &mut self.review
+    }
+}
+
+/// The case of a review body.
+fn case(body: Value) -> Case {
+    Case {
+        review: Review::parse(&serde_json::to_vec(&body).unwrap()).unwrap(),
+        pod: body["request"]["object"].clone(),
+    }
+}
+
 /// A review of `operation` on a Pod with these `(name, image)` containers.
-fn review(operation: &str, containers: &[(&str, &str)], extra: Value) -> Review {
+fn review(operation: &str, containers: &[(&str, &str)], extra: Value) -> Case {
     let containers: Vec<Value> = containers
         .iter()
         .map(|(n, i)| json!({"name": n, "image": i}))
@@ -36,7 +63,7 @@ fn review(operation: &str, containers: &[(&str, &str)], extra: Value) -> Review 
     let body = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {"uid": "u1", "resource": {"group": "", "version": "v1", "resource": "pods"},
             "namespace": "team-a", "operation": operation, "object": pod}});
-    Review::parse(&serde_json::to_vec(&body).unwrap()).unwrap()
+    case(body)
 }
 
 fn finish(review: &Review, table: &Table, presence: Presence) -> Mutation {
@@ -53,8 +80,8 @@ fn finish_with(
 }
 
 /// The Pod after the mutation's patch.
-fn patched(review: &Review, m: &Mutation) -> Value {
-    let mut pod = review.request.object.as_ref().unwrap().json().clone();
+fn patched(case: &Case, m: &Mutation) -> Value {
+    let mut pod = case.pod.clone();
     json_patch::patch(&mut pod, &json_patch::Patch(m.patch.clone())).expect("patch applies");
     pod
 }
@@ -238,7 +265,7 @@ fn unparsable_and_unmatched_images_are_kept_with_their_reason() {
 }
 
 /// A `kubectl debug` review: a Pod with `secrets`, adding a debug container running nginx:2.
-fn debug_review(secrets: Value) -> Review {
+fn debug_review(secrets: Value) -> Case {
     let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": "nginx:1"}],
         "imagePullSecrets": secrets,
         "ephemeralContainers": [{"name": "old", "image": "busybox:2"}, {"name": "debug", "image": "nginx:2"}]}});
@@ -248,7 +275,7 @@ fn debug_review(secrets: Value) -> Review {
         "request": {"uid": "u", "resource": {"group": "", "version": "v1", "resource": "pods"},
             "subResource": "ephemeralcontainers", "namespace": "team-a", "operation": "UPDATE",
             "object": pod, "oldObject": old}});
-    Review::parse(&serde_json::to_vec(&body).unwrap()).unwrap()
+    case(body)
 }
 
 #[test]

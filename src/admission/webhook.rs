@@ -154,6 +154,17 @@ impl Webhook {
         }
     }
 
+    /// Counts a review answered 429 before it was read (the in-flight budget was spent).
+    pub fn count_overloaded(&self) {
+        self.metrics
+            .admission_requests
+            .get_or_create(&RequestLabels {
+                operation: String::new(),
+                result: "overloaded",
+            })
+            .inc();
+    }
+
     fn count_request(&self, operation: &str, result: &'static str, started: Instant) {
         self.metrics
             .admission_requests
