@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use bytes::BytesMut;
 use prometheus_client::registry::Registry;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::admission::{Answer, Mode, Webhook};
@@ -104,17 +104,98 @@ impl Readiness {
     }
 }
 
+/// What the reviews in flight may hold in memory, in all: their bodies and what reading them
+/// keeps. Past it a review is answered at once with 429 (the API server then admits the Pod as
+/// its `failurePolicy` says), so that any caller's flood of large bodies cannot grow the
+/// webhook past its memory limit: an OOM-killed webhook lets every Pod through unchanged.
+/// Half the budget is kept for ordinary reviews, so that a flood of large ones cannot starve
+/// them.
+#[derive(Clone)]
+pub struct InFlight {
+    /// One permit per KiB, for reviews of at most [`SMALL_KIB`].
+    small: Arc<Semaphore>,
+    /// One permit per KiB, for larger ones.
+    large: Arc<Semaphore>,
+    total_kib: u32,
+}
+
+/// The default of `--max-in-flight-mib`.
+pub const DEFAULT_IN_FLIGHT_MIB: u32 = 32;
+/// What one review holds at least besides its body (the response, the task), in KiB.
+const REVIEW_KIB: u32 = 16;
+/// The weight of an ordinary review at most (a body of about 500 KiB; Pods are a few KiB).
+const SMALL_KIB: u32 = 1024;
+
+/// What one review holds of the [`InFlight`] budget.
+#[derive(Default)]
+struct Held {
+    permit: Option<OwnedSemaphorePermit>,
+    large: bool,
+}
+
+impl InFlight {
+    pub fn new(mib: u32) -> InFlight {
+        let total_kib = mib.saturating_mul(1024).max(2 * SMALL_KIB);
+        let small = total_kib / 2;
+        InFlight {
+            small: Arc::new(Semaphore::new(small as usize)),
+            large: Arc::new(Semaphore::new((total_kib - small) as usize)),
+            total_kib,
+        }
+    }
+
+    /// KiB held for a body of `bytes`: the body, and as much again for what reading it keeps.
+    fn weight(bytes: usize) -> u32 {
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        kib.saturating_mul(2).saturating_add(REVIEW_KIB)
+    }
+
+    /// Makes `held` hold `kib` (moving it to the large pool once it outgrows the small one);
+    /// `false` when the budget is spent.
+    fn grow(&self, held: &mut Held, kib: u32) -> bool {
+        let large = held.large || kib > SMALL_KIB;
+        if large && !held.large {
+            *held = Held {
+                permit: None,
+                large: true,
+            };
+        }
+        let have = held.permit.as_ref().map_or(0, |p| p.num_permits() as u32);
+        if kib <= have {
+            return true;
+        }
+        let pool = if large { &self.large } else { &self.small };
+        match pool.clone().try_acquire_many_owned(kib - have) {
+            Ok(more) => {
+                match &mut held.permit {
+                    Some(p) => p.merge(more),
+                    None => held.permit = Some(more),
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        InFlight::new(DEFAULT_IN_FLIGHT_MIB)
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     webhook: Arc<Webhook>,
     ready: Readiness,
     /// What `/mutate` does (`/report` always reports).
     mode: Mode,
+    in_flight: InFlight,
 }
 
 /// The admission router: `/mutate`, `/healthz`, `/readyz`. Exposed so tests can drive the HTTP
 /// surface without a socket.
-pub fn router(webhook: Arc<Webhook>, ready: Readiness, mode: Mode) -> Router {
+pub fn router(webhook: Arc<Webhook>, ready: Readiness, mode: Mode, in_flight: InFlight) -> Router {
     Router::new()
         .route(MUTATE_PATH, post(mutate))
         .route(REPORT_PATH, post(report))
@@ -127,6 +208,7 @@ pub fn router(webhook: Arc<Webhook>, ready: Readiness, mode: Mode) -> Router {
             webhook,
             ready,
             mode,
+            in_flight,
         })
 }
 
@@ -134,27 +216,54 @@ pub fn router(webhook: Arc<Webhook>, ready: Readiness, mode: Mode) -> Router {
 enum BodyError {
     TooLarge,
     Broken,
+    /// The reviews in flight hold the whole [`InFlight`] budget.
+    Overloaded,
 }
 
-/// The body when it is at most `limit` bytes; a longer one is drained up to [`DRAIN_BYTES`].
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, BodyError> {
+/// The body when it is at most `limit` bytes and the in-flight budget holds it (`held` grows
+/// with it). A body that is too long, or that the budget cannot hold, is drained up to
+/// [`DRAIN_BYTES`] without being kept, so that the client reads its answer and keeps the
+/// connection (an HTTP/1.1 client still sending sees a reset instead).
+async fn read_body(
+    body: Body,
+    limit: usize,
+    declared: Option<usize>,
+    in_flight: &InFlight,
+    held: &mut Held,
+) -> Result<Bytes, BodyError> {
     use futures::StreamExt as _;
     let mut stream = body.into_data_stream();
-    let mut buf = BytesMut::new();
+    // Sized once when the length is declared (no doubling while it grows).
+    let expected = declared.filter(|n| *n <= limit).unwrap_or(0);
+    let mut refused =
+        (!in_flight.grow(held, InFlight::weight(expected))).then_some(BodyError::Overloaded);
+    let mut buf = BytesMut::with_capacity(if refused.is_none() { expected } else { 0 });
     let mut seen = 0usize;
     while let Some(piece) = stream.next().await {
         let piece = piece.map_err(|_| BodyError::Broken)?;
         seen = seen.saturating_add(piece.len());
-        if seen <= limit {
-            buf.extend_from_slice(&piece);
-        } else if seen > DRAIN_BYTES {
-            return Err(BodyError::TooLarge);
+        if seen > DRAIN_BYTES {
+            return Err(refused.unwrap_or(BodyError::TooLarge));
+        }
+        if refused.is_some() {
+            continue;
+        }
+        if seen > limit {
+            refused = Some(BodyError::TooLarge);
+        } else if !in_flight.grow(held, InFlight::weight(seen)) {
+            refused = Some(BodyError::Overloaded);
+        }
+        match refused {
+            Some(_) => {
+                *held = Held::default();
+                buf = BytesMut::new();
+            }
+            None => buf.extend_from_slice(&piece),
         }
     }
-    if seen > limit {
-        Err(BodyError::TooLarge)
-    } else {
-        Ok(buf.freeze())
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(buf.freeze()),
     }
 }
 
@@ -179,19 +288,41 @@ async fn answer(state: AppState, headers: HeaderMap, body: Body, mode: Mode) -> 
     if declared.is_some_and(|n| n > DRAIN_BYTES) {
         return too_large();
     }
-    let body = match read_body(body, MAX_BODY_BYTES).await {
+    // Held until the answer is written: the body, the parsed review and the response.
+    let mut held = Held::default();
+    let read = read_body(body, MAX_BODY_BYTES, declared, &state.in_flight, &mut held).await;
+    let body = match read {
         Ok(b) => b,
         Err(BodyError::TooLarge) => return too_large(),
         Err(BodyError::Broken) => {
             return (StatusCode::BAD_REQUEST, "request body could not be read").into_response()
         }
+        Err(BodyError::Overloaded) => {
+            drop(held);
+            state.webhook.count_overloaded();
+            let text = format!(
+                "too many reviews in flight (their bodies hold the {} MiB of --max-in-flight-mib); \
+                 try again",
+                state.in_flight.total_kib / 1024
+            );
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, "1")],
+                text,
+            )
+                .into_response();
+        }
     };
-    match state.webhook.review(&body, mode).await {
+    let answer = state.webhook.review(&body, mode).await;
+    drop(body);
+    let response = match answer {
         Answer::Review(json) => {
             ([(header::CONTENT_TYPE, "application/json")], json).into_response()
         }
         Answer::BadRequest(reason) => (StatusCode::BAD_REQUEST, reason).into_response(),
-    }
+    };
+    drop(held);
+    response
 }
 
 async fn healthz() -> &'static str {
@@ -259,6 +390,8 @@ pub struct ServeOptions {
     pub kubernetes: crate::cluster::Access,
     /// What `/mutate` does: patch, or only report.
     pub mode: Mode,
+    /// What the reviews in flight may hold in memory, in MiB ([`InFlight`]).
+    pub max_in_flight_mib: u32,
 }
 
 /// A server that is up: its addresses, and the means to stop it.
@@ -389,7 +522,15 @@ pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> Result<Running, Serv
     let https = axum_server::from_tcp_rustls(listener, rustls)
         .map_err(listen_error(opts.listen))?
         .handle(handle.clone())
-        .serve(router(Arc::new(webhook), ready.clone(), opts.mode).into_make_service());
+        .serve(
+            router(
+                Arc::new(webhook),
+                ready.clone(),
+                opts.mode,
+                InFlight::new(opts.max_in_flight_mib),
+            )
+            .into_make_service(),
+        );
 
     let metrics_listener = tokio::net::TcpListener::bind(opts.metrics_listen)
         .await

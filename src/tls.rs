@@ -30,6 +30,12 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    #[error("{path} holds no CA certificate that client certificates can be checked against")]
+    ClientCa {
+        path: PathBuf,
+        #[source]
+        source: Option<rustls::server::VerifierBuilderError>,
+    },
     #[error("the certificate reload was cancelled")]
     Cancelled,
 }
@@ -42,16 +48,20 @@ impl TlsError {
             TlsError::NoCertificate { .. } => "no-certificate",
             TlsError::NoKey { .. } => "no-key",
             TlsError::Config { .. } => "config",
+            TlsError::ClientCa { .. } => "client-ca",
             TlsError::Cancelled => "cancelled",
         }
     }
 }
 
-/// Where the certificate and key live.
+/// Where the certificate and key live, and the CA whose client certificates are required.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// With it, every connection must present a client certificate this CA signed: the API
+    /// server's, as its AdmissionConfiguration names it (`--client-ca`).
+    pub client_ca: Option<PathBuf>,
 }
 
 /// A TLS configuration ready to serve, and when its certificate expires (Unix seconds).
@@ -73,7 +83,11 @@ impl TlsFiles {
         };
         let cert_pem = read(&self.cert)?;
         let key_pem = read(&self.key)?;
-        let digest = crate::watch::digest(&[&cert_pem, &key_pem]);
+        let ca_pem = match &self.client_ca {
+            Some(path) => read(path)?,
+            None => Vec::new(),
+        };
+        let digest = crate::watch::digest(&[&cert_pem, &key_pem, &ca_pem]);
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
             .filter_map(Result::ok)
             .collect();
@@ -93,20 +107,30 @@ impl TlsFiles {
             key: self.key.clone(),
             source,
         };
-        let mut config = ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(config_err)?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(config_err)?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(config_err)?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(path) => {
+                builder.with_client_cert_verifier(client_verifier(path, &read, provider)?)
+            }
+        };
+        let mut config = builder.with_single_cert(certs, key).map_err(config_err)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Loaded {
             config: Arc::new(config),
             not_after,
             digest,
         })
+    }
+
+    /// The files a reload reads.
+    fn files(&self) -> Vec<&Path> {
+        let mut files = vec![self.cert.as_path(), self.key.as_path()];
+        files.extend(self.client_ca.as_deref());
+        files
     }
 
     /// Re-reads the files whenever they change (or the kubelet swaps its `..data` link), and
@@ -120,7 +144,7 @@ impl TlsFiles {
     ) -> notify::Result<notify::RecommendedWatcher> {
         let files = self.clone();
         let in_force = Arc::new(std::sync::Mutex::new(loaded));
-        crate::watch::on_change(&[&self.cert, &self.key], move || {
+        crate::watch::on_change(&self.files(), move || {
             let (files, target, metrics) = (files.clone(), target.clone(), metrics.clone());
             let in_force = in_force.clone();
             async move { files.reload_into(&target, &in_force, &metrics).await }
@@ -163,4 +187,27 @@ impl TlsFiles {
             .get_or_create(&ResultLabels { result })
             .inc();
     }
+}
+
+/// Requires a client certificate signed by a CA in `path`.
+fn client_verifier(
+    path: &Path,
+    read: &dyn Fn(&Path) -> Result<Vec<u8>, TlsError>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let pem = read(path)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok) {
+        // A certificate that is no CA is refused here, not at the first handshake.
+        roots.add(cert).map_err(|_| TlsError::ClientCa {
+            path: path.to_path_buf(),
+            source: None,
+        })?;
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| TlsError::ClientCa {
+            path: path.to_path_buf(),
+            source: Some(e),
+        })
 }

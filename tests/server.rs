@@ -650,3 +650,159 @@ async fn a_short_soak_keeps_memory_flat() {
     assert!(growth_mib < 16.0, "RSS {warm} KiB -> {after} KiB");
     child.kill().await.unwrap();
 }
+
+/// A review of `pod_plain` whose Pod is padded to about `size` bytes with `shape`: junk a
+/// forged review can carry (any Pod can reach `/mutate`). Each list is one JSON text made
+/// here, not a `Value`, so that the test itself stays small.
+fn hostile_body(shape: &str, size: usize) -> Vec<u8> {
+    let mut review = fixture("pod_plain");
+    review["request"]["uid"] = json!(format!("hostile-{shape}"));
+    let (key, item): (&str, String) = match shape {
+        "zeros" => ("containers", "0".into()),
+        "empty-objects" => ("containers", "{}".into()),
+        "containers" => (
+            "initContainers",
+            r#"{"name":"c","image":"nginx:1.27"}"#.into(),
+        ),
+        "pull-secrets" => ("imagePullSecrets", r#"{"name":"s"}"#.into()),
+        "nested" => (
+            "volumes",
+            format!("{}1{}", "[".repeat(100), "]".repeat(100)),
+        ),
+        other => panic!("no shape {other}"),
+    };
+    let marker = "\"__HOSTILE__\"";
+    review["request"]["object"]["spec"][key] = json!("__HOSTILE__");
+    let text = serde_json::to_string(&review).unwrap();
+    let room = size - text.len();
+    let mut list = String::with_capacity(room);
+    list.push('[');
+    while list.len() + item.len() + 2 < room {
+        if list.len() > 1 {
+            list.push(',');
+        }
+        list.push_str(&item);
+    }
+    list.push(']');
+    text.replacen(marker, &list, 1).into_bytes()
+}
+
+/// A 3 MiB review is accepted whole; a flood of them in parallel must not grow `serve` past
+/// its memory limit (an OOM-killed webhook lets every Pod through): junk is read without being
+/// kept, and past the in-flight budget a review is answered 429 at once. Every request gets an
+/// answer, and the server serves on. `benches/hostile.sh` reports the same at a larger scale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_hostile_bodies_keep_memory_bounded_and_every_one_is_answered() {
+    use futures::StreamExt as _;
+    use tokio::io::AsyncBufReadExt;
+    let tls = Tls::new();
+    let serve = common::serve_command(&tls.files.cert, &tls.files.key, &data("table.yaml"));
+    let mut child = tokio::process::Command::from(serve)
+        .args(["--shutdown-delay", "0s"])
+        .env("RUST_LOG", "warn,image_mirror_webhook::server=info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (addr, metrics_addr) = loop {
+        let line = lines.next_line().await.unwrap().expect("server starts");
+        if let Some(addrs) = common::serving_addrs(&line) {
+            break addrs;
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let pid = child.id().unwrap();
+    let status_kib = |key: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let size = 3 * 1024 * 1024 - 1024;
+    let shapes = [
+        "zeros",
+        "empty-objects",
+        "containers",
+        "pull-secrets",
+        "nested",
+    ];
+    let bodies: Vec<bytes::Bytes> = shapes
+        .iter()
+        .map(|s| bytes::Bytes::from(hostile_body(s, size)))
+        .collect();
+    let url = format!("https://localhost:{}/mutate", addr.port());
+    let mut answers: std::collections::BTreeMap<u16, usize> = Default::default();
+    // Ordinary reviews during the flood: half the budget is kept for them.
+    let ordinary = tls.client(Version::HTTP_2);
+    let review = fixture("pod_plain");
+    for version in [Version::HTTP_2, Version::HTTP_11] {
+        let c = tls.client(version);
+        let meanwhile = async {
+            for _ in 0..20 {
+                let resp = ordinary.post(&url).json(&review).send().await.unwrap();
+                assert_eq!(resp.status(), 200, "an ordinary review during the flood");
+                resp.bytes().await.unwrap();
+            }
+        };
+        let flood = futures::stream::iter(0..48)
+            .map(|i| {
+                let (c, url, body) = (c.clone(), url.clone(), bodies[i % bodies.len()].clone());
+                async move {
+                    let resp = c
+                        .post(url)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .expect("every hostile review gets an answer");
+                    let status = resp.status().as_u16();
+                    resp.bytes().await.unwrap();
+                    status
+                }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<u16>>();
+        let (statuses, ()) = tokio::join!(flood, meanwhile);
+        for s in statuses {
+            *answers.entry(s).or_default() += 1;
+        }
+    }
+    let peak_mib = status_kib("VmHWM:") as f64 / 1024.0;
+    eprintln!(
+        "96 hostile 3 MiB reviews, 16 at a time: peak RSS {peak_mib:.1} MiB, answers {answers:?}"
+    );
+    assert!(
+        peak_mib <= 128.0,
+        "peak RSS {peak_mib:.1} MiB; answers {answers:?}"
+    );
+    assert_eq!(answers.values().sum::<usize>(), 96, "{answers:?}");
+    assert!(
+        answers.keys().all(|s| [200, 400, 429].contains(s)),
+        "{answers:?}"
+    );
+    // The junk shapes were read and answered (allowed), the deep one refused as no review.
+    assert!(answers.get(&200).is_some_and(|n| *n > 0), "{answers:?}");
+    // The server serves on: a real review is rewritten.
+    let resp = ordinary.post(&url).json(&review).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let out: Value = resp.json().await.unwrap();
+    assert!(out["response"]["patch"].is_string(), "{out}");
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let shed = answers.get(&429).copied().unwrap_or(0) as f64;
+    assert_eq!(
+        scrape(
+            &metrics,
+            r#"image_mirror_admission_requests_total{operation="",result="overloaded"}"#
+        ),
+        shed
+    );
+    child.kill().await.unwrap();
+}

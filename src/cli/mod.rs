@@ -118,6 +118,11 @@ pub struct ServeArgs {
     /// Serving key (PEM). Default: certs/tls.key, generated when absent.
     #[arg(long, env = "IMAGE_MIRROR_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Require a client certificate signed by this CA (PEM) on the admission port: the API
+    /// server's, as its AdmissionConfiguration's kubeConfigFile names it. Probes then use the
+    /// metrics port. Default: any caller may connect.
+    #[arg(long, env = "IMAGE_MIRROR_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
     /// Mapping table (YAML). Default: the embedded table.
     #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
     pub config: Option<PathBuf>,
@@ -145,6 +150,13 @@ pub struct ServeArgs {
     /// change (warnings, audit annotations, metrics). `/report` always reports.
     #[arg(long, env = "IMAGE_MIRROR_MODE", value_enum, default_value_t = crate::admission::Mode::Enforce)]
     pub mode: crate::admission::Mode,
+    /// Memory the reviews in flight may hold, in MiB (their bodies, twice over), half of it
+    /// kept for reviews under 500 KiB; past it a review is answered 429 at once, and the API
+    /// server admits the Pod as its failurePolicy says. Keep it well under the container's
+    /// memory limit; from 16 up, the largest body allowed (3 MiB) fits.
+    #[arg(long, env = "IMAGE_MIRROR_MAX_IN_FLIGHT_MIB", default_value_t = crate::server::DEFAULT_IN_FLIGHT_MIB,
+        value_parser = clap::value_parser!(u32).range(16..=4096))]
+    pub max_in_flight_mib: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -224,10 +236,15 @@ fn init_tracing(format: LogFormat) {
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     init_tracing(args.log_format);
-    let tls = match (args.tls_cert, args.tls_key) {
-        (Some(cert), Some(key)) => crate::tls::TlsFiles { cert, key },
+    let mut tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => crate::tls::TlsFiles {
+            cert,
+            key,
+            client_ca: None,
+        },
         _ => development_certificates()?,
     };
+    tls.client_ca = args.client_ca;
     let opts = crate::server::ServeOptions {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
@@ -239,6 +256,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         strict: args.strict,
         kubernetes: args.kubernetes,
         mode: args.mode,
+        max_in_flight_mib: args.max_in_flight_mib,
     };
     let runtime = runtime()?;
     runtime.block_on(async move {
@@ -265,6 +283,7 @@ fn development_certificates() -> anyhow::Result<crate::tls::TlsFiles> {
     let files = crate::tls::TlsFiles {
         cert: dir.join("tls.crt"),
         key: dir.join("tls.key"),
+        client_ca: None,
     };
     if files.cert.exists() && files.key.exists() {
         tracing::warn!(dir = %dir.display(),

@@ -71,7 +71,7 @@ impl App {
         let ready = Readiness::default();
         ready.set(true);
         App {
-            router: server::router(Arc::new(webhook), ready, Mode::Enforce),
+            router: server::router(Arc::new(webhook), ready, Mode::Enforce, Default::default()),
             metrics,
             registry: Arc::new(registry),
         }
@@ -86,7 +86,7 @@ impl App {
         let ready = Readiness::default();
         ready.set(true);
         App {
-            router: server::router(Arc::new(webhook), ready, Mode::Enforce),
+            router: server::router(Arc::new(webhook), ready, Mode::Enforce, Default::default()),
             metrics,
             registry: Arc::new(registry),
         }
@@ -245,6 +245,7 @@ impl Tls {
             files: TlsFiles {
                 cert: dir.path().join("tls.crt"),
                 key: dir.path().join("tls.key"),
+                client_ca: None,
             },
             dir,
         }
@@ -263,6 +264,7 @@ impl Tls {
             strict: false,
             kubernetes: image_mirror_webhook::cluster::Access::Off,
             mode: image_mirror_webhook::admission::Mode::Enforce,
+            max_in_flight_mib: image_mirror_webhook::server::DEFAULT_IN_FLIGHT_MIB,
         }
     }
 
