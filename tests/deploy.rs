@@ -9,7 +9,9 @@ use image_mirror_webhook::mapping::Table;
 use image_mirror_webhook::server::{
     DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, MUTATE_PATH, REPORT_PATH,
 };
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -101,6 +103,10 @@ impl Rendered {
                 "Role" => drop(strict::<Role>(o)),
                 "RoleBinding" => drop(strict::<RoleBinding>(o)),
                 "MutatingWebhookConfiguration" => drop(strict::<MutatingWebhookConfiguration>(o)),
+                "ValidatingAdmissionPolicy" => drop(strict::<ValidatingAdmissionPolicy>(o)),
+                "ValidatingAdmissionPolicyBinding" => {
+                    drop(strict::<ValidatingAdmissionPolicyBinding>(o))
+                }
                 "Issuer" | "Certificate" => assert_eq!(o["apiVersion"], "cert-manager.io/v1"),
                 "ServiceMonitor" | "PrometheusRule" => {
                     assert_eq!(o["apiVersion"], "monitoring.coreos.com/v1")
@@ -536,6 +542,39 @@ fn check_pull_secret_rights(r: &Rendered, table: &Table) {
     assert!(granted.iter().any(|(_, r)| r.api_groups.as_deref()
         == Some(&["events.k8s.io".to_string()][..])
         && r.verbs == ["create", "patch"]));
+    check_secret_fence(r, &copies);
+}
+
+/// The ValidatingAdmissionPolicy that narrows what RBAC cannot (create by name): it applies to
+/// the webhook's ServiceAccount as the overlay names it, allows the copies' name and type only,
+/// fails closed, and is bound to deny.
+fn check_secret_fence(r: &Rendered, copies: &str) {
+    let policy: ValidatingAdmissionPolicy = r.one("ValidatingAdmissionPolicy");
+    let binding: ValidatingAdmissionPolicyBinding = r.one("ValidatingAdmissionPolicyBinding");
+    let sa: ServiceAccount = r.one("ServiceAccount");
+    let user = format!(
+        "system:serviceaccount:{}:{}",
+        sa.metadata.namespace.unwrap(),
+        sa.metadata.name.unwrap()
+    );
+    let spec = policy.spec.unwrap();
+    assert_eq!(spec.failure_policy.as_deref(), Some("Fail"));
+    let conditions = spec.match_conditions.unwrap();
+    assert_eq!(conditions.len(), 1);
+    assert_eq!(
+        conditions[0].expression,
+        format!("request.userInfo.username == '{user}'")
+    );
+    let validations = spec.validations.unwrap();
+    assert!(validations
+        .iter()
+        .any(|v| v.expression == format!("variables.secret.metadata.name == '{copies}'")));
+    assert!(validations.iter().any(|v| v
+        .expression
+        .contains("object.type == 'kubernetes.io/dockerconfigjson'")));
+    let binding = binding.spec;
+    assert_eq!(binding.policy_name, policy.metadata.name.unwrap());
+    assert_eq!(binding.validation_actions, ["Deny"]);
 }
 
 #[test]

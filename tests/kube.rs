@@ -237,6 +237,136 @@ fn image_of<'a>(pod: &'a Value, list: &str, i: usize) -> &'a str {
     pod["spec"][list][i]["image"].as_str().unwrap()
 }
 
+/// A Secret as the webhook's ServiceAccount might write it.
+fn secret_manifest(ns: &str, name: &str, kind: &str, ours: bool) -> String {
+    let labels = if ours {
+        json!({"app.kubernetes.io/managed-by": "image-mirror-webhook"})
+    } else {
+        json!({})
+    };
+    let mut s = json!({"apiVersion": "v1", "kind": "Secret", "type": kind,
+        "metadata": {"name": name, "namespace": ns, "labels": labels}});
+    if kind == "kubernetes.io/service-account-token" {
+        s["metadata"]["annotations"] = json!({"kubernetes.io/service-account.name": "default"});
+    } else {
+        s["stringData"] = json!({".dockerconfigjson": r#"{"auths":{}}"#});
+    }
+    s.to_string()
+}
+
+/// A stolen webhook token must not reach beyond the pull secret: RBAC lets it create any
+/// Secret (create cannot be narrowed by name), so without the component's
+/// ValidatingAdmissionPolicy it could create `kube-system/ghcr-pull` of type
+/// `service-account-token` and read back a privileged token. As the ServiceAccount of
+/// `deploy/`: that path and every other write but the controller's own is refused, the admin
+/// is not fenced, and provisioning still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_s_token_writes_only_its_own_pull_secret() {
+    let Some(c) = with_rbac() else { return };
+    let sa = c.token_kubeconfig(SYSTEM, "image-mirror-webhook");
+    let as_webhook = |args: &[&str], manifest: &str| {
+        let out = c.kubectl_as(&sa, args, Some(manifest));
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.success(), said)
+    };
+    let escalation = secret_manifest(
+        "kube-system",
+        PULL,
+        "kubernetes.io/service-account-token",
+        true,
+    );
+    // The binding takes effect within a second or so: wait for it on a dry run, which runs
+    // admission and stores nothing.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, said) = as_webhook(&["create", "--dry-run=server", "-f", "-"], &escalation);
+        if !ok && said.contains("ValidatingAdmissionPolicy") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the policy never refused: {ok} {said}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, said) = as_webhook(&["create", "-f", "-"], &escalation);
+    assert!(!ok, "the token Secret was created");
+    assert!(
+        said.contains("writes only Secrets of type kubernetes.io/dockerconfigjson"),
+        "{said}"
+    );
+    assert!(secret(c, "kube-system", PULL).is_none());
+    // The admin is not fenced.
+    let out = c.kubectl_as(
+        &c.admin,
+        &["create", "--dry-run=server", "-f", "-"],
+        Some(&escalation),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (ns, _opted_in) = OptedIn::namespace(c, "fence");
+    let plain = unique("plain");
+    c.namespace(&plain, &[]);
+    let docker = "kubernetes.io/dockerconfigjson";
+    for (manifest, why) in [
+        (
+            secret_manifest(&plain, PULL, docker, true),
+            "only in namespaces labelled",
+        ),
+        (
+            secret_manifest(&ns, "other", docker, true),
+            "writes only the pull secret ghcr-pull, not other",
+        ),
+        (secret_manifest(&ns, PULL, "Opaque", true), "not Opaque"),
+        (
+            secret_manifest(&ns, PULL, docker, false),
+            "changes only Secrets labelled",
+        ),
+    ] {
+        let (ok, said) = as_webhook(&["create", "-f", "-"], &manifest);
+        assert!(!ok && said.contains(why), "{manifest}: {said}");
+    }
+    // Someone else's Secret of that name cannot be taken over or deleted.
+    let foreign = unique("foreign");
+    c.namespace(&foreign, &[("image-mirror/inject", "enabled")]);
+    let _foreign_opted_in = OptedIn::new(c, &[&foreign]);
+    c.apply(&secret_manifest(&foreign, PULL, docker, false));
+    let (ok, said) = as_webhook(
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        &secret_manifest(&foreign, PULL, docker, true),
+    );
+    assert!(
+        !ok && said.contains("changes only Secrets labelled"),
+        "{said}"
+    );
+    let (ok, said) = as_webhook(&["-n", &foreign, "delete", "secret", PULL], "");
+    assert!(
+        !ok && said.contains("changes only Secrets labelled"),
+        "{said}"
+    );
+    assert!(secret(c, &foreign, PULL).is_some());
+
+    // What the controller writes is let through: the copy appears in an opted-in namespace.
+    let _turn = take_turn().await;
+    c.docker_secret(SYSTEM, SOURCE, "ghcr.io");
+    let h = hook(c, &table(PULL, Some(SOURCE))).await;
+    let copy = h
+        .eventually(15, "the copy behind the fence", || secret(c, &ns, PULL))
+        .await;
+    assert_eq!(copy["type"], docker);
+    // And removed on opt-out.
+    opt_out(c, &[&ns]);
+    h.eventually(15, "the copy removed", || {
+        secret(c, &ns, PULL).is_none().then_some(())
+    })
+    .await;
+    drop(h);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_is_sent_to_the_mirror_only_where_its_pull_secret_exists() {
     let Some(c) = with_rbac() else { return };

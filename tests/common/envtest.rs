@@ -328,7 +328,8 @@ impl Cluster {
     }
 
     /// The objects `deploy/` installs for the webhook's identity and rights (namespace,
-    /// ServiceAccount, roles and bindings), from `kubectl kustomize` of `overlay`, applied once.
+    /// ServiceAccount, roles and bindings, and the policy fencing its Secret writes), from
+    /// `kubectl kustomize` of `overlay`, applied once.
     pub fn install_rbac(&self, overlay: &str) {
         static DONE: Mutex<Vec<String>> = Mutex::new(Vec::new());
         let mut done = DONE.lock().unwrap();
@@ -343,6 +344,8 @@ impl Cluster {
             "ClusterRoleBinding",
             "Role",
             "RoleBinding",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ];
         let docs: Vec<&str> = text
             .split("\n---\n")
