@@ -492,6 +492,10 @@ pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> Result<Running, Serv
             let gate = index.clone();
             ready.require(Arc::new(move || gate.ready()));
             webhook.pull_secrets = Some(index);
+            let namespaces = crate::cluster::namespaces::NamespaceNames::start(client.clone());
+            let gate = namespaces.clone();
+            ready.require(Arc::new(move || gate.filled()));
+            webhook.namespaces = Some(namespaces);
             if let Some(service) = &service {
                 let namespace = std::env::var("POD_NAMESPACE")
                     .unwrap_or_else(|_| client.default_namespace().to_string());

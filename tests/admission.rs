@@ -341,6 +341,35 @@ async fn a_body_over_the_limit_gets_413() {
     assert_eq!(status, 413);
 }
 
+/// A forged review can name any namespace: the rewrite metrics take only namespaces the
+/// cluster has, and count the rest as `other`, so made-up names cannot grow them.
+#[tokio::test]
+async fn forged_namespaces_do_not_grow_the_metrics() {
+    let app = App::new();
+    for n in 0..50 {
+        let mut forged = fixture("pod_plain");
+        forged["request"]["namespace"] = json!(format!("made-up-{n}"));
+        forged["request"]["object"]["metadata"]["namespace"] = json!(format!("made-up-{n}"));
+        let answer = app.review(&forged).await;
+        assert!(
+            answer["response"]["patch"].is_string(),
+            "still rewritten: {answer}"
+        );
+    }
+    app.review(&fixture("pod_plain")).await;
+    let text = app.metrics_text();
+    promtool_check(&text);
+    let series = |ns: &str| {
+        scrape(
+            &text,
+            &format!("image_mirror_rewrites_total{{namespace=\"{ns}\",source_registry=\"docker.io\",mirror=\"ghcr\",kind=\"container\"}}"),
+        )
+    };
+    assert!(series("other") >= 50.0, "{text}");
+    assert!(series("team-a") >= 1.0, "{text}");
+    assert!(!text.contains("made-up"), "{text}");
+}
+
 #[tokio::test]
 async fn the_embedded_table_rewrites_what_the_runbook_mirrored() {
     let app = App::with_table(None);

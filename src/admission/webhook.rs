@@ -19,6 +19,19 @@ pub trait PullSecrets: Send + Sync {
     fn available(&self, namespace: &str, secret: &str) -> bool;
 }
 
+/// The namespaces that exist (the Kubernetes layer's cache): the `namespace` label of the
+/// rewrite metrics takes only these, since a forged review can name any.
+pub trait KnownNamespaces: Send + Sync {
+    fn knows(&self, namespace: &str) -> bool;
+}
+
+/// A fixed set (tests, benches).
+impl KnownNamespaces for Vec<String> {
+    fn knows(&self, namespace: &str) -> bool {
+        self.iter().any(|n| n == namespace)
+    }
+}
+
 /// The admission service: table, metrics, mirror access and the time budget.
 pub struct Webhook {
     pub config: ConfigHandle,
@@ -27,6 +40,8 @@ pub struct Webhook {
     pub budget: Duration,
     pub mirrors: Option<Arc<dyn MirrorAccess>>,
     pub pull_secrets: Option<Arc<dyn PullSecrets>>,
+    /// Without it, rewrites are counted without a namespace (`namespace=""`).
+    pub namespaces: Option<Arc<dyn KnownNamespaces>>,
     /// Refuse the Pod instead of admitting it unchanged when the webhook cannot do its job
     /// (internal error, mirror state unknown, unparsable image).
     pub strict: bool,
@@ -47,6 +62,7 @@ impl Webhook {
             budget: Duration::from_secs(2),
             mirrors: None,
             pull_secrets: None,
+            namespaces: None,
             strict: false,
         }
     }
@@ -165,6 +181,16 @@ impl Webhook {
             .inc();
     }
 
+    /// The `namespace` label for a review in `namespace`: the name when the cluster has such a
+    /// namespace, `other` when it has not (a forged review), and none without the cache.
+    fn metric_namespace<'a>(&self, namespace: &'a str) -> &'a str {
+        match &self.namespaces {
+            Some(known) if known.knows(namespace) => namespace,
+            Some(_) => "other",
+            None => "",
+        }
+    }
+
     fn count_request(&self, operation: &str, result: &'static str, started: Instant) {
         self.metrics
             .admission_requests
@@ -189,7 +215,7 @@ impl Webhook {
             "unchanged"
         };
         self.count_request(review.operation(), result, started);
-        let namespace = review.namespace();
+        let namespace = self.metric_namespace(review.namespace());
         for (family, records) in [
             (&self.metrics.rewrites, &m.rewrites),
             (&self.metrics.would_rewrite, &m.would_rewrite),
@@ -225,7 +251,7 @@ impl Webhook {
         tracing::info!(
             uid = %review.request.uid,
             operation = review.operation(),
-            namespace,
+            namespace = review.namespace(),
             pod = review.pod_name(),
             rewrites = m.rewrites.len(),
             would_rewrite = m.would_rewrite.len(),

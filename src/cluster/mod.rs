@@ -1,8 +1,10 @@
 //! The Kubernetes API, when `serve` has access to one (in-cluster, or `KUBECONFIG`): the pull
 //! secret index the admission path asks, and the controller that provisions pull secrets
-//! ([`pull_secrets`]). Without access, `serve` works as it always did.
+//! ([`pull_secrets`]); copies run as Jobs ([`copy_jobs`]); the namespaces' names, which bound
+//! a metric label ([`namespaces`]). Without access, `serve` works as it always did.
 
 pub mod copy_jobs;
+pub mod namespaces;
 pub mod pull_secrets;
 
 use std::path::PathBuf;

@@ -58,6 +58,11 @@ pub struct App {
     pub registry: Arc<MetricRegistry>,
 }
 
+/// The namespaces the fixtures' cluster has, as the Kubernetes layer's cache would know them.
+fn known_namespaces() -> Arc<dyn image_mirror_webhook::admission::webhook::KnownNamespaces> {
+    Arc::new(vec!["team-a".to_string(), "kube-system".to_string()])
+}
+
 impl App {
     pub fn new() -> App {
         App::with_table(Some(&data("table.yaml")))
@@ -67,7 +72,8 @@ impl App {
     pub fn with_table(path: Option<&Path>) -> App {
         let config = config::load(path).expect("table loads");
         let (metrics, registry) = Metrics::new();
-        let webhook = Webhook::new(ConfigHandle::new(config), metrics.clone());
+        let mut webhook = Webhook::new(ConfigHandle::new(config), metrics.clone());
+        webhook.namespaces = Some(known_namespaces());
         let ready = Readiness::default();
         ready.set(true);
         App {
@@ -83,6 +89,7 @@ impl App {
         let (metrics, registry) = Metrics::new();
         let mut webhook = Webhook::new(ConfigHandle::new(config), metrics.clone());
         webhook.mirrors = Some(mirrors);
+        webhook.namespaces = Some(known_namespaces());
         let ready = Readiness::default();
         ready.set(true);
         App {
