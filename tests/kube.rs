@@ -367,6 +367,41 @@ async fn the_webhook_s_token_writes_only_its_own_pull_secret() {
     drop(h);
 }
 
+/// Whoever may label a namespace can opt it in; the admin's allow-list in the table
+/// (`namespaces.pullSecrets`) decides which opted-in namespaces get the pull credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_namespaces_the_admin_allows_receive_the_pull_secret() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    let (allowed, labelled, other) = (unique("allowed"), unique("labelled"), unique("other"));
+    let _opted_in = OptedIn::new(c, &[&allowed, &labelled, &other]);
+    c.docker_secret(SYSTEM, SOURCE, "ghcr.io");
+    let prefix = &allowed[..allowed.len() - 4];
+    let table = format!(
+        "{}  pullSecrets: {{allow: [\"{prefix}*\", \"{labelled}\"], labels: {{image-mirror/trusted: \"yes\"}}}}\n",
+        table(PULL, Some(SOURCE))
+    );
+    let h = hook(c, &table).await;
+    c.register(&unique("mwc"), &h, &[&allowed, &labelled, &other]);
+    let on = ("image-mirror/inject", "enabled");
+    let trusted = ("image-mirror/trusted", "yes");
+    c.namespace(&allowed, &[on, trusted]);
+    // The name matches but the label is missing; the label is there but the name does not match.
+    c.namespace(&labelled, &[on]);
+    c.namespace(&other, &[on, trusted]);
+    h.eventually(15, "the allowed namespace's copy", || secret(c, &allowed, PULL))
+        .await;
+    for ns in [&labelled, &other] {
+        let (pod, said) = run_pod(c, ns, "web", "nginx:1.27");
+        assert_eq!(image_of(&pod, "containers", 0), "nginx:1.27", "{ns}");
+        assert!(said.contains("pull secret \"ghcr-pull\" is missing"), "{said}");
+        assert!(secret(c, ns, PULL).is_none(), "{ns} got the pull secret");
+    }
+    let (pod, _) = run_pod(c, &allowed, "web", "nginx:1.27");
+    assert_eq!(pod["spec"]["imagePullSecrets"], json!([{"name": PULL}]));
+    opt_out(c, &[&allowed, &labelled, &other]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_is_sent_to_the_mirror_only_where_its_pull_secret_exists() {
     let Some(c) = with_rbac() else { return };

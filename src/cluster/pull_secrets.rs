@@ -158,9 +158,11 @@ fn opted_in(ns: &Namespace, table: &Table) -> bool {
         .labels()
         .get(INJECT_LABEL)
         .is_some_and(|v| OPTED_IN.contains(&v.as_str()));
+    let name = ns.name_any();
     labelled
         && ns.metadata.deletion_timestamp.is_none()
-        && !table.namespace_excluded(&ns.name_any())
+        && !table.namespace_excluded(&name)
+        && table.pull_secrets_allowed(&name, &|k| ns.labels().get(k).cloned())
 }
 
 fn managed(meta: &ObjectMeta) -> bool {

@@ -11,7 +11,7 @@ use super::clash;
 use super::index::{NameEntries, NameMatcher, RuleIndex, TagSpec, TargetTag};
 use super::mirrors::{valid_object_name, Mirror, MirrorKind, SecretRef};
 use super::policy::{CopyPolicy, Naming, Overrides, Pin, Platform, SwapPolicy};
-use super::{Entry, Rule, Table};
+use super::{Entry, NamespaceFilter, Rule, Table};
 use crate::problems::{yaml_error, ProblemList, TableError};
 use crate::reference::{
     canonical_host, registry_host, valid_path_component, Reference, DOCKER_HUB,
@@ -97,6 +97,17 @@ pub(super) struct RawRule {
 struct RawNamespaces {
     #[serde(default)]
     exclude: Vec<String>,
+    pull_secrets: Option<Spanned<RawPullSecretNamespaces>>,
+}
+
+/// Which namespaces may receive the mirrors' pull secrets (an admin's allow-list).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPullSecretNamespaces {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 /// Parses and validates a table file: the mapping table and its settings. `file` names it in
@@ -260,7 +271,55 @@ fn build(file: &str, raw: &RawFile, problems: &mut ProblemList) -> Table {
             .as_ref()
             .map(|n| n.exclude.iter().cloned().collect())
             .unwrap_or_default(),
+        pull_secret_namespaces: raw
+            .namespaces
+            .as_ref()
+            .and_then(|n| n.pull_secrets.as_ref())
+            .and_then(|p| build_namespace_filter(p, problems)),
     }
+}
+
+/// `namespaces.pullSecrets`: namespace-name globs and labels, each checked.
+fn build_namespace_filter(
+    spanned: &Spanned<RawPullSecretNamespaces>,
+    problems: &mut ProblemList,
+) -> Option<NamespaceFilter> {
+    let field = "namespaces.pullSecrets";
+    let raw = &spanned.value;
+    if raw.allow.is_empty() && raw.labels.is_empty() {
+        problems.add(
+            spanned,
+            field,
+            "says nothing: give allow (namespace name globs) or labels, or leave it out to let \
+             every opted-in namespace have the pull secrets",
+        );
+        return None;
+    }
+    let mut names = Vec::new();
+    for glob in &raw.allow {
+        let valid = !glob.value.is_empty()
+            && glob.value.len() <= 63
+            && glob
+                .value
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'*');
+        match globset::Glob::new(&glob.value) {
+            Ok(g) if valid => names.push(g.compile_matcher()),
+            _ => problems.add(
+                glob,
+                format!("{field}.allow"),
+                format!(
+                    "{:?} is not a namespace name glob (lowercase letters, digits, - and *)",
+                    glob.value
+                ),
+            ),
+        }
+    }
+    let mut labels = Vec::new();
+    for (key, value) in &raw.labels {
+        labels.push((key.clone(), value.clone()));
+    }
+    Some(NamespaceFilter { names, labels })
 }
 
 fn build_mirror(
@@ -737,6 +796,40 @@ mod tests {
             let e = parse_file("t.yaml", &yaml).unwrap_err().to_string();
             assert!(
                 e.contains("t.yaml:3") && e.contains(field) && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_pull_secret_allow_list_names_namespaces_and_labels() {
+        let (table, _) = parse_file(
+            "t.yaml",
+            "namespaces:\n  pullSecrets: {allow: [team-*, payments], labels: {tier: trusted}}\n",
+        )
+        .unwrap();
+        let trusted = |k: &str| (k == "tier").then(|| "trusted".to_string());
+        let none = |_: &str| None;
+        assert!(table.pull_secrets_allowed("team-a", &trusted));
+        assert!(table.pull_secrets_allowed("payments", &trusted));
+        assert!(
+            !table.pull_secrets_allowed("team-a", &none),
+            "the label is needed too"
+        );
+        assert!(!table.pull_secrets_allowed("sandbox", &trusted));
+        let (open, _) = parse_file("t.yaml", "namespaces: {exclude: [x]}\n").unwrap();
+        assert!(open.pull_secrets_allowed("sandbox", &none));
+        for (bad, says) in [
+            (
+                "{allow: [Team_A]}",
+                "\"Team_A\" is not a namespace name glob",
+            ),
+            ("{}", "says nothing"),
+        ] {
+            let yaml = format!("checks: {{timeout: 1s}}\nnamespaces:\n  pullSecrets: {bad}\n");
+            let e = parse_file("t.yaml", &yaml).unwrap_err().to_string();
+            assert!(
+                e.contains("t.yaml:3") && e.contains("namespaces.pullSecrets") && e.contains(says),
                 "{bad}: {e}"
             );
         }

@@ -120,6 +120,34 @@ pub struct Table {
     /// Names of exact-entry targets that lie under no mirror root.
     loose_targets: AHashSet<String>,
     excluded_namespaces: HashSet<String>,
+    /// Which opted-in namespaces may receive pull secrets (`namespaces.pullSecrets`); all of
+    /// them without it.
+    pull_secret_namespaces: Option<NamespaceFilter>,
+}
+
+/// An admin's allow-list of namespaces: names matching one of the globs (when there are any)
+/// and carrying every label (when there are any).
+#[derive(Debug, Clone)]
+pub struct NamespaceFilter {
+    names: Vec<globset::GlobMatcher>,
+    labels: Vec<(String, String)>,
+}
+
+impl NamespaceFilter {
+    pub fn allows(&self, namespace: &str, label: &dyn Fn(&str) -> Option<String>) -> bool {
+        (self.names.is_empty() || self.names.iter().any(|g| g.is_match(namespace)))
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| label(k).as_deref() == Some(v.as_str()))
+    }
+
+    /// The globs and labels, as the table wrote them (for `check-config`).
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = self.names.iter().map(|g| g.glob().to_string()).collect();
+        parts.extend(self.labels.iter().map(|(k, v)| format!("{k}={v}")));
+        parts.join(", ")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -431,6 +459,22 @@ impl Table {
     /// Whether Pods in `namespace` are left alone.
     pub fn namespace_excluded(&self, namespace: &str) -> bool {
         self.excluded_namespaces.contains(namespace)
+    }
+
+    /// Whether `namespace` (with its labels) may receive the mirrors' pull secrets.
+    pub fn pull_secrets_allowed(
+        &self,
+        namespace: &str,
+        label: &dyn Fn(&str) -> Option<String>,
+    ) -> bool {
+        self.pull_secret_namespaces
+            .as_ref()
+            .is_none_or(|f| f.allows(namespace, label))
+    }
+
+    /// The allow-list of namespaces that may receive pull secrets, when there is one.
+    pub fn pull_secret_namespaces(&self) -> Option<&NamespaceFilter> {
+        self.pull_secret_namespaces.as_ref()
     }
     pub fn mirrors(&self) -> &[Mirror] {
         &self.mirrors
