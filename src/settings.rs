@@ -21,6 +21,8 @@ pub enum ValueError {
     Duration(String),
     #[error("invalid platform {0:?}: expected os/arch or os/arch/variant, e.g. linux/arm64")]
     Platform(String),
+    #[error("invalid size {0:?}: write e.g. 500MiB, 2GiB or 4GB")]
+    Size(String),
 }
 
 /// Per-registry access for checks and copies.
@@ -190,6 +192,11 @@ pub struct CopySettings {
     pub runner: Runner,
     /// How long a finished copy Job stays (its `ttlSecondsAfterFinished`).
     pub job_ttl: Duration,
+    /// How long a copy Job may run before Kubernetes stops it (its `activeDeadlineSeconds`).
+    pub job_deadline: Duration,
+    /// The largest image (its blobs, all platforms copied) a copy takes; a larger one stops
+    /// before its first blob moves and says why. `None`: no limit.
+    pub max_image_size: Option<u64>,
 }
 
 impl Default for CopySettings {
@@ -201,6 +208,8 @@ impl Default for CopySettings {
             max_attempts: 6,
             runner: Runner::InProcess,
             job_ttl: Duration::from_secs(600),
+            job_deadline: Duration::from_secs(3600),
+            max_image_size: None,
         }
     }
 }
@@ -272,7 +281,9 @@ pub(crate) struct RawCopies {
     max_attempts: Option<Spanned<usize>>,
     runner: Option<Spanned<String>>,
     job_ttl: Option<Spanned<String>>,
+    job_deadline: Option<Spanned<String>>,
     job_image: Option<Spanned<String>>,
+    max_image_size: Option<Spanned<String>>,
 }
 
 /// Validates the settings sections of a table file, reporting into `problems`.
@@ -397,6 +408,22 @@ pub(crate) fn build(
                 Err(e) => problems.add(v, "copies.jobTtl", e.to_string()),
             }
         }
+        if let Some(v) = &c.job_deadline {
+            match parse_duration(&v.value) {
+                Ok(d) if d.as_secs() >= 1 && d.as_secs() <= i32::MAX as u64 => {
+                    copies.job_deadline = d
+                }
+                Ok(_) => problems.add(v, "copies.jobDeadline", "must be between 1s and 68 years"),
+                Err(e) => problems.add(v, "copies.jobDeadline", e.to_string()),
+            }
+        }
+        if let Some(v) = &c.max_image_size {
+            match parse_size(&v.value) {
+                Ok(n) if n > 0 => copies.max_image_size = Some(n),
+                Ok(_) => problems.add(v, "copies.maxImageSize", "must be more than 0"),
+                Err(e) => problems.add(v, "copies.maxImageSize", e.to_string()),
+            }
+        }
         if let Some(v) = &c.job_image {
             match crate::reference::Reference::parse(&v.value) {
                 Ok(_) => settings.job_image = Some(v.value.clone()),
@@ -440,9 +467,48 @@ pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     Ok(total)
 }
 
+/// `500MiB`, `2GiB` (powers of 1024), `4GB` (of 1000), or bytes (`1048576`, `100B`).
+pub fn parse_size(s: &str) -> Result<u64, ValueError> {
+    let err = || ValueError::Size(s.to_string());
+    let t = s.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return Err(err());
+    }
+    let n: u64 = t[..digits].parse().map_err(|_| err())?;
+    let unit: u64 = match t[digits..].trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return Err(err()),
+    };
+    n.checked_mul(unit).ok_or_else(err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("500MiB"), Ok(500 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("4GB"), Ok(4_000_000_000));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert!(parse_size("big").is_err());
+        assert!(parse_size("2 gigs").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+        assert_eq!(
+            parse_size("2G").unwrap_err().to_string(),
+            "invalid size \"2G\": write e.g. 500MiB, 2GiB or 4GB"
+        );
+    }
 
     #[test]
     fn durations() {

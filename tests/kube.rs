@@ -389,12 +389,17 @@ async fn only_namespaces_the_admin_allows_receive_the_pull_secret() {
     // The name matches but the label is missing; the label is there but the name does not match.
     c.namespace(&labelled, &[on]);
     c.namespace(&other, &[on, trusted]);
-    h.eventually(15, "the allowed namespace's copy", || secret(c, &allowed, PULL))
-        .await;
+    h.eventually(15, "the allowed namespace's copy", || {
+        secret(c, &allowed, PULL)
+    })
+    .await;
     for ns in [&labelled, &other] {
         let (pod, said) = run_pod(c, ns, "web", "nginx:1.27");
         assert_eq!(image_of(&pod, "containers", 0), "nginx:1.27", "{ns}");
-        assert!(said.contains("pull secret \"ghcr-pull\" is missing"), "{said}");
+        assert!(
+            said.contains("pull secret \"ghcr-pull\" is missing"),
+            "{said}"
+        );
         assert!(secret(c, ns, PULL).is_none(), "{ns} got the pull secret");
     }
     let (pod, _) = run_pod(c, &allowed, "web", "nginx:1.27");

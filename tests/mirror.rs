@@ -409,6 +409,58 @@ async fn a_copy_by_an_old_digest_never_moves_the_mirror_tag_back() {
     );
 }
 
+/// `copies.maxImageSize`: a copy of a larger image stops before its first blob moves, says why,
+/// and exits with the status that tells a copy Job not to try again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_over_the_size_limit_is_not_copied() {
+    common::init();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Registry::plain();
+    let mirror = Registry::plain();
+    let image = TestImage::generate(&["linux/amd64", "linux/arm64"], 2 * MIB);
+    upstream.push("team/big", "1", &image).await;
+    let table = dir.path().join("table.yaml");
+    let (u, m) = (upstream.host(), mirror.host());
+    let run = |limit: &str| {
+        std::fs::write(
+            &table,
+            format!("registries:\n  \"{u}\": {{insecure: true}}\n  \"{m}\": {{insecure: true}}\ncopies: {{maxImageSize: {limit}}}\n"),
+        )
+        .unwrap();
+        binary()
+            .arg("copy")
+            .arg(format!("{u}/team/big:1"))
+            .arg(format!("{m}/m/big:1"))
+            .arg("--config")
+            .arg(&table)
+            .output()
+            .unwrap()
+    };
+    let out = run("1MiB");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(
+            image_mirror_webhook::mirror::COPY_PERMANENT_FAILURE
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("over copies.maxImageSize (1048576 bytes)"),
+        "{err}"
+    );
+    for (digest, _) in &image.blobs {
+        assert!(!mirror.has_blob("m/big", digest).await, "{digest} moved");
+    }
+    let out = run("1GiB");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_image(&upstream, "team/big", &mirror, "m/big", "1");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Through the running webhook
 

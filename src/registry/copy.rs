@@ -42,6 +42,8 @@ pub(super) struct CopyJob<'r> {
     pub(super) progress: Option<Progress>,
     pub(super) report: Mutex<CopyReport>,
     pub(super) blobs_seen: Mutex<BTreeSet<String>>,
+    /// The bytes of every blob the image has (as its manifests say), each once.
+    pub(super) image_size: AtomicU64,
     /// Whether signatures and referrers travel with the image.
     pub(super) referrers: bool,
 }
@@ -461,6 +463,18 @@ impl CopyJob<'_> {
             .filter(|d| d.urls.is_empty() || !is_foreign(&d.media_type))
             .filter(|d| lock(&self.blobs_seen).insert(d.digest.clone()))
             .collect::<Vec<_>>();
+        // Checked before the first byte moves: a Pod author must not be able to push any image
+        // at all into the mirror (and through the pull budget).
+        let adding: u64 = blobs.iter().map(|d| d.size).sum();
+        let size = self.image_size.fetch_add(adding, Ordering::Relaxed) + adding;
+        if let Some(max) = self.registries.settings().copies.max_image_size {
+            if size > max {
+                return Err(RegistryError::image(
+                    &self.source,
+                    ImageError::TooLarge { size, max },
+                ));
+            }
+        }
         // Largest first: the longest transfer starts at once, small ones fill in beside it.
         blobs.sort_by_key(|d| std::cmp::Reverse(d.size));
         futures::stream::iter(blobs)

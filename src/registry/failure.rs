@@ -120,6 +120,11 @@ pub enum ImageError {
     NestedTooDeep,
     #[error("invalid media type {0:?}")]
     MediaType(String),
+    #[error(
+        "the image is {size} bytes or more, over copies.maxImageSize ({max} bytes); copy it by \
+         hand or raise the limit"
+    )]
+    TooLarge { size: u64, max: u64 },
     #[error("no valid reference for it")]
     Reference(#[source] ReferenceError),
 }

@@ -351,6 +351,7 @@ impl Registries {
             progress,
             report: Mutex::new(CopyReport::default()),
             blobs_seen: Mutex::new(BTreeSet::new()),
+            image_size: AtomicU64::new(0),
             referrers,
         };
         job.run(platforms).await
