@@ -13,7 +13,9 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, ResourceQuota, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
@@ -104,6 +106,7 @@ impl Rendered {
                 "RoleBinding" => drop(strict::<RoleBinding>(o)),
                 "MutatingWebhookConfiguration" => drop(strict::<MutatingWebhookConfiguration>(o)),
                 "ValidatingAdmissionPolicy" => drop(strict::<ValidatingAdmissionPolicy>(o)),
+                "ResourceQuota" => drop(strict::<ResourceQuota>(o)),
                 "ValidatingAdmissionPolicyBinding" => {
                     drop(strict::<ValidatingAdmissionPolicyBinding>(o))
                 }
@@ -695,6 +698,21 @@ fn copy_jobs_component_grants_jobs_in_its_own_namespace_only() {
     assert_eq!(
         copy_policy.metadata.namespace.as_deref(),
         Some("image-mirror-system")
+    );
+    // The quota caps copy Pods (Terminating: they have a deadline), room for a few at the
+    // requests the webhook gives them, and never the webhook's own Pods (no deadline).
+    let quota: ResourceQuota = r.one("ResourceQuota");
+    let spec = quota.spec.unwrap();
+    assert_eq!(spec.scopes.unwrap(), ["Terminating"]);
+    let hard = spec.hard.unwrap();
+    assert!(hard["pods"].0.parse::<u32>().unwrap() >= 2);
+    let deployment: Deployment = r.one("Deployment");
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.active_deadline_seconds, None);
+    let namespace: Namespace = r.one("Namespace");
+    assert_eq!(
+        namespace.metadata.labels.unwrap()["pod-security.kubernetes.io/enforce"],
+        "restricted"
     );
 }
 

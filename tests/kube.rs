@@ -1153,3 +1153,68 @@ async fn copies_run_as_one_job_per_image_and_a_finished_job_sends_pods_to_the_mi
     ]);
     c.ok(&["-n", SYSTEM, "delete", "pod", &pod_name, "--wait=false"]);
 }
+
+/// `copies.concurrency` caps the Jobs a replica has running, as it caps copies in the webhook:
+/// a copy handed to a Job keeps its slot until the Job ends, and every Job has a deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_copy_jobs_are_capped_by_concurrency() {
+    const OVERLAY: &str = "tests/data/overlays/copy-jobs";
+    let Some(c) = cluster() else { return };
+    c.install_rbac(OVERLAY);
+    let _turn = take_turn().await;
+    common::init();
+    // Both registries empty: the mirror lacks every image (the Jobs never run here).
+    let upstream = common::registry::Registry::plain();
+    let mirror = common::registry::Registry::plain();
+    let (up, down) = (upstream.host(), mirror.host());
+    let table = format!(
+        "mirrors:\n  local:\n    type: repository\n    registry: \"{down}\"\n    prefix: mirror\n    naming: flatten\n\
+         rules:\n  - name: upstream\n    match: [\"{up}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n\
+         registries:\n  \"{up}\": {{insecure: true}}\n  \"{down}\": {{insecure: true}}\n\
+         checks: {{presentTtl: 10m, absentTtl: 10m}}\n\
+         copies: {{runner: job, concurrency: 1, jobDeadline: 10m}}\n\
+         namespaces:\n  exclude: [kube-system, {SYSTEM}]\n"
+    );
+    let kubeconfig = c.token_kubeconfig(SYSTEM, "image-mirror-webhook");
+    let pod_name = unique("image-mirror-webhook");
+    let env = [("POD_NAME", pod_name.as_str()), ("POD_NAMESPACE", SYSTEM)];
+    let hook = Hook::start_with_env(&table, &kubeconfig, &env).await;
+    webhook_pod(c, OVERLAY, &hook, &pod_name);
+    let (ns, _opted_in) = OptedIn::namespace(c, "capped");
+    c.register(&unique("mwc"), &hook, &[&ns]);
+    for app in ["a", "b"] {
+        run_pod(c, &ns, app, &format!("{up}/team/{app}:1"));
+    }
+    // One Job runs; the other copy waits in the queue for the slot the Job holds.
+    let depth = |text: &str| common::scrape(text, "image_mirror_copy_queue_depth");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = hook.metrics().await;
+        if copy_jobs(c).len() == 1 && depth(&text) == 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not one Job and one queued copy: {} Jobs\n{text}\n{}",
+            copy_jobs(c).len(),
+            hook.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = copy_jobs(c).remove(0);
+    assert_eq!(first["spec"]["activeDeadlineSeconds"], 600);
+    finish_job(c, first["metadata"]["name"].as_str().unwrap(), true);
+    hook.eventually(20, "the second Job, once the first ended", || {
+        (copy_jobs(c).len() == 2).then_some(())
+    })
+    .await;
+    c.ok(&[
+        "-n",
+        SYSTEM,
+        "delete",
+        "jobs",
+        "-l",
+        "image-mirror/role=copy",
+    ]);
+    c.ok(&["-n", SYSTEM, "delete", "pod", &pod_name, "--wait=false"]);
+}

@@ -241,6 +241,7 @@ pub fn job_for(
         ..template.container.clone()
     };
     let copies = &settings.copies;
+    let deadline = i64::try_from(copies.job_deadline.as_secs()).unwrap_or(i64::MAX);
     Job {
         metadata: ObjectMeta {
             name: Some(job_name(&source, &target)),
@@ -259,6 +260,8 @@ pub fn job_for(
                 i32::try_from(copies.job_ttl.as_secs()).unwrap_or(i32::MAX),
             ),
             pod_failure_policy: Some(failure_policy()),
+            // A copy that hangs is stopped (every try together: `copies.jobDeadline`).
+            active_deadline_seconds: Some(deadline),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(true)),
@@ -268,6 +271,10 @@ pub fn job_for(
                     containers: vec![container],
                     restart_policy: Some("Never".to_string()),
                     automount_service_account_token: Some(false),
+                    // Each try too; it also puts copy Pods in the `Terminating` quota scope,
+                    // which the copy-jobs component's ResourceQuota caps (the webhook's own
+                    // Pods have no deadline and stay out of it).
+                    active_deadline_seconds: Some(deadline),
                     ..template.pod.clone()
                 }),
             },
@@ -568,7 +575,7 @@ mod tests {
 
     #[test]
     fn the_job_runs_copy_with_the_webhooks_table_credentials_and_security() {
-        let s = settings("copies: {maxAttempts: 4, jobTtl: 5m, runner: job}\n");
+        let s = settings("copies: {maxAttempts: 4, jobTtl: 5m, jobDeadline: 20m, runner: job}\n");
         let j = job(&s, &request(&[], true));
         assert_eq!(
             j["metadata"]["name"],
@@ -600,6 +607,9 @@ mod tests {
         assert_eq!(rules[1]["action"], "Ignore");
         assert_eq!(rules[1]["onPodConditions"][0]["type"], "DisruptionTarget");
         assert_eq!(j["spec"]["ttlSecondsAfterFinished"], 300);
+        // A hanging copy is stopped, and each copy Pod is in the quota's Terminating scope.
+        assert_eq!(j["spec"]["activeDeadlineSeconds"], 1200);
+        assert_eq!(j["spec"]["template"]["spec"]["activeDeadlineSeconds"], 1200);
         let pod = &j["spec"]["template"];
         assert_eq!(pod["metadata"]["labels"][INJECT_LABEL], "disabled");
         let spec = &pod["spec"];

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::circuit::{Admit, CircuitSettings, Circuits, Transition};
 use super::{
@@ -123,10 +123,13 @@ struct Inner {
 }
 
 /// A copy a Job runs (see `Inner::handed`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Handed {
     at: Instant,
     started: bool,
+    /// The copy slot a Job this replica started holds until it ends, so that
+    /// `copies.concurrency` caps running Jobs as it caps copies in the webhook.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 /// How one check ended, as the checks metric counts it.
@@ -560,8 +563,14 @@ impl Inner {
     }
 
     /// Gives a copy to the Job runner; `false` when it could not, so it runs here instead
-    /// (a copy is never lost to trouble with Kubernetes).
-    async fn hand_over(&self, copy: &CopyRequest, settings: &crate::settings::Settings) -> bool {
+    /// (a copy is never lost to trouble with Kubernetes). A Job started here takes `slot`
+    /// with it until it ends.
+    async fn hand_over(
+        &self,
+        copy: &CopyRequest,
+        settings: &crate::settings::Settings,
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> bool {
         let Some(runner) = lock(&self.runner).clone() else {
             // Not a registry name: a host cannot be spelt with a space.
             if self.warning_due("copies runner") {
@@ -603,17 +612,27 @@ impl Inner {
         }
         let now = Instant::now();
         let started = submitted == Submitted::Started;
-        lock(&self.handed)
-            .entry(key)
-            .and_modify(|h| {
-                h.at = now;
-                h.started |= started;
-            })
-            .or_insert(Handed { at: now, started });
+        let slot = if started { slot.take() } else { None };
+        let mut handed = lock(&self.handed);
+        let entry = handed.entry(key).or_insert(Handed {
+            at: now,
+            started: false,
+            slot: None,
+        });
+        entry.at = now;
+        entry.started |= started;
+        if slot.is_some() {
+            entry.slot = slot;
+        } else if submitted == Submitted::Failed {
+            // It ended while nobody watched: its slot is free again.
+            entry.slot = None;
+        }
         true
     }
 
-    async fn run(self: Arc<Self>, job: Job) {
+    /// Runs one copy in its slot (`slot` is given back when it ends, or kept by its Job).
+    async fn run(self: Arc<Self>, job: Job, slot: OwnedSemaphorePermit) {
+        let mut slot = Some(slot);
         // A warm-up spends the pull-through cache's budget, not ours.
         if job.copy.mode == CopyMode::Copy {
             if let Some(wait) = self.budget_wait(&job.copy).await {
@@ -632,7 +651,7 @@ impl Inner {
         let settings = &self.config.current().settings;
         if settings.copies.runner == Runner::Job
             && job.copy.mode == CopyMode::Copy
-            && self.hand_over(&job.copy, settings).await
+            && self.hand_over(&job.copy, settings, &mut slot).await
         {
             return;
         }
@@ -725,10 +744,7 @@ async fn workers(inner: Weak<Inner>) {
             return;
         };
         strong.metrics.copy_queue_depth.dec();
-        tokio::spawn(async move {
-            strong.run(job).await;
-            drop(permit);
-        });
+        tokio::spawn(strong.run(job, permit));
     }
 }
 
