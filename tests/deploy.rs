@@ -600,10 +600,36 @@ fn ecr_overlay() {
             .unwrap(),
     )
     .unwrap();
-    let actions = policy["Statement"][0]["Action"].as_array().unwrap();
+    // Only the login, which AWS does not scope to repositories, holds for every resource; the
+    // pull-through actions hold for the table's cache prefixes in its account and region.
+    let statements = policy["Statement"].as_array().unwrap();
+    let (login, cache) = (&statements[0], &statements[1]);
+    assert_eq!(login["Action"], serde_json::json!(["ecr:GetAuthorizationToken"]));
+    assert_eq!(login["Resource"], "*");
+    let actions = cache["Action"].as_array().unwrap();
     for a in ["ecr:BatchImportUpstreamImage", "ecr:CreateRepository"] {
         assert!(actions.contains(&Value::from(a)), "{a}");
     }
+    let registry = ecr.registry.clone();
+    let account = registry.split('.').next().unwrap();
+    let region = registry.split('.').nth(3).unwrap();
+    let image_mirror_webhook::mapping::MirrorKind::PullThrough { upstreams } = &ecr.kind else {
+        panic!("the ecr mirror is a pull-through cache");
+    };
+    let mut wanted: Vec<String> = upstreams
+        .values()
+        .map(|prefix| format!("arn:aws:ecr:{region}:{account}:repository/{prefix}/*"))
+        .collect();
+    wanted.sort();
+    let mut resources: Vec<String> = cache["Resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    resources.sort();
+    assert_eq!(resources, wanted);
+    assert_eq!(statements.len(), 2);
 }
 
 #[test]
