@@ -604,7 +604,10 @@ fn ecr_overlay() {
     // pull-through actions hold for the table's cache prefixes in its account and region.
     let statements = policy["Statement"].as_array().unwrap();
     let (login, cache) = (&statements[0], &statements[1]);
-    assert_eq!(login["Action"], serde_json::json!(["ecr:GetAuthorizationToken"]));
+    assert_eq!(
+        login["Action"],
+        serde_json::json!(["ecr:GetAuthorizationToken"])
+    );
     assert_eq!(login["Resource"], "*");
     let actions = cache["Action"].as_array().unwrap();
     for a in ["ecr:BatchImportUpstreamImage", "ecr:CreateRepository"] {

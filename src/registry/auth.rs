@@ -87,7 +87,18 @@ pub fn docker_config_auth(
     host: &str,
 ) -> Result<Option<RegistryAuth>, DockerConfigError> {
     let config: DockerConfig =
-        serde_json::from_slice(text).map_err(|e| DockerConfigError::NotJson(e.to_string()))?;
+        serde_json::from_slice(text).map_err(|e| DockerConfigError::NotJson {
+            // serde's message can quote the value it choked on, which may be a credential:
+            // only where and what kind of problem.
+            category: match e.classify() {
+                serde_json::error::Category::Io => "unreadable",
+                serde_json::error::Category::Syntax => "not valid JSON",
+                serde_json::error::Category::Data => "not the shape of a docker config",
+                serde_json::error::Category::Eof => "cut short",
+            },
+            line: e.line(),
+            column: e.column(),
+        })?;
     let auths: HashMap<String, DockerAuth> = match config.auths {
         Some(a) => a,
         None => config
@@ -170,6 +181,25 @@ mod tests {
             err.contains("\"ghcr.io\"") && err.contains("base64"),
             "{err}"
         );
+        // A value of the wrong type: serde would quote it ("invalid type: string \"…\""), and it
+        // may be a credential. Only where, and what kind of problem.
+        let secret = "s3cr3t-value-never-printed";
+        for text in [
+            format!(
+                r#"{{"auths":{{"ghcr.io":{{"auth":"x","username":7,"password":"{secret}"}}}}}}"#
+            ),
+            format!(r#"{{"auths":{{"ghcr.io":{{"password":["{secret}"]}}}}}}"#),
+            format!(r#"{{"auths":{{"ghcr.io":"{secret}"}}}}"#),
+            format!(r#"{{"auths":{{"ghcr.io":{{"password":"{secret}"#),
+        ] {
+            let err = docker_config_auth(text.as_bytes(), "ghcr.io")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                !err.contains(secret) && err.contains("at line 1, column"),
+                "{err}"
+            );
+        }
         let err = docker_config_auth(br#"{"auths":{"ghcr.io":{"identitytoken":"x"}}}"#, "ghcr.io")
             .unwrap_err()
             .to_string();

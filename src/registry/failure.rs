@@ -88,8 +88,12 @@ pub enum CredentialError {
 /// What is wrong with a docker `config.json` / `.dockerconfigjson`. Names keys, never values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DockerConfigError {
-    #[error("not a docker config file: {0}")]
-    NotJson(String),
+    #[error("not a docker config file: {category} at line {line}, column {column}")]
+    NotJson {
+        category: &'static str,
+        line: usize,
+        column: usize,
+    },
     #[error("the auth of {0:?} is not base64")]
     NotBase64(String),
     #[error("the auth of {0:?} is not UTF-8")]
