@@ -542,9 +542,14 @@ fn check_pull_secret_rights(r: &Rendered, table: &Table) {
         .flat_map(|(_, r)| &r.verbs)
         .collect();
     assert_eq!(unnamed, ["create"]);
-    assert!(granted.iter().any(|(_, r)| r.api_groups.as_deref()
-        == Some(&["events.k8s.io".to_string()][..])
-        && r.verbs == ["create", "patch"]));
+    // Events only in the webhook's own namespace, where they are recorded.
+    let events: Vec<&(Option<String>, PolicyRule)> = granted
+        .iter()
+        .filter(|(_, r)| r.api_groups.as_deref() == Some(&["events.k8s.io".to_string()][..]))
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0.as_deref(), Some(source.namespace.as_str()));
+    assert_eq!(events[0].1.verbs, ["create", "patch"]);
     check_secret_fence(r, &copies);
 }
 

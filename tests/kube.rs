@@ -181,15 +181,17 @@ async fn opting_out_removes_only_managed_secrets_and_a_foreign_one_is_left_alone
     );
     let event = h
         .eventually(10, "the conflict Event", || {
-            let events = c.get(&["-n", "default", "events.events.k8s.io"])?;
+            let events = c.get(&["-n", SYSTEM, "events.events.k8s.io"])?;
             events["items"]
                 .as_array()?
                 .iter()
-                .find(|e| e["regarding"]["name"] == theirs.as_str())
+                .find(|e| e["related"]["namespace"] == theirs.as_str())
                 .cloned()
         })
         .await;
     assert_eq!(event["reason"], "PullSecretConflict");
+    assert_eq!(event["regarding"]["name"], SOURCE);
+    assert_eq!(event["related"]["name"], PULL);
     assert_eq!(event["type"], "Warning");
     assert!(event["note"]
         .as_str()

@@ -21,7 +21,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use futures::channel::mpsc;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::core::PartialObjectMeta;
@@ -29,7 +29,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 
 use super::{spawn_stream, FIELD_MANAGER};
 use crate::admission::webhook::PullSecrets;
@@ -571,14 +571,27 @@ impl Context {
             reason = why,
             "a pull secret of that name exists and is not ours; left alone"
         );
+        // About the source Secret, so that the Event lands in the webhook's own namespace (a
+        // Role there is enough to record it); the Secret in the way is its second object.
+        let secret_ref = |namespace: &str, name: &str| ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Secret".into()),
+            namespace: Some(namespace.into()),
+            name: Some(name.into()),
+            ..ObjectReference::default()
+        };
+        let Some(source) = self.wiring.provisioned.get(name) else {
+            return;
+        };
         let event = Event {
             type_: EventType::Warning,
             reason: "PullSecretConflict".into(),
             note: Some(note),
             action: "ProvisionPullSecret".into(),
-            secondary: None,
+            secondary: Some(secret_ref(&namespace, name)),
         };
-        if let Err(e) = self.recorder.publish(&event, &ns.object_ref(&())).await {
+        let regarding = secret_ref(&source.namespace, &source.name);
+        if let Err(e) = self.recorder.publish(&event, &regarding).await {
             tracing::warn!(namespace, error = %Report(&e), "cannot record the conflict Event");
         }
     }
