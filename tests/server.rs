@@ -806,3 +806,76 @@ async fn parallel_hostile_bodies_keep_memory_bounded_and_every_one_is_answered()
     );
     child.kill().await.unwrap();
 }
+
+/// Request strings (uid, names) reach the text log escaped: a forged review cannot write a line
+/// of its own into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_request_strings_cannot_inject_log_lines() {
+    use tokio::io::AsyncBufReadExt;
+    let tls = Tls::new();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--log-format", "text", "--shutdown-delay", "0s"])
+        .arg("--tls-cert")
+        .arg(&tls.files.cert)
+        .arg("--tls-key")
+        .arg(&tls.files.key)
+        .arg("--config")
+        .arg(data("table.yaml"))
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let port = loop {
+        let line = lines.next_line().await.unwrap().expect("server starts");
+        if line.contains("serving") {
+            let at = line.find("addr=").unwrap() + 5;
+            let addr: std::net::SocketAddr = line[at..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            break addr.port();
+        }
+    };
+    let mut review = fixture("pod_plain");
+    let forged = "\nFORGED INFO admission: all is well";
+    review["request"]["uid"] = json!(format!("u{forged}"));
+    review["request"]["object"]["metadata"]["name"] = json!(format!("web{forged}"));
+    review["request"]["name"] = json!(format!("web{forged}"));
+    let c = tls.client(Version::HTTP_2);
+    let resp = c
+        .post(format!("https://localhost:{port}/mutate"))
+        .json(&review)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut said = String::new();
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_secs(2), lines.next_line()).await
+    {
+        let done = line.contains("admission");
+        said.push_str(&line);
+        said.push('\n');
+        assert!(!line.starts_with("FORGED"), "an injected line:\n{said}");
+        if done {
+            break;
+        }
+    }
+    assert!(
+        said.contains(r"FORGED INFO admission: all is well"),
+        "{said}"
+    );
+    assert!(said.contains(r"\nFORGED"), "escaped: {said}");
+    child.kill().await.unwrap();
+}

@@ -73,6 +73,32 @@ pub fn refusal_body(api_version: &str, uid: &str, code: u16, message: &str) -> V
     serde_json::to_vec(&out).unwrap_or_default()
 }
 
+/// The audit log's longest would-rewrite record: every audit event of the Pod carries it, and
+/// a forged review's Pod can name thousands of images.
+const AUDIT_RECORD_MAX: usize = 4096;
+
+/// What each image would have become (JSON: key → target), cut to [`AUDIT_RECORD_MAX`] bytes
+/// with a last entry `"…"` that says how many were left out.
+fn would_rewrite_record(mutation: &Mutation) -> String {
+    let mut record = serde_json::Map::new();
+    let mut len = 2;
+    let mut left_out = 0;
+    for r in &mutation.would_rewrite {
+        // Its JSON text: two quoted strings, a colon and a comma (escapes may add a little).
+        let adds = r.key.len() + r.target.len() + 6;
+        if left_out > 0 || len + adds > AUDIT_RECORD_MAX {
+            left_out += 1;
+            continue;
+        }
+        len += adds;
+        record.insert(r.key.clone(), serde_json::Value::String(r.target.clone()));
+    }
+    if left_out > 0 {
+        record.insert("…".into(), format!("{left_out} more").into());
+    }
+    serde_json::Value::Object(record).to_string()
+}
+
 /// The response AdmissionReview: `allowed: true`, and the patch when there is one.
 pub fn response_body(api_version: &str, uid: &str, mutation: &Mutation) -> Vec<u8> {
     let patch = (!mutation.patch.is_empty()).then(|| {
@@ -84,15 +110,7 @@ pub fn response_body(api_version: &str, uid: &str, mutation: &Mutation) -> Vec<u
         // Like the original-images record: what each image would have become. The API server
         // prefixes the key with the webhook's name (`<webhook>/would-rewrite`): a key with a
         // `/` of its own would be dropped.
-        let record: serde_json::Map<String, serde_json::Value> = mutation
-            .would_rewrite
-            .iter()
-            .map(|r| (r.key.clone(), serde_json::Value::String(r.target.clone())))
-            .collect();
-        audit.insert(
-            WOULD_REWRITE_AUDIT_KEY,
-            serde_json::Value::Object(record).to_string(),
-        );
+        audit.insert(WOULD_REWRITE_AUDIT_KEY, would_rewrite_record(mutation));
     }
     if !mutation.rewrites.is_empty() {
         audit.insert("rewrites", mutation.rewrites.len().to_string());
@@ -120,4 +138,42 @@ pub fn response_body(api_version: &str, uid: &str, mutation: &Mutation) -> Vec<u
         },
     };
     serde_json::to_vec(&out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::RewriteRecord;
+    use crate::pod::ImageSite;
+
+    #[test]
+    fn the_audit_record_is_cut_and_says_how_much() {
+        let record = |n: usize| RewriteRecord {
+            site: ImageSite::Containers,
+            key: format!("c{n}"),
+            container: format!("c{n}"),
+            source: "nginx".into(),
+            source_registry: "docker.io".into(),
+            target: format!("ghcr.io/m/{}", "x".repeat(100)),
+            mirror: "m".into(),
+        };
+        let few = Mutation {
+            would_rewrite: (0..3).map(record).collect(),
+            ..Mutation::default()
+        };
+        let text = would_rewrite_record(&few);
+        let parsed: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed.len(), 3);
+        let many = Mutation {
+            would_rewrite: (0..2000).map(record).collect(),
+            ..Mutation::default()
+        };
+        let text = would_rewrite_record(&many);
+        assert!(text.len() <= AUDIT_RECORD_MAX + 32, "{}", text.len());
+        let parsed: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&text).unwrap();
+        let kept = parsed.len() - 1;
+        assert_eq!(parsed["…"], format!("{} more", 2000 - kept));
+    }
 }

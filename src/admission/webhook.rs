@@ -75,7 +75,7 @@ impl Webhook {
             Err(e) => {
                 self.count_request("", e.metric_label(), started);
                 let reason = Report(&e).to_string();
-                tracing::warn!(error = %reason, "refused a request body");
+                tracing::warn!(error = reason.as_str(), "refused a request body");
                 return Answer::BadRequest(reason);
             }
         };
@@ -91,7 +91,7 @@ impl Webhook {
                     return refuse(&review, 500, &why);
                 }
                 // Never block a Pod through our own fault: allowed, unchanged.
-                tracing::error!(uid = %review.request.uid, namespace = review.namespace(),
+                tracing::error!(uid = review.request.uid.as_str(), namespace = review.namespace(),
                     pod = review.pod_name(), error = %e, "admission failed; allowed unchanged");
                 return Answer::Review(response_body(
                     &review.api_version,
@@ -249,7 +249,7 @@ impl Webhook {
                 .inc();
         }
         tracing::info!(
-            uid = %review.request.uid,
+            uid = review.request.uid.as_str(),
             operation = review.operation(),
             namespace = review.namespace(),
             pod = review.pod_name(),
@@ -267,8 +267,14 @@ impl Webhook {
 
 /// Strict mode's answer: logged, then `allowed: false` with `code` and `why`.
 fn refuse(review: &Review, code: u16, why: &str) -> Answer {
-    tracing::warn!(uid = %review.request.uid, namespace = review.namespace(),
-        pod = review.pod_name(), code, reason = why, "refused (strict)");
+    tracing::warn!(
+        uid = review.request.uid.as_str(),
+        namespace = review.namespace(),
+        pod = review.pod_name(),
+        code,
+        reason = why,
+        "refused (strict)"
+    );
     Answer::Review(refusal_body(
         &review.api_version,
         &review.request.uid,
