@@ -428,6 +428,16 @@ pub async fn start(opts: ServeOptions, mirrors: Mirrors) -> Result<Running, Serv
     let config = tokio::task::spawn_blocking(move || ConfigHandle::open(path.as_deref()))
         .await
         .unwrap_or(Err(ConfigError::Cancelled))?;
+    start_with(opts, config, mirrors).await
+}
+
+/// [`start`] with the table already opened from `opts.config` (`serve` reads it before it
+/// makes any file, so that a broken table leaves nothing behind).
+pub async fn start_with(
+    opts: ServeOptions,
+    config: ConfigHandle,
+    mirrors: Mirrors,
+) -> Result<Running, ServeError> {
     let (metrics, registry) = Metrics::new();
     let registry = Arc::new(registry);
     let mut watchers = Vec::new();

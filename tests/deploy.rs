@@ -349,6 +349,23 @@ fn check_common(r: &Rendered) -> Deployment {
         .as_ref()
         .unwrap();
     assert_eq!(ready.path.as_deref(), Some("/readyz"));
+    // On the plain metrics port: the admission port may require the API server's client
+    // certificate (--client-ca), which the kubelet does not have.
+    assert_eq!(
+        ready.port,
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("metrics".into())
+    );
+    assert_eq!(ready.scheme.as_deref(), Some("HTTP"));
+    // The serving key is readable by the owner and the Pod's group only (0440).
+    let tls = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "tls")
+        .and_then(|v| v.secret.as_ref())
+        .unwrap();
+    assert_eq!(tls.default_mode, Some(0o440));
+    assert_eq!(psc.fs_group, Some(65532));
     let live = c
         .liveness_probe
         .as_ref()

@@ -167,12 +167,24 @@ pub enum LogFormat {
 
 #[derive(Debug, clap::Args)]
 pub struct CertsArgs {
-    /// Directory for ca.crt, tls.crt and tls.key.
+    /// Directory for ca.crt, ca.key, tls.crt and tls.key.
     #[arg(long, default_value = DEFAULT_CERT_DIR)]
     pub out: PathBuf,
-    /// DNS names of the serving certificate (default: localhost and the in-cluster Service names).
-    #[arg(long)]
+    /// Names of the serving certificate: DNS names, and IP addresses (they go into IP SANs);
+    /// several after one flag, the flag repeated, or comma-separated. Default: localhost,
+    /// 127.0.0.1, ::1 and the in-cluster Service names.
+    #[arg(long, num_args = 1.., value_name = "NAME")]
     pub dns: Vec<String>,
+    /// Days the serving certificate is valid, from now.
+    #[arg(long, default_value_t = crate::certs::SERVING_DAYS, value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub days: u32,
+    /// Days a new CA is valid, from now (a CA already in --out is kept as it is).
+    #[arg(long, default_value_t = crate::certs::CA_DAYS, value_parser = clap::value_parser!(u32).range(1..=36500))]
+    pub ca_days: u32,
+    /// Make a new CA even when --out has one (every caBundle made from the old one must then
+    /// be replaced).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Where `serve` looks for (and `certs` writes) development certificates.
@@ -236,6 +248,8 @@ fn init_tracing(format: LogFormat) {
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     init_tracing(args.log_format);
+    // Everything is checked before anything is made: a broken table writes no certificates.
+    let config = crate::config::ConfigHandle::open(args.config.as_deref())?;
     let mut tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => crate::tls::TlsFiles {
             cert,
@@ -262,7 +276,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         let mirrors =
             crate::server::Mirrors::Registries(crate::registry::RegistryOptions::default());
-        let running = crate::server::start(opts, mirrors).await?;
+        let running = crate::server::start_with(opts, config, mirrors).await?;
         running.run_until_signal().await
     })?;
     Ok(ExitCode::SUCCESS)
@@ -289,10 +303,12 @@ fn development_certificates() -> anyhow::Result<crate::tls::TlsFiles> {
         tracing::warn!(dir = %dir.display(),
             "no --tls-cert/--tls-key: serving with the development certificates made earlier");
     } else {
-        crate::certs::DevCerts::generate(&crate::certs::default_dns_names())?.write(&dir)?;
-        tracing::warn!(dir = %dir.display(),
-            "no --tls-cert/--tls-key: made development certificates (a CA of their own) and \
-             serving with them; for development only");
+        let opts = crate::certs::CertOptions::default();
+        let (certs, ca) = crate::certs::DevCerts::in_dir(&dir, &opts, false)?;
+        certs.write(&dir)?;
+        tracing::warn!(dir = %dir.display(), new_ca = ca == crate::certs::Ca::Made,
+            "no --tls-cert/--tls-key: made development certificates (signed by the CA in that \
+             directory) and serving with them; for development only");
     }
     Ok(files)
 }
@@ -304,17 +320,38 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn certs(args: &CertsArgs) -> anyhow::Result<ExitCode> {
-    let dns = if args.dns.is_empty() {
-        crate::certs::default_dns_names()
-    } else {
-        args.dns.clone()
+    let mut opts = crate::certs::CertOptions {
+        days: args.days,
+        ca_days: args.ca_days,
+        ..Default::default()
     };
-    let certs = crate::certs::DevCerts::generate(&dns)?;
+    if !args.dns.is_empty() {
+        opts = opts.with_names(&args.dns)?;
+    }
+    let (certs, ca) = crate::certs::DevCerts::in_dir(&args.out, &opts, args.force)?;
     certs.write(&args.out)?;
+    let dir = args.out.display();
+    let day = |t: time::OffsetDateTime| t.date().to_string();
+    match ca {
+        crate::certs::Ca::Made => eprintln!(
+            "made a new CA: {dir}/ca.crt and {dir}/ca.key, valid until {}",
+            certs.ca_not_after.map(day).unwrap_or_default()
+        ),
+        crate::certs::Ca::Kept => eprintln!(
+            "kept the CA in {dir}/ca.crt (--force makes a new one); caBundles made from it stay \
+             good"
+        ),
+    }
+    let names: Vec<String> = opts
+        .dns
+        .iter()
+        .cloned()
+        .chain(opts.ips.iter().map(|ip| ip.to_string()))
+        .collect();
     eprintln!(
-        "wrote {0}/ca.crt, {0}/tls.crt and {0}/tls.key for {1}",
-        args.out.display(),
-        dns.join(", ")
+        "wrote {dir}/tls.crt and {dir}/tls.key for {}, valid until {}",
+        names.join(", "),
+        day(certs.not_after)
     );
     eprintln!("caBundle for the MutatingWebhookConfiguration:");
     println!("{}", certs.ca_bundle());
