@@ -59,10 +59,11 @@ pub struct TransitionLabels {
     pub state: &'static str,
 }
 
-/// Admission latency buckets: fine below 5 ms, where a healthy webhook lives.
-const ADMISSION_BUCKETS: [f64; 16] = [
+/// Admission latency buckets: fine below 5 ms, where a healthy webhook lives, and up to the
+/// default 2 s budget, where the slow-admission alert looks.
+const ADMISSION_BUCKETS: [f64; 19] = [
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.5, 1.0,
+    0.1, 0.5, 1.0, 1.5, 2.0, 3.0,
 ];
 const REGISTRY_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -209,7 +210,8 @@ impl Metrics {
         );
         r.register(
             "mirror_check_cache",
-            "Mirror existence lookups answered from the cache (hit) or not (miss)",
+            "Mirror existence lookups: answered from the cache (hit), with a stale unknown while \
+             the registry is asked again (stale), or by asking it (miss)",
             m.check_cache.clone(),
         );
         r.register(
@@ -245,7 +247,7 @@ impl Metrics {
         );
         r.register(
             "copy_queue_depth",
-            "Copies waiting or running",
+            "Copies waiting for a slot (running ones are not counted)",
             m.copy_queue_depth.clone(),
         );
         r.register(
@@ -283,9 +285,53 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION").to_string(),
             })
             .set(1);
+        // Series whose labels are known now exist from start, at 0 (an alert's `increase()`
+        // misses a first event that has no earlier sample); the admission and mirror layers add
+        // theirs.
+        for result in ["success", "failure", "unchanged"] {
+            drop(m.config_reloads.get_or_create(&ResultLabels { result }));
+            drop(
+                m.certificate_reloads
+                    .get_or_create(&ResultLabels { result }),
+            );
+        }
+        for result in ["success", "failure", "given_up", "dropped", "job"] {
+            drop(m.copies.get_or_create(&ResultLabels { result }));
+        }
+        for result in ["hit", "miss", "stale"] {
+            drop(m.check_cache.get_or_create(&ResultLabels { result }));
+        }
         (m, r)
     }
+
+    /// The series of `registries` (the table's mirrors and upstreams), at 0 until they move.
+    pub fn init_registries<'a>(&self, registries: impl IntoIterator<Item = &'a str>) {
+        for registry in registries {
+            let labels = RegistryLabels {
+                registry: registry.to_string(),
+            };
+            drop(self.circuit_open.get_or_create(&labels));
+            drop(self.copies_paused.get_or_create(&labels));
+            drop(self.too_many_requests.get_or_create(&labels));
+            for result in CHECK_RESULTS {
+                drop(self.checks.get_or_create(&CheckLabels {
+                    registry: registry.to_string(),
+                    result,
+                }));
+            }
+        }
+    }
 }
+
+/// The `result` label of mirror checks.
+pub const CHECK_RESULTS: [&str; 6] = [
+    "present",
+    "absent",
+    "unauthorized",
+    "error",
+    "timeout",
+    "circuit-open",
+];
 
 /// The content type of [`encode`]'s Prometheus text output.
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";

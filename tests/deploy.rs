@@ -1,6 +1,8 @@
 //! deploy/ rendered with the machine's `kubectl kustomize`, every object deserialised into
 //! k8s-openapi types with unknown fields treated as errors, and checked against the binary.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -905,4 +907,258 @@ fn dockerfile_runs_the_binary_as_non_root() {
     assert!(text.contains("USER 65532"));
     assert!(text.matches("FROM ").count() >= 2, "multi-stage");
     assert!(text.contains("org.opencontainers.image.source"));
+}
+
+/// What `serve` exposes on /metrics right after it started (the GHCR table, no Kubernetes): the
+/// series names with their labels, `name{labels}`.
+fn series_at_start() -> std::collections::BTreeSet<String> {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    image_mirror_webhook::certs::DevCerts::generate(&["localhost".to_string()])
+        .unwrap()
+        .write(dir.path())
+        .unwrap();
+    let mut child = common::serve_command(
+        &dir.path().join("tls.crt"),
+        &dir.path().join("tls.key"),
+        &root().join("deploy/components/ghcr/config.yaml"),
+    )
+    .args(["--kubernetes", "off"])
+    .env("RUST_LOG", "info")
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let metrics = stderr
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| common::serving_addrs(&l))
+        .expect("serve starts")
+        .1;
+    let text = std::process::Command::new("curl")
+        .args(["-sS", &format!("http://{metrics}/metrics")])
+        .output()
+        .unwrap()
+        .stdout;
+    let _ = child.kill();
+    let _ = child.wait();
+    String::from_utf8(text)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_string()))
+        .collect()
+}
+
+/// One alert's unit test: series (as the webhook exposes them) with their values per minute, and
+/// when the alert must be firing.
+struct AlertCase {
+    alert: &'static str,
+    series: &'static [(&'static str, &'static str)],
+    firing_at: &'static str,
+    /// The labels the alert carries besides its own (a `by` clause).
+    labels: &'static str,
+}
+
+const ALERT_CASES: &[AlertCase] = &[
+    AlertCase {
+        alert: "ImageMirrorAdmissionErrors",
+        series: &[(
+            r#"image_mirror_admission_requests_total{operation="CREATE",result="error"}"#,
+            "0x10 1+1x40",
+        )],
+        firing_at: "30m",
+        labels: "",
+    },
+    AlertCase {
+        alert: "ImageMirrorCopyFailures",
+        series: &[(r#"image_mirror_copies_total{result="failure"}"#, "0 1+1x60")],
+        firing_at: "45m",
+        labels: "",
+    },
+    AlertCase {
+        alert: "ImageMirrorCopiesGivenUp",
+        // One copy given up, the first event after start.
+        series: &[(
+            r#"image_mirror_copies_total{result="given_up"}"#,
+            "0 0 0 1x5",
+        )],
+        firing_at: "4m",
+        labels: "",
+    },
+    AlertCase {
+        alert: "ImageMirrorPullBudgetLow",
+        series: &[(
+            r#"image_mirror_copies_paused{registry="docker.io"}"#,
+            "0 1x150",
+        )],
+        firing_at: "140m",
+        labels: r#"registry="docker.io""#,
+    },
+    AlertCase {
+        alert: "ImageMirrorRegistryRateLimited",
+        series: &[(
+            r#"image_mirror_registry_too_many_requests_total{registry="docker.io"}"#,
+            "0 5+5x40",
+        )],
+        firing_at: "30m",
+        labels: r#"registry="docker.io""#,
+    },
+    AlertCase {
+        alert: "ImageMirrorCertificateExpiring",
+        // A week left (the clock of a rule test starts at 0).
+        series: &[(
+            "image_mirror_certificate_expiry_timestamp_seconds",
+            "604800x90",
+        )],
+        firing_at: "70m",
+        labels: "",
+    },
+    AlertCase {
+        alert: "ImageMirrorAdmissionSlow",
+        // Every review between 1 and 1.5 s.
+        series: &[
+            (
+                r#"image_mirror_admission_duration_seconds_bucket{le="0.5"}"#,
+                "0x30",
+            ),
+            (
+                r#"image_mirror_admission_duration_seconds_bucket{le="1.0"}"#,
+                "0x30",
+            ),
+            (
+                r#"image_mirror_admission_duration_seconds_bucket{le="1.5"}"#,
+                "0 10+10x30",
+            ),
+            (
+                r#"image_mirror_admission_duration_seconds_bucket{le="+Inf"}"#,
+                "0 10+10x30",
+            ),
+        ],
+        firing_at: "25m",
+        labels: "",
+    },
+    AlertCase {
+        alert: "ImageMirrorConfigReloadFailed",
+        series: &[(
+            r#"image_mirror_config_reloads_total{result="failure"}"#,
+            "0 0 1x5",
+        )],
+        firing_at: "3m",
+        labels: "",
+    },
+];
+
+/// The optional rule reads the API server's metric, not the webhook's.
+const FAIL_OPEN_CASE: AlertCase = AlertCase {
+    alert: "ImageMirrorWebhookFailingOpen",
+    series: &[(
+        r#"apiserver_admission_webhook_fail_open_count{name="pods.image-mirror-webhook.image-mirror.io",type="admit"}"#,
+        "0 0 3x5",
+    )],
+    firing_at: "3m",
+    labels: "",
+};
+
+/// `promtool test rules` of `rules` (a PrometheusRule's spec) with one test per case: each fires
+/// on its series, and not before they move.
+fn promtool_test_rules(rules: &Value, cases: &[&AlertCase]) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), rules.to_string()).unwrap();
+    let mut tests = Vec::new();
+    for case in cases {
+        let input: Vec<Value> = case
+            .series
+            .iter()
+            .map(|(s, v)| serde_json::json!({"series": s, "values": v}))
+            .collect();
+        let severity = rules["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().unwrap())
+            .find(|r| r["alert"] == case.alert)
+            .map(|r| r["labels"]["severity"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no alert {}", case.alert));
+        let extra = if case.labels.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", case.labels)
+        };
+        let firing = |at: &str, samples: Vec<Value>| {
+            serde_json::json!({
+                "expr": format!("ALERTS{{alertname=\"{}\", alertstate=\"firing\"}}", case.alert),
+                "eval_time": at,
+                "exp_samples": samples,
+            })
+        };
+        let labels = format!(
+            "ALERTS{{alertname=\"{}\", alertstate=\"firing\", severity=\"{severity}\"{extra}}}",
+            case.alert
+        );
+        tests.push(serde_json::json!({
+            "interval": "1m",
+            "input_series": input,
+            "promql_expr_test": [
+                firing("0m", vec![]),
+                firing(case.firing_at, vec![serde_json::json!({"labels": labels, "value": 1})]),
+            ],
+        }));
+    }
+    let file = serde_json::json!({
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": tests,
+    });
+    std::fs::write(dir.path().join("tests.yaml"), file.to_string()).unwrap();
+    let out = Command::new("promtool")
+        .args(["test", "rules", "tests.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("promtool (Debian: prometheus) is installed");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every alert fires on the series the webhook exposes from start, including the first event
+/// after start (a series that appeared only with it would give `increase()` nothing to compare).
+#[test]
+fn every_alert_fires_on_the_series_the_webhook_exposes_from_start() {
+    let r = Rendered::new(&root().join("deploy/monitoring"));
+    let rule = r
+        .objects
+        .iter()
+        .find(|o| o["kind"] == "PrometheusRule")
+        .unwrap();
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["alert"].as_str().unwrap())
+        .collect();
+    let tested: Vec<&str> = ALERT_CASES.iter().map(|c| c.alert).collect();
+    assert_eq!(alerts, tested, "every alert has its unit test here");
+    let exposed = series_at_start();
+    for case in ALERT_CASES {
+        for (series, _) in case.series {
+            assert!(
+                exposed.contains(*series),
+                "{}: {series} is not exposed at start:\n{exposed:#?}",
+                case.alert
+            );
+        }
+    }
+    promtool_test_rules(&rule["spec"], &ALERT_CASES.iter().collect::<Vec<_>>());
+
+    // The optional rule on the API server's metric.
+    let text =
+        std::fs::read_to_string(root().join("deploy/monitoring/optional/apiserver-fail-open.yaml"))
+            .unwrap();
+    let optional: Value = serde_saphyr::from_str(&text).unwrap();
+    assert_eq!(optional["kind"], "PrometheusRule");
+    promtool_test_rules(&optional["spec"], &[&FAIL_OPEN_CASE]);
 }

@@ -168,6 +168,21 @@ pub enum Skip {
 }
 
 impl Skip {
+    /// Every reason, for the metric's series that exist from start.
+    pub fn all() -> impl Iterator<Item = Skip> {
+        [
+            Skip::NotAPod,
+            Skip::PodOptedOut,
+            Skip::NamespaceExcluded,
+            Skip::PodTooLarge,
+            Skip::MirrorAbsent,
+            Skip::MirrorUnknown,
+            Skip::PullSecretMissing,
+        ]
+        .into_iter()
+        .chain(KeepReasonKind::ALL.map(Skip::Image))
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Skip::NotAPod => "not-a-pod",

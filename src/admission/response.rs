@@ -75,7 +75,7 @@ pub fn refusal_body(api_version: &str, uid: &str, code: u16, message: &str) -> V
 
 /// The audit log's longest would-rewrite record: every audit event of the Pod carries it, and
 /// a forged review's Pod can name thousands of images.
-const AUDIT_RECORD_MAX: usize = 4096;
+const AUDIT_RECORD_MAX: usize = 64 * 1024;
 
 /// What each image would have become (JSON: key → target), cut to [`AUDIT_RECORD_MAX`] bytes
 /// with a last entry `"…"` that says how many were left out.
@@ -166,7 +166,7 @@ mod tests {
             serde_json::from_str(&text).unwrap();
         assert_eq!(parsed.len(), 3);
         let many = Mutation {
-            would_rewrite: (0..2000).map(record).collect(),
+            would_rewrite: (0..2048).map(record).collect(),
             ..Mutation::default()
         };
         let text = would_rewrite_record(&many);
@@ -174,6 +174,6 @@ mod tests {
         let parsed: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(&text).unwrap();
         let kept = parsed.len() - 1;
-        assert_eq!(parsed["…"], format!("{} more", 2000 - kept));
+        assert_eq!(parsed["…"], format!("{} more", 2048 - kept));
     }
 }

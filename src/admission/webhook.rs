@@ -54,8 +54,40 @@ pub enum Answer {
     BadRequest(String),
 }
 
+/// The `result` label of reviews answered (with an operation) and of bodies that were not.
+const RESULTS: [&str; 6] = [
+    "patched",
+    "reported",
+    "skipped",
+    "unchanged",
+    "error",
+    "refused",
+];
+const BODY_RESULTS: [&str; 2] = ["invalid", "overloaded"];
+
 impl Webhook {
     pub fn new(config: ConfigHandle, metrics: Metrics) -> Self {
+        // Every series an alert or the dashboard reads exists from start, at 0: `increase()`
+        // sees the first event only against an earlier sample.
+        for operation in ["CREATE", "UPDATE"] {
+            for result in RESULTS {
+                drop(metrics.admission_requests.get_or_create(&RequestLabels {
+                    operation: operation.to_string(),
+                    result,
+                }));
+            }
+        }
+        for result in BODY_RESULTS {
+            drop(metrics.admission_requests.get_or_create(&RequestLabels {
+                operation: String::new(),
+                result,
+            }));
+        }
+        for skip in Skip::all() {
+            drop(metrics.skips.get_or_create(&ReasonLabels {
+                reason: skip.label(),
+            }));
+        }
         Webhook {
             config,
             metrics,

@@ -236,6 +236,15 @@ pub enum KeepReasonKind {
 }
 
 impl KeepReasonKind {
+    pub const ALL: [KeepReasonKind; 6] = [
+        KeepReasonKind::Unparsable,
+        KeepReasonKind::NoMatch,
+        KeepReasonKind::Excluded,
+        KeepReasonKind::AlreadyMirrored,
+        KeepReasonKind::NoCachePrefix,
+        KeepReasonKind::InvalidTarget,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             KeepReasonKind::Unparsable => "unparsable",

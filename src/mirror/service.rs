@@ -185,6 +185,7 @@ impl MirrorService {
     /// Starts the copy workers on the current Tokio runtime, and follows configuration reloads.
     pub fn start(config: ConfigHandle, registries: Arc<Registries>, metrics: Metrics) -> Self {
         let concurrency = config.current().settings.copies.concurrency;
+        init_registry_series(&metrics, &config.current());
         // Subscribed now, so that no reload between here and the task's start is missed.
         let changes = config.subscribe();
         let inner = Arc::new(Inner {
@@ -266,13 +267,22 @@ impl CopyEnds for Ends {
     }
 }
 
+/// The per-registry series of the table's mirrors and of the registries it has settings for.
+fn init_registry_series(metrics: &Metrics, config: &crate::config::Config) {
+    let mirrors = config.table.mirrors().iter().map(|m| m.registry.as_str());
+    let configured = config.settings.registries().keys().map(String::as_str);
+    metrics.init_registries(mirrors.chain(configured));
+}
+
 /// Hands every reloaded configuration's settings to the registries and the copy slots.
 async fn follow_reloads(inner: Weak<Inner>, mut changes: tokio::sync::watch::Receiver<u64>) {
     while changes.changed().await.is_ok() {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let settings = inner.config.current().settings.clone();
+        let config = inner.config.current();
+        init_registry_series(&inner.metrics, &config);
+        let settings = config.settings.clone();
         inner.registries.apply(settings.clone());
         inner.resize(settings.copies.concurrency);
     }
