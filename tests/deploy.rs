@@ -1162,3 +1162,76 @@ fn every_alert_fires_on_the_series_the_webhook_exposes_from_start() {
     assert_eq!(optional["kind"], "PrometheusRule");
     promtool_test_rules(&optional["spec"], &[&FAIL_OPEN_CASE]);
 }
+
+/// The network settings live in one component every overlay includes; changed there as its
+/// comments say (control plane only, another scraping namespace, a registry on port 5000), the
+/// rendered policy follows.
+#[test]
+fn network_policy_settings_are_set_in_one_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("deploy");
+    copy_tree(&root().join("deploy"), &copy);
+    let rules = copy.join("components/network-policy/rules.yaml");
+    let text = std::fs::read_to_string(&rules).unwrap();
+    let changed = text
+        .replacen(
+            "    - ports:\n        - {port: 8443, protocol: TCP}\n",
+            "    - ports:\n        - {port: 8443, protocol: TCP}\n      from: [{ipBlock: {cidr: 10.0.0.10/32}}]\n",
+            1,
+        )
+        .replace(
+            "kubernetes.io/metadata.name: monitoring",
+            "kubernetes.io/metadata.name: observability",
+        )
+        .replace(
+            "    #   - ports:\n    #       - {port: 5000, protocol: TCP}\n",
+            "    - ports:\n        - {port: 5000, protocol: TCP}\n",
+        );
+    assert_eq!(
+        changed.matches("10.0.0.10/32").count(),
+        2,
+        "the example and the setting"
+    );
+    assert!(
+        changed.contains("observability")
+            && changed.contains("    - ports:\n        - {port: 5000")
+    );
+    std::fs::write(&rules, changed).unwrap();
+    for overlay in ["ghcr", "ecr", "self-signed"] {
+        if overlay == "self-signed" {
+            Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
+                .args(["certs", "--out"])
+                .arg(copy.join("components/self-signed"))
+                .output()
+                .unwrap();
+        }
+        let r = Rendered::new(&copy.join("overlays").join(overlay));
+        let np: NetworkPolicy = r
+            .all::<NetworkPolicy>("NetworkPolicy")
+            .into_iter()
+            .find(|p| p.metadata.name.as_deref() == Some("image-mirror-webhook"))
+            .unwrap();
+        let spec = np.spec.unwrap();
+        let ingress = spec.ingress.unwrap();
+        let cidr = ingress[0].from.as_ref().unwrap()[0]
+            .ip_block
+            .as_ref()
+            .unwrap();
+        assert_eq!(cidr.cidr, "10.0.0.10/32", "{overlay}");
+        let scrape = ingress[1].from.as_ref().unwrap()[0]
+            .namespace_selector
+            .clone()
+            .unwrap()
+            .match_labels
+            .unwrap();
+        assert_eq!(scrape["kubernetes.io/metadata.name"], "observability");
+        let ports: Vec<String> = spec
+            .egress
+            .unwrap()
+            .iter()
+            .flat_map(|e| e.ports.clone().unwrap_or_default())
+            .map(|p| serde_json::to_value(p.port).unwrap().to_string())
+            .collect();
+        assert!(ports.contains(&"5000".to_string()), "{overlay}: {ports:?}");
+    }
+}
