@@ -907,6 +907,48 @@ fn dockerfile_runs_the_binary_as_non_root() {
     assert!(text.contains("USER 65532"));
     assert!(text.matches("FROM ").count() >= 2, "multi-stage");
     assert!(text.contains("org.opencontainers.image.source"));
+    // Base images by digest: a rebuild gets the bytes that were reviewed.
+    for from in text.lines().filter(|l| l.starts_with("FROM ")) {
+        let image = from.split_whitespace().nth(1).unwrap();
+        let digest = image.split_once("@sha256:").map(|(_, d)| d).unwrap_or("");
+        assert!(
+            digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{from}"
+        );
+    }
+    // The dependency stage makes a stand-in for every bench the manifest names (cargo refuses a
+    // manifest whose targets are missing): the same awk over Cargo.toml finds them all.
+    let program = text
+        .split("awk '")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .expect("the Dockerfile lists benches with awk");
+    let out = Command::new("awk")
+        .arg(program)
+        .arg(root().join("Cargo.toml"))
+        .output()
+        .unwrap();
+    let found: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(found, bench_names(&root().join("Cargo.toml")));
+}
+
+/// The `[[bench]]` names of a Cargo manifest, read line by line (no TOML parser here).
+fn bench_names(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut names = Vec::new();
+    let mut in_bench = false;
+    for line in text.lines() {
+        if line.starts_with('[') {
+            in_bench = line == "[[bench]]";
+        } else if let Some(name) = line.strip_prefix("name = ").filter(|_| in_bench) {
+            names.push(name.trim_matches('"').to_string());
+        }
+    }
+    names
 }
 
 /// What `serve` exposes on /metrics right after it started (the GHCR table, no Kubernetes): the
