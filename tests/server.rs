@@ -879,3 +879,60 @@ async fn forged_request_strings_cannot_inject_log_lines() {
     assert!(said.contains(r"\nFORGED"), "escaped: {said}");
     child.kill().await.unwrap();
 }
+
+/// `--client-ca`: only a caller with a client certificate that CA signed (the API server's, as
+/// its AdmissionConfiguration names it) gets through the TLS handshake; the metrics port, where
+/// the kubelet probes, asks for none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_client_ca_only_the_api_servers_certificate_gets_through() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let tls = Tls::new();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "API server client CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let (cert, key) = common::envtest::signed(&issuer, "kube-apiserver", None, false);
+    let client_ca = tls.dir.path().join("client-ca.crt");
+    std::fs::write(&client_ca, &ca_pem).unwrap();
+    let mut opts = tls.options(Some(data("table.yaml")));
+    opts.tls.client_ca = Some(client_ca);
+    let s = server::start(opts, Mirrors::Off).await.unwrap();
+    let review = fixture("pod_plain");
+
+    let anonymous = tls.client(Version::HTTP_2);
+    let refused = anonymous
+        .post(url(&s, "/mutate"))
+        .json(&review)
+        .send()
+        .await;
+    assert!(
+        refused.is_err(),
+        "a caller without a client certificate got an answer"
+    );
+
+    let identity = reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap();
+    for version in [Version::HTTP_2, Version::HTTP_11] {
+        let builder = reqwest::Client::builder()
+            .tls_backend_rustls()
+            .tls_certs_only([tls.ca.clone()])
+            .identity(identity.clone());
+        let builder = if version == Version::HTTP_2 {
+            builder.http2_prior_knowledge()
+        } else {
+            builder.http1_only()
+        };
+        let answer = review_over(&builder.build().unwrap(), &s, &review, version).await;
+        assert!(answer["response"]["patch"].is_string(), "{answer}");
+    }
+    let ready = reqwest::get(format!("http://{}/readyz", s.metrics_addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    s.shutdown().await.unwrap();
+}

@@ -101,7 +101,7 @@ pub struct Cluster {
     _apiserver: Child,
 }
 
-fn signed(
+pub fn signed(
     issuer: &Issuer<'static, KeyPair>,
     cn: &str,
     org: Option<&str>,
