@@ -243,6 +243,7 @@ pub struct Settings {
     /// Access per canonical registry host (Docker Hub under any spelling is `docker.io`).
     registries: BTreeMap<String, RegistryAccess>,
     pub checks: CheckSettings,
+    pub timeouts: Timeouts,
     pub copies: CopySettings,
     /// The image copy Jobs run (`copies.jobImage`); default: the webhook's own.
     pub job_image: Option<String>,
@@ -256,6 +257,37 @@ impl Settings {
     pub fn registries(&self) -> &BTreeMap<String, RegistryAccess> {
         &self.registries
     }
+}
+
+/// How long any registry request may wait (copies, `sync`, checks' own requests): for the
+/// connection, for the answer's headers, and for each next piece of a body. A big layer may
+/// take minutes; a silent socket must not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// From a request sent to its answer's headers (a whole manifest, which is small).
+    pub response: Duration,
+    /// The longest silence while a body streams (a blob up or down).
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            response: Duration::from_secs(10),
+            idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `timeouts:` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawTimeouts {
+    connect: Option<Spanned<String>>,
+    response: Option<Spanned<String>>,
+    idle: Option<Spanned<String>>,
 }
 
 /// `checks:` as written.
@@ -291,6 +323,7 @@ pub(crate) fn build(
     registries: &BTreeMap<String, Spanned<RegistryAccess>>,
     checks: Option<&Spanned<RawChecks>>,
     copies: Option<&Spanned<RawCopies>>,
+    timeouts: Option<&Spanned<RawTimeouts>>,
     problems: &mut ProblemList,
 ) -> Settings {
     let registries = registries
@@ -321,6 +354,27 @@ pub(crate) fn build(
         registries,
         ..Settings::default()
     };
+    if let Some(t) = timeouts {
+        let t = &t.value;
+        let slots = &mut settings.timeouts;
+        for (value, name, slot) in [
+            (&t.connect, "connect", &mut slots.connect),
+            (&t.response, "response", &mut slots.response),
+            (&t.idle, "idle", &mut slots.idle),
+        ] {
+            if let Some(v) = value {
+                match parse_duration(&v.value) {
+                    Ok(d) if !d.is_zero() && d <= Duration::from_secs(3600) => *slot = d,
+                    Ok(_) => problems.add(
+                        v,
+                        format!("timeouts.{name}"),
+                        "must be more than 0 and at most 1h",
+                    ),
+                    Err(e) => problems.add(v, format!("timeouts.{name}"), e.to_string()),
+                }
+            }
+        }
+    }
     if let Some(spanned) = checks {
         let c = &spanned.value;
         let checks = &mut settings.checks;

@@ -82,6 +82,35 @@ pub struct CopyArgs {
     /// speak TLS, as skopeo's --tls-verify=false does; repeat for more.
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
+}
+
+/// How long `copy` and `sync` wait on a registry; each defaults to the table's `timeouts`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TimeoutArgs {
+    /// Longest wait for a connection to a registry [default: the table's timeouts.connect, 5s].
+    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    pub connect_timeout: Option<std::time::Duration>,
+    /// Longest wait for a registry's answer to a request (a manifest, a check, the headers of a
+    /// blob) [default: timeouts.response, 10s]. A request that gets none is tried once more.
+    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    pub response_timeout: Option<std::time::Duration>,
+    /// Longest silence while a blob streams up or down (a big layer may take minutes; a silent
+    /// socket must not) [default: timeouts.idle, 30s].
+    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    pub idle_timeout: Option<std::time::Duration>,
+}
+
+impl TimeoutArgs {
+    /// The table's timeouts with these flags over them.
+    pub fn over(&self, table: crate::settings::Timeouts) -> crate::settings::Timeouts {
+        crate::settings::Timeouts {
+            connect: self.connect_timeout.unwrap_or(table.connect),
+            response: self.response_timeout.unwrap_or(table.response),
+            idle: self.idle_timeout.unwrap_or(table.idle),
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -102,6 +131,8 @@ pub struct SyncArgs {
     /// speak TLS, as skopeo's --tls-verify=false does; repeat for more.
     #[arg(long = "insecure-registry")]
     pub insecure_registries: Vec<String>,
+    #[command(flatten)]
+    pub timeouts: TimeoutArgs,
 }
 
 #[derive(Debug, clap::Args)]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::{FutureExt, StreamExt};
 
-use super::{init_tracing, runtime, CopyArgs, LogFormat, SyncArgs};
+use super::{init_tracing, runtime, CopyArgs, LogFormat, SyncArgs, TimeoutArgs};
 use crate::error::Report;
 use crate::mapping::{Decision, Table};
 use crate::mirror::{CopyMode, CopyRequest, COPY_PERMANENT_FAILURE};
@@ -17,8 +17,12 @@ use crate::reference::Reference;
 use crate::registry::{CopyReport, Failure, Progress, Registries};
 use crate::settings::Settings;
 
-fn registries(settings: Arc<Settings>, insecure: &[String]) -> Registries {
-    let mut registries = Registries::new(settings, Default::default(), None);
+fn registries(settings: Arc<Settings>, insecure: &[String], timeouts: &TimeoutArgs) -> Registries {
+    let options = crate::registry::RegistryOptions {
+        timeouts: Some(timeouts.over(settings.timeouts)),
+        ..Default::default()
+    };
+    let mut registries = Registries::new(settings, options, None);
     for host in insecure {
         registries.allow_insecure(host);
     }
@@ -38,7 +42,7 @@ pub(super) fn copy(args: &CopyArgs) -> anyhow::Result<ExitCode> {
         referrers: !args.no_referrers,
         mode: CopyMode::Copy,
     };
-    let registries = registries(config.settings, &args.insecure_registries);
+    let registries = registries(config.settings, &args.insecure_registries, &args.timeouts);
     let runtime = runtime()?;
     let started = std::time::Instant::now();
     // The budget before the copy (a HEAD, which Docker Hub does not count).
@@ -84,7 +88,11 @@ pub(super) fn sync(args: &SyncArgs) -> anyhow::Result<ExitCode> {
     init_tracing(LogFormat::Text);
     let config = crate::config::load(args.config.as_deref())?;
     let concurrency = config.settings.copies.concurrency;
-    let registries = registries(config.settings.clone(), &args.insecure_registries);
+    let registries = registries(
+        config.settings.clone(),
+        &args.insecure_registries,
+        &args.timeouts,
+    );
     let runtime = runtime()?;
     let mut out = std::io::stdout();
     let failures = runtime.block_on(sync_all(
@@ -101,12 +109,12 @@ pub(super) fn sync(args: &SyncArgs) -> anyhow::Result<ExitCode> {
     if failures.is_empty() {
         return Ok(ExitCode::SUCCESS);
     }
-    eprintln!("{} images failed:", failures.len());
-    for (item, why) in &failures {
-        eprintln!("  {} → {}: {why}", item.source, item.target);
-    }
+    // Each failure was printed on its own line, with why.
     Ok(ExitCode::FAILURE)
 }
+
+/// Images a dry run asks about at once (at least; `copies.concurrency` when larger).
+const DRY_RUN_AT_ONCE: usize = 32;
 
 /// What happened to one image.
 #[derive(Debug)]
@@ -240,9 +248,15 @@ pub async fn sync_all(
                 .unwrap_or_else(|_| SyncOutcome::Failed("internal error (panic)".into()));
             (item, outcome)
         })
-        .buffer_unordered(concurrency);
+        // A dry run only asks, and asks every registry at once: a silent one then costs the run
+        // one timeout, not one per image.
+        .buffer_unordered(if dry_run {
+            concurrency.max(DRY_RUN_AT_ONCE)
+        } else {
+            concurrency
+        });
     let mut failures = Vec::new();
-    let (mut copied, mut current, mut bytes) = (0usize, 0usize, 0u64);
+    let (mut copied, mut current, mut bytes, mut would) = (0usize, 0usize, 0u64, 0usize);
     while let Some((item, outcome)) = results.next().await {
         let line = match &outcome {
             SyncOutcome::UpToDate => {
@@ -268,7 +282,10 @@ pub async fn sync_all(
                     human_bytes(r.bytes)
                 )
             }
-            SyncOutcome::WouldCopy(what) => format!("{what}  {} → {}", item.source, item.target),
+            SyncOutcome::WouldCopy(what) => {
+                would += 1;
+                format!("{what}  {} → {}", item.source, item.target)
+            }
             SyncOutcome::Failed(why) => {
                 failures.push((item.clone(), why.clone()));
                 format!("FAILED      {} → {}: {why}", item.source, item.target)
@@ -288,19 +305,29 @@ pub async fn sync_all(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    writeln!(
-        out,
-        "{} images: {copied} copied, {current} up to date, {} failed ({} moved in {:.1} s){}",
-        items.len(),
-        failures.len(),
-        human_bytes(bytes),
-        started.elapsed().as_secs_f64(),
-        if skipped > 0 {
-            format!("; {skipped} entries name no single image (tag globs, any tag) and were left")
-        } else {
-            String::new()
-        }
-    )?;
+    let left = if skipped > 0 {
+        format!("; {skipped} entries name no single image (tag globs, any tag) and were left")
+    } else {
+        String::new()
+    };
+    let took = started.elapsed().as_secs_f64();
+    if dry_run {
+        writeln!(
+            out,
+            "{} images: {would} would be copied, {current} up to date, {} could not be asked \
+             (dry run, {took:.1} s){left}",
+            items.len(),
+            failures.len(),
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{} images: {copied} copied, {current} up to date, {} failed ({} moved in {took:.1} s){left}",
+            items.len(),
+            failures.len(),
+            human_bytes(bytes),
+        )?;
+    }
     Ok(failures)
 }
 

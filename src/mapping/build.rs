@@ -42,6 +42,8 @@ struct RawFile {
     checks: Option<Spanned<settings::RawChecks>>,
     #[serde(default)]
     copies: Option<Spanned<settings::RawCopies>>,
+    #[serde(default)]
+    timeouts: Option<Spanned<settings::RawTimeouts>>,
 }
 
 #[derive(Deserialize)]
@@ -128,6 +130,7 @@ pub fn parse_file(file: &str, yaml: &str) -> Result<(Table, Settings), TableErro
         &raw.registries,
         raw.checks.as_ref(),
         raw.copies.as_ref(),
+        raw.timeouts.as_ref(),
         &mut problems,
     );
     problems.into_result((table, settings))

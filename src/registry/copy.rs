@@ -508,7 +508,7 @@ impl CopyJob<'_> {
             ..Default::default()
         };
         self.registries
-            .retry(&self.dst, "copy blob", &name, || {
+            .retry_transfer(&self.dst, "copy blob", &name, || {
                 let layer = layer.clone();
                 let src_oci = src_oci.clone();
                 let dst_oci = dst_oci.clone();

@@ -157,6 +157,13 @@ pub enum RegistryError {
         #[source]
         source: OciDistributionError,
     },
+    #[error("{op} {reference}: no answer from {registry} in {} s", waited.as_secs_f64())]
+    NoAnswer {
+        op: &'static str,
+        reference: String,
+        registry: String,
+        waited: std::time::Duration,
+    },
     #[error("{reference}")]
     Image {
         reference: String,
@@ -169,6 +176,7 @@ impl RegistryError {
     pub fn failure(&self) -> Option<Failure> {
         match self {
             RegistryError::Request { failure, .. } => Some(*failure),
+            RegistryError::NoAnswer { .. } => Some(Failure::Timeout),
             _ => None,
         }
     }
@@ -180,7 +188,9 @@ impl RegistryError {
         match self {
             RegistryError::Image { .. } => true,
             RegistryError::Request { failure, .. } => *failure == Failure::Invalid,
-            RegistryError::Credentials { .. } | RegistryError::CaFile { .. } => false,
+            RegistryError::Credentials { .. }
+            | RegistryError::CaFile { .. }
+            | RegistryError::NoAnswer { .. } => false,
         }
     }
 
@@ -198,6 +208,7 @@ impl RegistryError {
             RegistryError::Credentials { .. } => "credentials",
             RegistryError::CaFile { .. } => "ca-file",
             RegistryError::Request { failure, .. } => failure.label(),
+            RegistryError::NoAnswer { .. } => Failure::Timeout.label(),
             RegistryError::Image { .. } => "invalid-image",
         }
     }

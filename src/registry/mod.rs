@@ -35,7 +35,7 @@ pub use retry::{backoff, parse_retry_after};
 use crate::mapping::Platform;
 use crate::metrics::Metrics;
 use crate::reference::{registry_host, wire_host, Reference};
-use crate::settings::{RegistryAccess, Settings};
+use crate::settings::{RegistryAccess, Settings, Timeouts};
 use crate::sync::lock;
 
 /// Manifest types a copy accepts: Docker schema 2 and OCI, single images and indexes.
@@ -49,13 +49,13 @@ const MANIFEST_TYPES: [&str; 4] = [
 /// A client is rebuilt after this long, so rotated credentials (ECR tokens last 12 h) are read.
 const CLIENT_MAX_AGE: Duration = Duration::from_secs(30 * 60);
 
-/// Per-request limits and the retry policy of one operation.
+/// The retry policy of one operation, and timeouts that override the table's.
 #[derive(Debug, Clone, Copy)]
 pub struct RegistryOptions {
-    pub connect_timeout: Duration,
-    /// Longest silence while reading an answer (a hanging registry fails after this).
-    pub read_timeout: Duration,
-    /// Tries of one operation (a manifest fetch, one blob) before the copy fails.
+    /// Instead of the table's `timeouts` (the CLI's flags, tests).
+    pub timeouts: Option<Timeouts>,
+    /// Tries of one operation (a manifest fetch, one blob) before the copy fails; one that got
+    /// no answer in time is tried twice at most.
     pub attempts: u32,
     pub backoff: Duration,
     pub max_backoff: Duration,
@@ -67,8 +67,7 @@ pub struct RegistryOptions {
 impl Default for RegistryOptions {
     fn default() -> Self {
         RegistryOptions {
-            connect_timeout: Duration::from_secs(5),
-            read_timeout: Duration::from_secs(60),
+            timeouts: None,
             attempts: 4,
             backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(10),
@@ -116,6 +115,7 @@ struct HostClient {
     client: Client,
     auth: RegistryAuth,
     access: RegistryAccess,
+    timeouts: Timeouts,
     insecure: bool,
     /// Spoken to over plain HTTP.
     plain: bool,
@@ -159,6 +159,13 @@ impl Registries {
         self.settings.load_full()
     }
 
+    /// The timeouts in force: the options' when given, else the table's.
+    pub fn timeouts(&self) -> Timeouts {
+        self.options
+            .timeouts
+            .unwrap_or_else(|| self.settings.load().timeouts)
+    }
+
     /// Allows plain HTTP, or HTTPS without certificate verification, to `host` (the CLI's
     /// `--insecure-registry`).
     pub fn allow_insecure(&mut self, host: &str) {
@@ -176,11 +183,13 @@ impl Registries {
             .unwrap_or_default();
         let insecure = access.insecure
             || (!self.insecure.is_empty() && self.insecure.contains(registry_host(host)));
+        let timeouts = self.timeouts();
         {
             let clients = lock(&self.clients);
             if let Some(c) = clients.get(host) {
                 if c.access == access
                     && c.insecure == insecure
+                    && c.timeouts == timeouts
                     && c.created.elapsed() < CLIENT_MAX_AGE
                 {
                     return Ok(c.clone());
@@ -190,18 +199,18 @@ impl Registries {
         // The settings' `insecure: true` means plain HTTP. `--insecure-registry` means what
         // skopeo's --tls-verify=false means: HTTPS without verification when the registry speaks
         // TLS, plain HTTP otherwise (so it probes once).
-        let plain = access.insecure || (insecure && !self.speaks_tls(host).await);
-        let built = Arc::new(self.build(host, access, insecure, plain).await?);
+        let plain = access.insecure || (insecure && !self.speaks_tls(host, timeouts).await);
+        let built = Arc::new(self.build(host, access, timeouts, insecure, plain).await?);
         lock(&self.clients).insert(host.to_string(), built.clone());
         Ok(built)
     }
 
     /// Whether `host` answers HTTPS at all (any certificate, any status).
-    async fn speaks_tls(&self, host: &str) -> bool {
+    async fn speaks_tls(&self, host: &str, timeouts: Timeouts) -> bool {
         let Ok(client) = reqwest::Client::builder()
             .danger_accept_invalid_certs(true)
-            .connect_timeout(self.options.connect_timeout)
-            .timeout(self.options.connect_timeout + Duration::from_secs(2))
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.connect + Duration::from_secs(2))
             .build()
         else {
             return false;
@@ -217,6 +226,7 @@ impl Registries {
         &self,
         host: &str,
         access: RegistryAccess,
+        timeouts: Timeouts,
         insecure: bool,
         plain: bool,
     ) -> Result<HostClient, RegistryError> {
@@ -257,8 +267,10 @@ impl Registries {
                 .collect(),
             use_monolithic_push: access.upload() == crate::settings::UploadMode::Monolithic,
             platform_resolver: None,
-            connect_timeout: Some(self.options.connect_timeout),
-            read_timeout: Some(self.options.read_timeout),
+            connect_timeout: Some(timeouts.connect),
+            // Every read: headers wait for `response` besides (see `attempts`), a body's next
+            // piece for this.
+            read_timeout: Some(timeouts.idle),
             user_agent: concat!("image-mirror-webhook/", env!("CARGO_PKG_VERSION")),
             ..ClientConfig::default()
         };
@@ -266,8 +278,8 @@ impl Registries {
         let client = Client::try_from(config).map_err(|e| ca_error(e.into()))?;
         let mut probe = reqwest::Client::builder()
             .danger_accept_invalid_certs(insecure && !plain)
-            .connect_timeout(self.options.connect_timeout)
-            .timeout(self.options.connect_timeout + Duration::from_secs(5));
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.connect + timeouts.response);
         for data in &roots {
             for cert in
                 reqwest::Certificate::from_pem_bundle(data).map_err(|e| ca_error(e.into()))?
@@ -281,6 +293,7 @@ impl Registries {
             client,
             auth,
             access,
+            timeouts,
             insecure,
             plain,
             created: Instant::now(),
@@ -293,7 +306,7 @@ impl Registries {
         let host = self.client(reference.registry()).await?;
         let oci = to_oci(reference);
         let name = reference.to_string();
-        self.attempts(&host, "check", &name, 1, || {
+        self.attempts(&host, "check", &name, 1, retry::Bound::Response, || {
             host.client.fetch_manifest_digest(&oci, &host.auth)
         })
         .await

@@ -54,12 +54,14 @@ impl HostClient {
         request: reqwest::RequestBuilder,
         image: &oci_client::Reference,
     ) -> reqwest::RequestBuilder {
-        match self
-            .client
-            .auth(image, &self.auth, RegistryOperation::Pull)
-            .await
-        {
-            Ok(Some(token)) => request.bearer_auth(token),
+        // The token exchange is a request of its own: bounded like any other.
+        let token = tokio::time::timeout(
+            self.timeouts.response,
+            self.client.auth(image, &self.auth, RegistryOperation::Pull),
+        )
+        .await;
+        match token {
+            Ok(Ok(Some(token))) => request.bearer_auth(token),
             _ => match &self.auth {
                 oci_client::secrets::RegistryAuth::Basic(u, p) => request.basic_auth(u, Some(p)),
                 _ => request,
@@ -96,7 +98,12 @@ impl Registries {
             .probe
             .head(url)
             .header(reqwest::header::ACCEPT, MANIFEST_TYPES.join(", "));
-        let response = host.authorized(request, &image).await.send().await.ok()?;
+        // Only informative: a registry that does not answer in time has no budget to report.
+        let asked = async { host.authorized(request, &image).await.send().await };
+        let response = tokio::time::timeout(host.timeouts.response, asked)
+            .await
+            .ok()?
+            .ok()?;
         let header = |name: &str| {
             response
                 .headers()

@@ -13,7 +13,8 @@ use super::{HostClient, Registries};
 use crate::metrics::RegistryLabels;
 
 impl Registries {
-    /// Runs `f` until it succeeds, fails for good, or runs out of the configured tries.
+    /// Runs `f` until it succeeds, fails for good, or runs out of the configured tries; each
+    /// try must be answered within the response timeout.
     pub(super) async fn retry<T, F, Fut>(
         &self,
         host: &HostClient,
@@ -25,46 +26,95 @@ impl Registries {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, OciDistributionError>>,
     {
-        self.attempts(host, op, reference, self.options.attempts, f)
+        self.attempts(
+            host,
+            op,
+            reference,
+            self.options.attempts,
+            Bound::Response,
+            f,
+        )
+        .await
+    }
+
+    /// [`retry`](Self::retry) for a transfer that may take minutes: only silence (the idle
+    /// timeout) ends a try.
+    pub(super) async fn retry_transfer<T, F, Fut>(
+        &self,
+        host: &HostClient,
+        op: &'static str,
+        reference: &str,
+        f: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, OciDistributionError>>,
+    {
+        self.attempts(host, op, reference, self.options.attempts, Bound::Idle, f)
             .await
     }
 
-    /// Runs `f` at most `tries` times; every failure is sorted into a [`Failure`].
+    /// Runs `f` at most `tries` times (twice at most when no answer came in time); every
+    /// failure is sorted into a [`Failure`].
     pub(super) async fn attempts<T, F, Fut>(
         &self,
         host: &HostClient,
         op: &'static str,
         reference: &str,
         tries: u32,
+        bound: Bound,
         mut f: F,
     ) -> Result<T, RegistryError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, OciDistributionError>>,
     {
+        let timeouts = host.timeouts;
+        let no_answer = |waited| RegistryError::NoAnswer {
+            op,
+            reference: reference.to_string(),
+            registry: host.host.clone(),
+            waited,
+        };
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let source = match f().await {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
+            let answer = match bound {
+                Bound::Response => tokio::time::timeout(timeouts.response, f())
+                    .await
+                    .map_err(|_| timeouts.response),
+                Bound::Idle => Ok(f().await),
             };
-            let failure = self.classify(host, &source).await;
+            let (failure, error) = match answer {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(source)) => {
+                    let failure = self.classify(host, &source).await;
+                    let error = match failure {
+                        // reqwest's read timeout: the idle one.
+                        Failure::Timeout => no_answer(timeouts.idle),
+                        _ => RegistryError::Request {
+                            op,
+                            reference: reference.to_string(),
+                            failure,
+                            source,
+                        },
+                    };
+                    (failure, error)
+                }
+                Err(waited) => (Failure::Timeout, no_answer(waited)),
+            };
             let wait = match failure {
                 Failure::TooManyRequests(Some(d)) if d > self.options.max_retry_after => None,
                 Failure::TooManyRequests(Some(d)) => Some(d),
+                // A registry that did not answer once is asked once more, not until the
+                // caller gives up on it.
+                Failure::Timeout if attempt >= 2 => None,
                 f if f.retryable() => Some(backoff(
                     self.options.backoff,
                     self.options.max_backoff,
                     attempt,
                 )),
                 _ => None,
-            };
-            let error = RegistryError::Request {
-                op,
-                reference: reference.to_string(),
-                failure,
-                source,
             };
             match wait {
                 Some(wait) if attempt < tries => {
@@ -96,6 +146,15 @@ impl Registries {
         }
         failure
     }
+}
+
+/// What ends a try that gets no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Bound {
+    /// The response timeout: a request whose whole answer is small.
+    Response,
+    /// Only the idle timeout: a transfer.
+    Idle,
 }
 
 /// Exponential back-off with full jitter: a random wait in [base·2ⁿ⁻¹/2, base·2ⁿ⁻¹], capped.
