@@ -6,7 +6,7 @@
 //! review's Pod) and [`patch`] (writing the JSON Patch); [`admission`]'s core turns a review
 //! into a response. Around it: [`mirror`] and [`registry`] (checks and copies), [`cluster`]
 //! (the Kubernetes API: pull secrets), [`server`],
-//! [`tls`], [`config`], [`watch`], [`metrics`], [`certs`] and the [`cli`].
+//! [`tls`], [`config`], [`watch`], [`metrics`], [`logs`], [`certs`] and the [`cli`].
 
 pub mod admission;
 pub mod certs;
@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod logs;
 pub mod mapping;
 pub mod metrics;
 pub mod mirror;

@@ -475,8 +475,9 @@ impl image_mirror_webhook::mirror::MirrorAccess for EmptyMirror {
             image_mirror_webhook::mirror::Presence::Absent,
         ))
     }
-    fn request_copy(&self, copy: image_mirror_webhook::mirror::CopyRequest) {
+    fn request_copy(&self, copy: image_mirror_webhook::mirror::CopyRequest) -> bool {
         self.0.lock().unwrap().push(copy.target.to_string());
+        true
     }
 }
 

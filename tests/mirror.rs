@@ -1680,6 +1680,8 @@ async fn no_credential_reaches_a_log_line_or_a_metric() {
     child.kill().await.unwrap();
     log.push_str(&collected.await.unwrap());
 
+    // Every line is one a collector can keep whole.
+    common::check_json_log(&log);
     // The error paths were all taken...
     for evidence in [
         "result=\"unauthorized\"",

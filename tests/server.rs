@@ -122,7 +122,9 @@ impl MirrorAccess for SilentMirror {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Presence> + Send + 'a>> {
         Box::pin(std::future::pending())
     }
-    fn request_copy(&self, _copy: CopyRequest) {}
+    fn request_copy(&self, _copy: CopyRequest) -> bool {
+        false
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -140,7 +140,12 @@ impl Webhook {
         }
         if let Some(mirrors) = &self.mirrors {
             for copy in &mutation.copies {
-                mirrors.request_copy(copy.clone());
+                if mirrors.request_copy(copy.clone()) {
+                    tracing::info!(uid = review.request.uid.as_str(),
+                        namespace = review.namespace(), pod = review.pod_name(),
+                        source = %copy.source, target = %copy.target,
+                        warm_up = copy.mode == crate::mirror::CopyMode::WarmUp, "copy queued");
+                }
             }
         }
         self.record(&review, &mutation, started);

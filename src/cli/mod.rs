@@ -264,17 +264,10 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: a log file or a collector gets plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    crate::logs::init(match format {
+        LogFormat::Text => crate::logs::LogFormat::Text,
+        LogFormat::Json => crate::logs::LogFormat::Json,
+    });
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {

@@ -197,8 +197,9 @@ pub trait MirrorAccess: Send + Sync {
         &'a self,
         target: &'a Reference,
     ) -> Pin<Box<dyn Future<Output = Presence> + Send + 'a>>;
-    /// Queues a background copy (de-duplicated by the implementation).
-    fn request_copy(&self, copy: CopyRequest);
+    /// Queues a background copy (de-duplicated by the implementation); whether it was queued
+    /// now (not already queued, running or handed to a Job).
+    fn request_copy(&self, copy: CopyRequest) -> bool;
     /// The digest `source`'s tag has upstream (for `pin: digest`), from a cache when it can.
     /// An implementation that cannot ask registries says it does not know.
     fn upstream_digest<'a>(

@@ -857,7 +857,7 @@ impl MirrorAccess for MirrorService {
         )
     }
 
-    fn request_copy(&self, copy: CopyRequest) {
+    fn request_copy(&self, copy: CopyRequest) -> bool {
         let inner = &self.inner;
         let key = key_of(&copy);
         // A copy a Job runs is asked about again only now and then (a lost Job is noticed).
@@ -865,14 +865,13 @@ impl MirrorAccess for MirrorService {
             .get(&key)
             .is_some_and(|h| h.at.elapsed() < HANDED_RECHECK)
         {
-            return;
+            return false;
         }
         if !lock(&inner.pending).insert(key) {
-            return;
+            return false;
         }
-        tracing::info!(source = %copy.source, target = %copy.target,
-            warm_up = copy.mode == CopyMode::WarmUp, "copy queued");
         inner.enqueue(Job { copy, attempt: 1 });
+        true
     }
 }
 

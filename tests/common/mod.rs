@@ -44,11 +44,11 @@ pub fn serve_command(
 /// other line.
 pub fn serving_addrs(line: &str) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    if v["message"] != "serving" {
+    if v["msg"] != "serving" {
         return None;
     }
     let addr = |key: &str| v[key].as_str()?.parse().ok();
-    Some((addr("addr")?, addr("metrics_addr")?))
+    Some((addr("addr")?, addr("metricsAddr")?))
 }
 
 /// Runs `cmd` with `stdin` written to its standard input (none without), and collects its
@@ -75,4 +75,94 @@ pub fn output_with_input(
 
 pub fn init() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// One JSON log line, refused when any object in it has a key twice (serde_json's `Value`
+/// would keep the last silently, as jq, Loki and Elasticsearch do).
+pub fn strict_json(line: &str) -> Result<serde_json::Value, String> {
+    use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+    struct Strict;
+    impl<'de> DeserializeSeed<'de> for Strict {
+        type Value = serde_json::Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Strict {
+        type Value = serde_json::Value;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = serde_json::Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let value = map.next_value_seed(Strict)?;
+                if out.insert(key.clone(), value).is_some() {
+                    return Err(serde::de::Error::custom(format!("key {key:?} twice")));
+                }
+            }
+            Ok(serde_json::Value::Object(out))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(v) = seq.next_element_seed(Strict)? {
+                out.push(v);
+            }
+            Ok(serde_json::Value::Array(out))
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(v.into())
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(serde_json::Value::Null)
+        }
+    }
+    let mut d = serde_json::Deserializer::from_str(line);
+    Strict
+        .deserialize(&mut d)
+        .map_err(|e| format!("{e}: {line}"))
+}
+
+/// Every line of a JSON log: no key twice, klog's keys (`ts`, `level`, `msg`, `logger`) on each,
+/// and every line about a review names it (`uid`) and its Pod (`pod: {name, namespace}`).
+pub fn check_json_log(log: &str) {
+    let mut reviews = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v = strict_json(line).unwrap_or_else(|e| panic!("{e}"));
+        for key in ["ts", "level", "msg", "logger"] {
+            assert!(v.get(key).is_some(), "no {key}: {line}");
+        }
+        assert!(
+            v.get("error").is_none() && v.get("message").is_none(),
+            "{line}"
+        );
+        if v.get("uid").is_some() {
+            reviews += 1;
+            assert!(
+                v["pod"]["name"].is_string() && v["pod"]["namespace"].is_string(),
+                "a review line without its Pod: {line}"
+            );
+        }
+        if ["admission", "copy queued", "refused (strict)"]
+            .contains(&v["msg"].as_str().unwrap_or(""))
+        {
+            assert!(
+                v.get("uid").is_some(),
+                "a review line without its uid: {line}"
+            );
+        }
+    }
+    assert!(reviews > 0, "no review was logged:\n{log}");
 }
