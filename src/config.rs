@@ -82,7 +82,12 @@ fn read_text(path: &Path) -> Result<(String, [u8; 32]), ConfigError> {
 }
 
 fn parse_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
-    Config::parse(&path.display().to_string(), text).map_err(ConfigError::Invalid)
+    let config = Config::parse(&path.display().to_string(), text).map_err(ConfigError::Invalid)?;
+    // Valid, and in force; but probably not what was meant (check-config shows these too).
+    for w in config.table.warnings() {
+        tracing::warn!(warning = %w, "the table has a setting that is probably not what was meant");
+    }
+    Ok(config)
 }
 
 /// What a reload did.

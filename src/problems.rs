@@ -19,7 +19,10 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}: ", self.file, self.line)?;
+        match self.line {
+            0 => write!(f, "{}: ", self.file)?,
+            line => write!(f, "{}:{line}: ", self.file)?,
+        }
         if !self.field.is_empty() {
             write!(f, "{}: ", self.field)?;
         }
@@ -34,25 +37,58 @@ pub struct TableError {
     pub problems: Vec<Problem>,
 }
 
-/// Collects problems with their file and line.
+impl TableError {
+    /// A problem with the file as a whole.
+    pub(crate) fn whole(file: &str, message: &str) -> TableError {
+        TableError {
+            problems: vec![Problem {
+                file: file.to_string(),
+                line: 0,
+                field: String::new(),
+                message: message.to_string(),
+            }],
+        }
+    }
+}
+
+/// Collects problems (the table cannot be used) and warnings (it can, but is probably not
+/// what was meant) with their file and line.
 pub(crate) struct ProblemList<'a> {
     pub(crate) file: &'a str,
     pub(crate) list: Vec<Problem>,
+    pub(crate) warnings: Vec<Problem>,
 }
 
 impl ProblemList<'_> {
+    fn at<T>(&self, at: &Spanned<T>, field: String, message: String) -> Problem {
+        Problem {
+            file: self.file.to_string(),
+            line: at.referenced.line(),
+            field,
+            message,
+        }
+    }
+
     pub(crate) fn add<T>(
         &mut self,
         at: &Spanned<T>,
         field: impl Into<String>,
         message: impl Into<String>,
     ) {
-        self.list.push(Problem {
-            file: self.file.to_string(),
-            line: at.referenced.line(),
-            field: field.into(),
-            message: message.into(),
-        });
+        let p = self.at(at, field.into(), message.into());
+        self.list.push(p);
+    }
+
+    /// Something valid that is probably not what was meant: said, and (unless
+    /// `check-config --strict`) no reason to refuse the table.
+    pub(crate) fn warn<T>(
+        &mut self,
+        at: &Spanned<T>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let p = self.at(at, field.into(), message.into());
+        self.warnings.push(p);
     }
 }
 
@@ -61,6 +97,7 @@ impl<'a> ProblemList<'a> {
         ProblemList {
             file,
             list: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
@@ -88,6 +125,7 @@ pub(crate) fn yaml_error(file: &str, yaml: &str, e: &serde_saphyr::Error) -> Tab
         .filter(|(loc, _)| loc.starts_with("line "))
         .map_or(first, |(_, m)| m)
         .to_string();
+    let message = without_library_advice(&message);
     let field = field_path_at(yaml, line as usize);
     // Our own deserialisers name their setting, for flow-style YAML where the path stops at
     // the mapping; said once when the path names it too.
@@ -104,6 +142,24 @@ pub(crate) fn yaml_error(file: &str, yaml: &str, e: &serde_saphyr::Error) -> Tab
             message,
         }],
     }
+}
+
+/// The parser's words, without its advice to the programmer who calls it ("set
+/// DuplicateKeyPolicy", "use Option<String>"), which a table's author can do nothing with.
+fn without_library_advice(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("duplicate mapping key: ") {
+        let key = rest.split(',').next().unwrap_or(rest).trim();
+        return format!("key {key:?} appears twice in this mapping; keep one");
+    }
+    if message.starts_with("cannot deserialize null") {
+        return "has no value".to_string();
+    }
+    let cut = [", set ", "; use "]
+        .iter()
+        .filter_map(|marker| message.find(marker))
+        .min()
+        .unwrap_or(message.len());
+    message[..cut].to_string()
 }
 
 /// The dotted path (`rules[0].match`) of the key on `line` (1-based), read from block-style

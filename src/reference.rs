@@ -51,12 +51,42 @@ pub enum ReferenceError {
         "invalid tag {0:?}: a tag is 1 to 128 of [A-Za-z0-9_.-], not starting with '.' or '-'"
     )]
     InvalidTag(String),
-    #[error("invalid digest {0:?}: expected algorithm:hex")]
+    #[error("{}", digest_problem(.0))]
     InvalidDigestFormat(String),
     #[error("unsupported digest algorithm {0:?}: expected sha256, sha384 or sha512")]
     UnsupportedDigest(String),
-    #[error("invalid digest {0:?}: wrong length or not lowercase hexadecimal")]
+    #[error("{}", digest_problem(.0))]
     InvalidDigestHex(String),
+}
+
+/// What is wrong with a digest, said as its user can fix it.
+fn digest_problem(digest: &str) -> String {
+    let Some((algorithm, hex)) = digest.split_once(':') else {
+        return format!(
+            "invalid digest {digest:?}: a digest is algorithm:hex, e.g. sha256: and 64 \
+             hexadecimal characters"
+        );
+    };
+    let length = match algorithm {
+        "sha256" => 64,
+        "sha384" => 96,
+        "sha512" => 128,
+        _ => {
+            return format!(
+                "invalid digest {digest:?}: {algorithm:?} is no digest algorithm (sha256, \
+                 sha384, sha512)"
+            )
+        }
+    };
+    if hex.len() != length {
+        format!(
+            "invalid digest {digest:?}: a {algorithm} digest is {length} hexadecimal characters, \
+             not {}",
+            hex.len()
+        )
+    } else {
+        format!("invalid digest {digest:?}: the digest must be lowercase hexadecimal (0-9, a-f)")
+    }
 }
 
 /// A parsed, normalised image reference.
@@ -431,6 +461,24 @@ fn validate_digest(digest: &str) -> Result<(), ReferenceError> {
         return Err(ReferenceError::InvalidDigestHex(digest.to_string()));
     }
     Ok(())
+}
+
+/// Why `host` cannot be a registry host, when it cannot: not the grammar's, or a port out of
+/// range.
+pub fn invalid_host(host: &str) -> Option<String> {
+    let parsed = Reference::from_parts(host, "x", None, None).map(|r| r.registry().to_string());
+    if parsed.as_deref() != Ok(host) {
+        return Some(format!("invalid registry host {host:?}"));
+    }
+    let port = host
+        .rsplit_once(':')
+        .filter(|(h, _)| !h.ends_with(']') || host.contains("]:"));
+    match port.map(|(_, p)| p.parse::<u32>()) {
+        Some(Ok(p)) if !(1..=65535).contains(&p) => {
+            Some(format!("port {p} is out of range (1-65535)"))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,12 @@ pub enum ValueError {
     Platform(String),
     #[error("invalid size {0:?}: write e.g. 500MiB, 2GiB or 4GB")]
     Size(String),
+    #[error("invalid platform {platform:?}: unknown {what} (known: {known})")]
+    UnknownPlatform {
+        platform: String,
+        what: String,
+        known: String,
+    },
 }
 
 /// Per-registry access for checks and copies.
@@ -120,6 +126,15 @@ pub enum UploadMode {
     Monolithic,
     /// A PATCH per 4 MiB piece, then a PUT: for a registry that limits request bodies.
     Chunked,
+}
+
+impl UploadMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            UploadMode::Monolithic => "monolithic",
+            UploadMode::Chunked => "chunked",
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for UploadMode {
@@ -347,6 +362,9 @@ pub(crate) fn build(
                     );
                 }
             }
+            if let Some(why) = crate::reference::invalid_host(registry_host(host)) {
+                problems.add(access, format!("registries.{host}"), why);
+            }
             (registry_host(host).to_string(), access.value.clone())
         })
         .collect();
@@ -396,6 +414,10 @@ pub(crate) fn build(
         ] {
             if let Some(v) = value {
                 match parse_duration(&v.value) {
+                    // A check that may take no time at all can never be answered.
+                    Ok(d) if d.is_zero() && name == "timeout" => {
+                        problems.add(v, "checks.timeout", "must be more than 0")
+                    }
                     Ok(d) => *slot = d,
                     Err(e) => problems.add(v, format!("checks.{name}"), e.to_string()),
                 }

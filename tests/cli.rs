@@ -213,3 +213,198 @@ fn serve_with_a_broken_table_makes_no_files() {
     assert!(stderr(&out).contains("table.yaml"), "{}", stderr(&out));
     assert!(!dir.path().join("certs").exists(), "certificates were made");
 }
+
+/// `check-config` on `yaml`: its exit code, standard output and standard error.
+fn check_config(yaml: &str, extra: &[&str]) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("table.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = binary()
+        .arg("check-config")
+        .arg(&path)
+        .args(extra)
+        .env_remove("IMAGE_MIRROR_CONFIG")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).replace(&path.display().to_string(), "table.yaml"),
+    )
+}
+
+const MIRROR: &str =
+    "mirrors:\n  m: {type: repository, registry: r.io, prefix: p, naming: preserve}\n";
+const ECR: &str = "mirrors:\n  e: {type: pull-through, registry: 1.dkr.ecr.eu-west-1.amazonaws.com, upstreams: {docker.io: docker-hub}}\n";
+
+/// Tables that cannot work are refused, each problem said once, on its field, with what to do.
+#[test]
+fn check_config_refuses_every_broken_table() {
+    let cases: Vec<(String, &str)> = vec![
+        (String::new(), "table.yaml: the table is empty"),
+        ("# only a comment\n".into(), "table.yaml: the table is empty"),
+        (
+            format!("{MIRROR}rules:\n  - {{name: a, match: [\"docker.io/**\"], mirror: m}}\n  - {{name: a, match: [\"quay.io/**\"], mirror: m}}\n"),
+            "table.yaml:5: rules[1].name: \"a\" is the name of rules[0] too",
+        ),
+        (
+            format!("{MIRROR}rules:\n  - {{match: [nginx], mirror: m}}\n"),
+            "table.yaml:4: rules[0].match[0]: \"nginx\" can never match: globs match normalized names, which begin with a registry (docker.io/library/nginx); did you mean \"docker.io/library/nginx\"?",
+        ),
+        (
+            format!("{MIRROR}rules:\n  - {{match: [\"grafana/*\"], mirror: m}}\n"),
+            "did you mean \"docker.io/grafana/*\"?",
+        ),
+        (
+            format!("{ECR}rules:\n  - {{match: [\"quay.io/**\"], mirror: e}}\n"),
+            "table.yaml:4: rules[0].match[0]: mirror e has no cache prefix for quay.io",
+        ),
+        (
+            "mirrors:\n  e: {type: pull-through, registry: 1.dkr.ecr.eu-west-1.amazonaws.com, upstreams: {docker.io: }}\n".into(),
+            "mirrors.e.upstreams.docker.io: has no cache prefix",
+        ),
+        ("checks: {timeout: 0s}\n".into(), "table.yaml:1: checks.timeout: must be more than 0"),
+        (
+            "registries:\n  \"r.io:99999\": {insecure: true}\n".into(),
+            "table.yaml:2: registries.r.io:99999: port 99999 is out of range (1-65535)",
+        ),
+        (
+            "mirrors:\n  m: {type: repository, registry: \"r.io:0\", prefix: p}\n".into(),
+            "mirrors.m.registry: port 0 is out of range",
+        ),
+        (
+            "namespaces: {exclude: [Kube_System]}\n".into(),
+            "table.yaml:1: namespaces.exclude[0]: \"Kube_System\" is not a namespace name",
+        ),
+        (
+            "mirrors:\n  m: {type: repository, registry: r.io, prefix: p, platforms: [linux/amd65]}\n".into(),
+            "mirrors.m.platforms[0]: invalid platform \"linux/amd65\": unknown architecture \"amd65\"",
+        ),
+        (
+            "mirrors:\n  m: {type: repository, registry: r.io, prefix: p, platforms: [linux/arm64/v7]}\n".into(),
+            "unknown variant \"v7\"",
+        ),
+        (
+            format!("{MIRROR}rules:\n  - name: x\n    mirror: m\n"),
+            "table.yaml:4: rules[0].match: missing: the globs the rule applies to",
+        ),
+        (
+            format!("{MIRROR}mirrors: {{}}\n"),
+            "table.yaml:3: mirrors: key \"mirrors\" appears twice in this mapping; keep one",
+        ),
+        (
+            "images:\n  - {source: \"a@sha256:123\", target: \"r.io/p/a\"}\n".into(),
+            "images[0].source: invalid digest \"sha256:123\": a sha256 digest is 64 hexadecimal characters, not 3",
+        ),
+    ];
+    for (yaml, want) in &cases {
+        let (code, out, err) = check_config(yaml, &[]);
+        assert_eq!(code, Some(1), "{yaml}\n{out}{err}");
+        assert!(err.contains(want), "{yaml}\nwant {want:?}\ngot {err}");
+        // No advice to the programmer of a library the user never called.
+        assert!(
+            !err.contains("DuplicateKeyPolicy") && !err.contains("Option<"),
+            "{err}"
+        );
+    }
+}
+
+/// One run reports every problem in the file, each once, with file, line and field.
+#[test]
+fn check_config_reports_every_problem_at_once() {
+    let yaml = format!(
+        "{MIRROR}rules:\n  - match: [\"docker.io/**\"]\n    mirror: nope\n    swap: sometimes\n    copy: often\n"
+    );
+    let (code, _, err) = check_config(&yaml, &[]);
+    assert_eq!(code, Some(1));
+    for want in [
+        "table.yaml:5: rules[0].mirror: unknown mirror \"nope\"; the table's mirrors: m",
+        "table.yaml:6: rules[0].swap: \"sometimes\" is not one of always, if-present",
+        "table.yaml:7: rules[0].copy: \"often\" is not one of on-demand, off",
+        "table.yaml: 3 problem(s)",
+    ] {
+        assert_eq!(err.matches(want).count(), 1, "{want}\n{err}");
+    }
+}
+
+/// What is valid but probably not meant is a warning: exit 0, unless --strict.
+#[test]
+fn check_config_warns_and_strict_refuses_warnings() {
+    let yaml = format!("{MIRROR}images:\n  - {{source: nginx:1, target: other.io/x/nginx:1}}\n");
+    let (code, out, err) = check_config(&yaml, &[]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        err.contains("warning: table.yaml:4: images[0].target: other.io/x/nginx:1 lies under no mirror's registry/prefix"),
+        "{err}"
+    );
+    let (code, _, err) = check_config(&yaml, &["--strict"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("1 warning(s), refused with --strict"), "{err}");
+}
+
+/// `--config` and IMAGE_MIRROR_CONFIG as for every other command; the summary names every
+/// setting that changes what the webhook does.
+#[test]
+fn check_config_takes_the_table_as_other_commands_do_and_says_every_setting() {
+    let table = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/components/ghcr/config.yaml"
+    );
+    for how in [
+        binary()
+            .args(["check-config", "--config", table])
+            .output()
+            .unwrap(),
+        binary()
+            .arg("check-config")
+            .env("IMAGE_MIRROR_CONFIG", table)
+            .output()
+            .unwrap(),
+    ] {
+        let out = String::from_utf8_lossy(&how.stdout);
+        assert!(how.status.success(), "{out}{}", stderr(&how));
+        for setting in [
+            "swap=if-present copy=on-demand platforms=all referrers=true pin=tag",
+            "swap=if-present copy=off",
+            "docker.io                credentials: environment DOCKERHUB_USERNAME and DOCKERHUB_TOKEN",
+            "rateLimitReserve=20",
+            "checks: presentTtl=10m absentTtl=30s unknownTtl=15s timeout=1s",
+            "copies: concurrency=4 queueSize=256 retryBackoff=30s maxAttempts=6 maxImageSize=4.0 GiB runner=in-process",
+            "timeouts: connect=5s response=10s idle=30s",
+            "pull secrets go to: every opted-in namespace",
+        ] {
+            assert!(out.contains(setting), "{setting}\n{out}");
+        }
+    }
+}
+
+/// Every boolean variable takes the usual spellings, and a bad one is named as it was given.
+#[test]
+fn boolean_variables_take_the_usual_spellings() {
+    for value in ["1", "true", "yes", "on", "0", "false", "no", "off"] {
+        let out = binary()
+            .args(["serve", "--help"])
+            .env("IMAGE_MIRROR_STRICT", value)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{value}: {}", stderr(&out));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = binary()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("IMAGE_MIRROR_STRICT", "maybe")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("\"maybe\" is not a boolean for --strict or IMAGE_MIRROR_STRICT"),
+        "{}",
+        stderr(&out)
+    );
+    // And `explain -o json` as the help says.
+    let out = run(&["explain", "-o", "json", "nginx"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.is_array() || v.is_object(), "{v}");
+}

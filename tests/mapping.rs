@@ -442,7 +442,7 @@ fn errors_name_file_line_and_field() {
         ("images:\n  - source: Foo/Bar\n    target: r.io/x\n", "table.yaml:2: images[0].source: uppercase letter"),
         ("images:\n  - source: a:1-*\n    target: r.io/x:1\n", "table.yaml:3: images[0].target: the source tag is a glob"),
         ("checks:\n  presentTtl: forever\n", "table.yaml:2: checks.presentTtl: invalid duration"),
-        ("mirrors:\n  m:\n    type: mirror-ish\n    registry: r.io\n", "table.yaml:3: mirrors.m.type: unknown variant"),
+        ("mirrors:\n  m:\n    type: mirror-ish\n    registry: r.io\n", "table.yaml:3: mirrors.m.type: \"mirror-ish\" is not one of repository, pull-through"),
         ("rules:\n  - match: [\"docker.io/**\"]\n    mirror: m\n    swap: sometimes\n", "table.yaml:4: rules[0].swap: \"sometimes\" is not one of always, if-present"),
         ("copies: {concurrency: 0}\n", "table.yaml:1: copies.concurrency: must be between 1 and 64"),
         ("mirrors:\n  e:\n    type: pull-through\n    registry: r.io\n", "table.yaml:3: mirrors.e.upstreams: a pull-through mirror needs upstreams"),
@@ -467,7 +467,7 @@ fn errors_name_file_line_and_field() {
 fn every_problem_is_reported_at_once() {
     let err = Table::parse(
         "t.yaml",
-        "rules:\n  - match: [\"a\"]\n    mirror: x\n  - match: [\"b\"]\n    mirror: y\n",
+        "rules:\n  - match: [\"docker.io/library/a\"]\n    mirror: x\n  - match: [\"docker.io/library/b\"]\n    mirror: y\n",
     )
     .unwrap_err();
     assert_eq!(err.problems.len(), 2);

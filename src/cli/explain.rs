@@ -2,13 +2,12 @@
 //! valid.
 
 use std::io::Write;
-use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{ExplainArgs, ExportArgs, OutputFormat};
+use super::{CheckConfigArgs, ExplainArgs, ExportArgs, OutputFormat};
 use crate::config::Config;
 use crate::export::Export;
 use crate::mapping::{Decision, KeepReason, MirrorKind, SwapPolicy, Table};
@@ -135,96 +134,206 @@ pub(super) fn explain(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
+pub(super) fn check_config(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
+    let Some(file) = args.file.as_ref().or(args.config.as_ref()) else {
+        anyhow::bail!(
+            "no table to check: give its path (check-config FILE, --config FILE, or \
+             IMAGE_MIRROR_CONFIG)"
+        );
+    };
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    match Config::parse(&file.display().to_string(), &text) {
-        Ok(config) => {
-            print!("{}", summary(&config));
-            Ok(ExitCode::SUCCESS)
-        }
+    let config = match Config::parse(&file.display().to_string(), &text) {
+        Ok(config) => config,
         Err(err) => {
             for p in &err.problems {
-                eprintln!("{p}");
+                eprintln!("error: {p}");
             }
             eprintln!("{}: {} problem(s)", file.display(), err.problems.len());
-            Ok(ExitCode::FAILURE)
+            return Ok(ExitCode::FAILURE);
         }
+    };
+    print!("{}", summary(&config));
+    let warnings = config.table.warnings();
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    if !warnings.is_empty() && args.strict {
+        eprintln!(
+            "{}: {} warning(s), refused with --strict",
+            file.display(),
+            warnings.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `600s` → `10m`, `1500ms` → `1500ms`: as the table writes durations.
+fn duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0s".to_string(),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        ms => format!("{ms}ms"),
     }
 }
 
-/// The one-screen summary `check-config` prints for a valid table.
+/// Where a registry's credentials come from, as `check-config` and `explain` say it.
+pub fn credentials_source(access: Option<&crate::settings::RegistryAccess>) -> String {
+    match access {
+        Some(a) if a.docker_config.is_some() => format!(
+            "docker config {} (anonymous while it is absent)",
+            a.docker_config.as_deref().unwrap_or_default()
+        ),
+        Some(a) if a.username_env.is_some() => format!(
+            "environment {} and {} (anonymous while unset)",
+            a.username_env.as_deref().unwrap_or_default(),
+            a.password_env.as_deref().unwrap_or_default()
+        ),
+        _ => "anonymous".to_string(),
+    }
+}
+
+/// The summary `check-config` prints for a valid table: every setting that changes what the
+/// webhook does, with its defaults filled in.
 pub fn summary(config: &Config) -> String {
     use std::fmt::Write as _;
     let table = &config.table;
+    let settings = &config.settings;
     let mut s = String::new();
     let _ = writeln!(s, "{}: OK", table.source_name());
     let _ = writeln!(s, "mirrors ({}):", table.mirrors().len());
     for m in table.mirrors() {
         let secret = match (&m.pull_secret, &m.pull_secret_from) {
-            (Some(s), Some(from)) => format!("{s} (from {from})"),
+            (Some(s), Some(from)) => format!("{s} (copied from {from})"),
             (Some(s), None) => s.clone(),
             (None, _) => "none".to_string(),
         };
-        match &m.kind {
+        let place = match &m.kind {
             MirrorKind::Repository { prefix, naming } => {
-                let _ = writeln!(
-                    s,
-                    "  {:<12} repository    {}/{prefix} naming={naming} pullSecret={secret}",
-                    m.name, m.registry
-                );
+                format!("repository    {}/{prefix} naming={naming}", m.registry)
             }
             MirrorKind::PullThrough { upstreams } => {
                 let ups: Vec<String> = upstreams.iter().map(|(u, c)| format!("{u}→{c}")).collect();
-                let _ = writeln!(
-                    s,
-                    "  {:<12} pull-through  {} [{}] pullSecret={secret}",
-                    m.name,
+                format!(
+                    "pull-through  {} upstreams=[{}]",
                     m.registry,
                     ups.join(", ")
-                );
+                )
             }
-        }
+        };
+        let _ = writeln!(s, "  {:<12} {place} pullSecret={secret}", m.name);
+        let _ = writeln!(s, "  {:<12} {}", "", table.mirror_policy(m));
     }
-    let _ = writeln!(s, "exact entries: {}", table.entries().len());
-    let _ = writeln!(s, "rules ({}):", table.rules().len());
-    for r in table.rules() {
+    let _ = writeln!(s, "exact entries ({}):", table.entries().len());
+    for e in table.entries() {
+        let mirror = table
+            .entry_mirror(e)
+            .map_or("(no mirror)", |m| m.name.as_str());
         let _ = writeln!(
             s,
-            "  {:<16} {} → {}{}",
+            "  {} → {} [{mirror}] {}",
+            e.source,
+            e.target,
+            table.entry_policy(e)
+        );
+    }
+    let _ = writeln!(s, "rules ({}), first match wins:", table.rules().len());
+    for r in table.rules() {
+        let except = if r.excludes.is_empty() {
+            String::new()
+        } else {
+            format!(" except {}", r.excludes.join(", "))
+        };
+        let _ = writeln!(
+            s,
+            "  {:<16} {}{except} → {}",
             r.name,
             r.matches.join(", "),
-            table.rule_mirror(r).name,
-            if r.excludes.is_empty() {
-                String::new()
-            } else {
-                format!(" (except {})", r.excludes.join(", "))
-            }
+            table.rule_mirror(r).name
         );
+        let _ = writeln!(s, "  {:<16} {}", "", table.rule_policy(r));
     }
     let mut ns: Vec<&str> = table.excluded_namespaces().collect();
     ns.sort_unstable();
-    let _ = writeln!(s, "excluded namespaces: {}", ns.join(", "));
-    let (c, q) = (config.settings.checks, config.settings.copies);
     let _ = writeln!(
         s,
-        "checks: presentTtl={:?} absentTtl={:?} timeout={:?}",
-        c.present_ttl, c.absent_ttl, c.timeout
+        "namespaces excluded: {}",
+        if ns.is_empty() {
+            "none".to_string()
+        } else {
+            ns.join(", ")
+        }
     );
+    let _ =
+        writeln!(
+            s,
+            "pull secrets go to: {}",
+            table.pull_secret_namespaces().map_or(
+                "every opted-in namespace".to_string(),
+                |f| format!("opted-in namespaces matching {}", f.describe())
+            )
+        );
+    let _ = writeln!(s, "registries:");
+    let mut hosts: Vec<&str> = table
+        .mirrors()
+        .iter()
+        .map(|m| m.registry.as_str())
+        .collect();
+    hosts.extend(settings.registries().keys().map(String::as_str));
+    hosts.sort_unstable();
+    hosts.dedup();
+    for host in hosts {
+        let access = settings.access(host);
+        let mut how = vec![format!("credentials: {}", credentials_source(access))];
+        if let Some(a) = access {
+            if a.insecure {
+                how.push("plain HTTP".to_string());
+            }
+            if let Some(ca) = &a.ca_file {
+                how.push(format!("CA {ca}"));
+            }
+            how.push(format!("upload={}", a.upload().label()));
+            if let Some(n) = a.rate_limit_reserve {
+                how.push(format!("rateLimitReserve={n}"));
+            }
+        }
+        let _ = writeln!(s, "  {host:<24} {}", how.join("; "));
+    }
+    let c = settings.checks;
     let _ = writeln!(
         s,
-        "copies: concurrency={} queueSize={} retryBackoff={:?} maxAttempts={} runner={}{}",
+        "checks: presentTtl={} absentTtl={} unknownTtl={} timeout={} circuitThreshold={} \
+         circuitBackoff={} circuitMaxBackoff={}",
+        duration(c.present_ttl),
+        duration(c.absent_ttl),
+        duration(c.unknown_ttl),
+        duration(c.timeout),
+        c.circuit_threshold,
+        duration(c.circuit_backoff),
+        duration(c.circuit_max_backoff)
+    );
+    let q = settings.copies;
+    let _ = writeln!(
+        s,
+        "copies: concurrency={} queueSize={} retryBackoff={} maxAttempts={} maxImageSize={} \
+         runner={}{}",
         q.concurrency,
         q.queue_size,
-        q.retry_backoff,
+        duration(q.retry_backoff),
         q.max_attempts,
+        q.max_image_size
+            .map_or("none".to_string(), super::sync::human_bytes),
         q.runner.label(),
         match q.runner {
             crate::settings::Runner::Job => format!(
-                " jobTtl={:?} jobImage={}",
-                q.job_ttl,
-                config
-                    .settings
+                " jobTtl={} jobDeadline={} jobImage={}",
+                duration(q.job_ttl),
+                duration(q.job_deadline),
+                settings
                     .job_image
                     .as_deref()
                     .unwrap_or("(the webhook's own)")
@@ -232,13 +341,14 @@ pub fn summary(config: &Config) -> String {
             crate::settings::Runner::InProcess => String::new(),
         }
     );
-    let hosts: Vec<&str> = config
-        .settings
-        .registries()
-        .keys()
-        .map(String::as_str)
-        .collect();
-    let _ = writeln!(s, "registries: {}", hosts.join(", "));
+    let t = settings.timeouts;
+    let _ = writeln!(
+        s,
+        "timeouts: connect={} response={} idle={}",
+        duration(t.connect),
+        duration(t.response),
+        duration(t.idle)
+    );
     // Every setting applies on reload; say so where operators look.
     let _ = writeln!(s, "reload: every setting above applies without a restart");
     s

@@ -39,11 +39,9 @@ pub enum Command {
     Certs(CertsArgs),
     /// Explain what each image reference would become, and why.
     Explain(ExplainArgs),
-    /// Validate a mapping table and summarise it.
-    CheckConfig {
-        /// The table to check.
-        file: PathBuf,
-    },
+    /// Validate a mapping table: every problem, with file, line and field; warnings; or a
+    /// summary of every setting in force.
+    CheckConfig(CheckConfigArgs),
     /// Copy one image (every platform, or those chosen) between registries.
     Copy(CopyArgs),
     /// Copy every exact entry of the table whose target is missing.
@@ -51,6 +49,18 @@ pub enum Command {
     /// Print the static part of the table as a MutatingAdmissionPolicy and its binding
     /// (admissionregistration.k8s.io/v1); what cannot be exported is listed on stderr.
     ExportPolicy(ExportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// The table to check (or --config, or IMAGE_MIRROR_CONFIG).
+    pub file: Option<PathBuf>,
+    /// The table to check.
+    #[arg(long, env = "IMAGE_MIRROR_CONFIG", conflicts_with = "file")]
+    pub config: Option<PathBuf>,
+    /// Refuse a table with warnings too (valid, but probably not what was meant).
+    #[arg(long)]
+    pub strict: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -171,7 +181,8 @@ pub struct ServeArgs {
     pub drain_timeout: std::time::Duration,
     /// Refuse a Pod instead of admitting it unchanged on an internal error, an unknown mirror
     /// state (slow or failing registry) or an unparsable image. Off by default.
-    #[arg(long, env = "IMAGE_MIRROR_STRICT")]
+    #[arg(long, env = "IMAGE_MIRROR_STRICT", value_parser = strict_flag, num_args = 0..=1,
+        default_value = "false", default_missing_value = "true", value_name = "BOOL")]
     pub strict: bool,
     /// Use the Kubernetes API (in-cluster, or KUBECONFIG) to check and provision pull secrets:
     /// `auto` when a client configuration is there, `off` never.
@@ -225,12 +236,30 @@ fn duration(s: &str) -> Result<std::time::Duration, ValueError> {
     parse_duration(s)
 }
 
+/// A boolean's value, from its flag or its variable (`IMAGE_MIRROR_STRICT=1`): the usual
+/// spellings, and an error that names both, since either may have given it.
+fn boolean(s: &str, flag: &str, variable: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" | "y" | "t" => Ok(true),
+        "false" | "no" | "off" | "0" | "n" | "f" | "" => Ok(false),
+        _ => Err(format!(
+            "{s:?} is not a boolean for {flag} or {variable}: write true or false (also yes/no, \
+             on/off, 1/0)"
+        )),
+    }
+}
+
+fn strict_flag(s: &str) -> Result<bool, String> {
+    boolean(s, "--strict", "IMAGE_MIRROR_STRICT")
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ExplainArgs {
     /// Mapping table (default: the embedded table).
     #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
     pub config: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    /// How to print: text for people, json (one object per image) for scripts.
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
     /// Image references, as written in a Pod spec.
     #[arg(required = true)]
@@ -249,7 +278,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Certs(args) => certs(&args),
         Command::Explain(args) => explain::explain(&args),
-        Command::CheckConfig { file } => explain::check_config(&file),
+        Command::CheckConfig(args) => explain::check_config(&args),
         Command::Copy(args) => sync::copy(&args),
         Command::Sync(args) => sync::sync(&args),
         Command::ExportPolicy(args) => explain::export_policy(&args),

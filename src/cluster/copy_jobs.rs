@@ -742,7 +742,7 @@ mod tests {
         pod.spec.as_mut().unwrap().containers[1].command =
             Some(vec!["/bin/imw".to_string(), "serve".to_string()]);
         let template = Template::from_pod(&pod, &[], None).unwrap();
-        let job = job_for(&template, &request(&[], true), &settings(""), "ns", None);
+        let job = job_for(&template, &request(&[], true), &settings("{}"), "ns", None);
         let v = serde_json::to_value(job).unwrap();
         let c = &v["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(c["command"], serde_json::json!(["/bin/imw"]));

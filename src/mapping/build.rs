@@ -1,115 +1,56 @@
-//! The table file: its YAML schema, and the validation that turns it into a [`Table`] and its
-//! [`Settings`], reporting every problem with file, line and field.
+//! The validation that turns a table file ([`super::raw`]) into a [`Table`] and its
+//! [`Settings`], reporting every problem with file, line and field, and what is valid but
+//! probably wrong as a warning.
 
 use std::collections::BTreeMap;
 
 use ahash::AHashMap;
-use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::clash;
-use super::index::{NameEntries, NameMatcher, RuleIndex, TagSpec, TargetTag};
+use super::index::{self, NameEntries, NameMatcher, RuleIndex, TagSpec, TargetTag};
 use super::mirrors::{valid_object_name, Mirror, MirrorKind, SecretRef};
 use super::policy::{CopyPolicy, Naming, Overrides, Pin, Platform, SwapPolicy};
+use super::raw::{RawFile, RawImage, RawMirror, RawPullSecretNamespaces};
 use super::{Entry, NamespaceFilter, Rule, Table};
 use crate::problems::{yaml_error, ProblemList, TableError};
 use crate::reference::{
     canonical_host, registry_host, valid_path_component, Reference, DOCKER_HUB,
 };
-use crate::settings::{self, RegistryAccess, Settings};
+use crate::settings::{self, choose, Settings};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum MirrorType {
-    Repository,
-    PullThrough,
-}
+const TYPES: [(&str, bool); 2] = [("repository", false), ("pull-through", true)];
+const NAMINGS: [(&str, Naming); 3] = [
+    ("flatten", Naming::Flatten),
+    ("preserve", Naming::Preserve),
+    ("rancher", Naming::Rancher),
+];
+const SWAPS: [(&str, SwapPolicy); 2] = [
+    ("always", SwapPolicy::Always),
+    ("if-present", SwapPolicy::IfPresent),
+];
+const COPIES: [(&str, CopyPolicy); 2] = [
+    ("on-demand", CopyPolicy::OnDemand),
+    ("off", CopyPolicy::Off),
+];
+const PINS: [(&str, Pin); 2] = [("tag", Pin::Tag), ("digest", Pin::Digest)];
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawFile {
-    #[serde(default)]
-    mirrors: BTreeMap<String, Spanned<RawMirror>>,
-    #[serde(default)]
-    images: Vec<Spanned<RawImage>>,
-    #[serde(default)]
-    rules: Vec<Spanned<RawRule>>,
-    #[serde(default)]
-    namespaces: Option<RawNamespaces>,
-    #[serde(default)]
-    registries: BTreeMap<String, Spanned<RegistryAccess>>,
-    #[serde(default)]
-    checks: Option<Spanned<settings::RawChecks>>,
-    #[serde(default)]
-    copies: Option<Spanned<settings::RawCopies>>,
-    #[serde(default)]
-    timeouts: Option<Spanned<settings::RawTimeouts>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawMirror {
-    #[serde(rename = "type")]
-    kind: MirrorType,
-    registry: Spanned<String>,
-    prefix: Option<Spanned<String>>,
-    naming: Option<Naming>,
-    pull_secret: Option<Spanned<String>>,
-    pull_secret_from: Option<Spanned<String>>,
-    upstreams: Option<BTreeMap<String, Spanned<String>>>,
-    swap: Option<SwapPolicy>,
-    copy: Option<CopyPolicy>,
-    platforms: Option<Vec<Spanned<String>>>,
-    #[serde(default, deserialize_with = "super::policy::referrers_flag")]
-    referrers: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct RawImage {
-    source: Spanned<String>,
-    pub(super) target: Spanned<String>,
-    swap: Option<SwapPolicy>,
-    copy: Option<CopyPolicy>,
-    platforms: Option<Vec<Spanned<String>>>,
-    #[serde(default, deserialize_with = "super::policy::referrers_flag")]
-    referrers: Option<bool>,
-    pin: Option<Pin>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub(super) struct RawRule {
-    name: Option<String>,
-    #[serde(rename = "match")]
-    matches: Vec<Spanned<String>>,
-    #[serde(default)]
-    exclude: Vec<Spanned<String>>,
-    mirror: Spanned<String>,
-    swap: Option<SwapPolicy>,
-    copy: Option<CopyPolicy>,
-    platforms: Option<Vec<Spanned<String>>>,
-    #[serde(default, deserialize_with = "super::policy::referrers_flag")]
-    referrers: Option<bool>,
-    pin: Option<Pin>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawNamespaces {
-    #[serde(default)]
-    exclude: Vec<String>,
-    pull_secrets: Option<Spanned<RawPullSecretNamespaces>>,
-}
-
-/// Which namespaces may receive the mirrors' pull secrets (an admin's allow-list).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawPullSecretNamespaces {
-    #[serde(default)]
-    allow: Vec<Spanned<String>>,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
+/// A word setting checked against its choices: `None` when absent, or reported when it is
+/// none of them.
+fn pick<T: Copy>(
+    word: &Option<Spanned<String>>,
+    field: impl FnOnce() -> String,
+    choices: &[(&str, T)],
+    problems: &mut ProblemList,
+) -> Option<T> {
+    let word = word.as_ref()?;
+    match choose(&word.value, choices) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            problems.add(word, field(), e);
+            None
+        }
+    }
 }
 
 /// Parses and validates a table file: the mapping table and its settings. `file` names it in
@@ -121,8 +62,17 @@ pub fn parse_file(file: &str, yaml: &str) -> Result<(Table, Settings), TableErro
     budget.max_events = 40_000_000;
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
-    let text = if yaml.trim().is_empty() { "{}" } else { yaml };
-    let raw: RawFile = serde_saphyr::from_str_with_options(text, options)
+    let empty = yaml
+        .lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#') || l.trim() == "---");
+    if empty {
+        return Err(TableError::whole(
+            file,
+            "the table is empty: give mirrors and the images or rules that send images to them \
+             (serve without --config uses the embedded table)",
+        ));
+    }
+    let raw: RawFile = serde_saphyr::from_str_with_options(yaml, options)
         .map_err(|e| yaml_error(file, yaml, &e))?;
     let mut problems = ProblemList::new(file);
     let table = build(file, &raw, &mut problems);
@@ -133,6 +83,8 @@ pub fn parse_file(file: &str, yaml: &str) -> Result<(Table, Settings), TableErro
         raw.timeouts.as_ref(),
         &mut problems,
     );
+    let mut table = table;
+    table.warnings = std::mem::take(&mut problems.warnings);
     problems.into_result((table, settings))
 }
 
@@ -174,6 +126,18 @@ fn build(file: &str, raw: &RawFile, problems: &mut ProblemList) -> Table {
     let mut entries = Vec::new();
     for (i, spanned) in raw.images.iter().enumerate() {
         if let Some(entry) = build_entry(i, spanned, &roots, problems) {
+            if let (None, Some(target)) = (entry.mirror, &spanned.value.target) {
+                problems.warn(
+                    target,
+                    format!("images[{i}].target"),
+                    format!(
+                        "{} lies under no mirror's registry/prefix, so no mirror's pull secret \
+                         or policies apply (swap: always, no copies); add its mirror, or \
+                         correct the target",
+                        entry.target
+                    ),
+                );
+            }
             entries.push(entry);
         }
     }
@@ -188,30 +152,81 @@ fn build(file: &str, raw: &RawFile, problems: &mut ProblemList) -> Table {
 
     let mut rules = Vec::new();
     let mut rule_index = RuleIndex::default();
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
     for (i, spanned) in raw.rules.iter().enumerate() {
         let field = format!("rules[{i}]");
         let rule = &spanned.value;
-        let Some(mirror) = mirrors.iter().position(|m| m.name == rule.mirror.value) else {
+        if let Some(name) = &rule.name {
+            if let Some(first) = names.insert(&name.value, i) {
+                problems.add(
+                    name,
+                    format!("{field}.name"),
+                    format!("{:?} is the name of rules[{first}] too: names tell rules apart in explain and the logs", name.value),
+                );
+            }
+        }
+        let matches = match &rule.matches {
+            Some(m) => m.as_slice(),
+            None => {
+                problems.add(
+                    spanned,
+                    format!("{field}.match"),
+                    "missing: the globs the rule applies to, on normalized names such as \
+                     docker.io/library/nginx",
+                );
+                &[]
+            }
+        };
+        let rule_overrides = overrides(
+            Written {
+                swap: pick(&rule.swap, || format!("{field}.swap"), &SWAPS, problems),
+                copy: pick(&rule.copy, || format!("{field}.copy"), &COPIES, problems),
+                platforms: &rule.platforms,
+                referrers: rule.referrers,
+                pin: pick(&rule.pin, || format!("{field}.pin"), &PINS, problems),
+            },
+            &format!("{field}.platforms"),
+            problems,
+        );
+        let Some(wanted) = &rule.mirror else {
             problems.add(
-                &rule.mirror,
+                spanned,
                 format!("{field}.mirror"),
-                format!("unknown mirror {:?}", rule.mirror.value),
+                "missing: the name of the mirror the rule sends its matches to",
             );
             continue;
         };
-        if rule.matches.is_empty() {
+        let mut globs = Vec::new();
+        for (j, m) in matches.iter().enumerate() {
+            if let Some(matcher) = compile_glob(m, &format!("{field}.match[{j}]"), problems) {
+                globs.push((canonical_glob(&m.value), matcher));
+            }
+        }
+        if rule.matches.as_ref().is_some_and(|m| m.is_empty()) {
             problems.add(
                 spanned,
                 format!("{field}.match"),
                 "at least one glob is required",
             );
         }
-        let mut globs = Vec::new();
-        for (j, m) in rule.matches.iter().enumerate() {
-            if let Some(matcher) = compile_glob(m, &format!("{field}.match[{j}]"), problems) {
-                globs.push((canonical_glob(&m.value), matcher));
-            }
-        }
+        let Some(mirror) = mirrors.iter().position(|m| m.name == wanted.value) else {
+            let known: Vec<&str> = mirrors.iter().map(|m| m.name.as_str()).collect();
+            problems.add(
+                wanted,
+                format!("{field}.mirror"),
+                format!(
+                    "unknown mirror {:?}; the table's mirrors: {}",
+                    wanted.value,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+            continue;
+        };
+        check_cache_prefixes(&mirrors[mirror], matches, &field, problems);
         let exclude_matchers = rule
             .exclude
             .iter()
@@ -219,13 +234,12 @@ fn build(file: &str, raw: &RawFile, problems: &mut ProblemList) -> Table {
             .filter_map(|(j, m)| compile_glob(m, &format!("{field}.exclude[{j}]"), problems))
             .collect();
         let built = Rule {
-            name: rule.name.clone().unwrap_or_else(|| format!("rule-{i}")),
+            name: rule
+                .name
+                .as_ref()
+                .map_or_else(|| format!("rule-{i}"), |n| n.value.clone()),
             index: i,
-            matches: rule
-                .matches
-                .iter()
-                .map(|m| canonical_glob(&m.value))
-                .collect(),
+            matches: matches.iter().map(|m| canonical_glob(&m.value)).collect(),
             excludes: rule
                 .exclude
                 .iter()
@@ -233,17 +247,7 @@ fn build(file: &str, raw: &RawFile, problems: &mut ProblemList) -> Table {
                 .collect(),
             exclude_matchers,
             mirror,
-            overrides: overrides(
-                Written {
-                    swap: rule.swap,
-                    copy: rule.copy,
-                    platforms: &rule.platforms,
-                    referrers: rule.referrers,
-                    pin: rule.pin,
-                },
-                &format!("{field}.platforms"),
-                problems,
-            ),
+            overrides: rule_overrides,
         };
         let layers = [Some(&built.overrides), Some(&mirrors[mirror].overrides)];
         check_pin(&layers, spanned, &format!("{field}.pin"), problems);
@@ -271,14 +275,29 @@ fn build(file: &str, raw: &RawFile, problems: &mut ProblemList) -> Table {
         loose_targets,
         excluded_namespaces: raw
             .namespaces
-            .as_ref()
-            .map(|n| n.exclude.iter().cloned().collect())
-            .unwrap_or_default(),
+            .iter()
+            .flat_map(|n| n.exclude.iter().enumerate())
+            .filter_map(|(i, ns)| {
+                let valid = valid_object_name(&ns.value, 63, false);
+                if !valid {
+                    problems.add(
+                        ns,
+                        format!("namespaces.exclude[{i}]"),
+                        format!(
+                            "{:?} is not a namespace name (lowercase letters, digits and -)",
+                            ns.value
+                        ),
+                    );
+                }
+                valid.then(|| ns.value.clone())
+            })
+            .collect(),
         pull_secret_namespaces: raw
             .namespaces
             .as_ref()
             .and_then(|n| n.pull_secrets.as_ref())
             .and_then(|p| build_namespace_filter(p, problems)),
+        warnings: Vec::new(),
     }
 }
 
@@ -332,19 +351,37 @@ fn build_mirror(
     problems: &mut ProblemList,
 ) -> Option<Mirror> {
     let raw = &spanned.value;
-    let registry = registry_host(&raw.registry.value).to_string();
-    if Reference::from_parts(&registry, "x", None, None).map(|r| r.registry().to_string())
-        != Ok(registry.clone())
-    {
+    let Some(at) = &raw.registry else {
         problems.add(
-            &raw.registry,
+            spanned,
             format!("{field}.registry"),
-            format!("invalid registry host {:?}", raw.registry.value),
+            "missing: the registry host of the mirror (ghcr.io, <account>.dkr.ecr.<region>.amazonaws.com)",
+        );
+        return None;
+    };
+    let registry = registry_host(&at.value).to_string();
+    if let Some(why) = crate::reference::invalid_host(&registry) {
+        problems.add(at, format!("{field}.registry"), why);
+        return None;
+    }
+    if raw.kind.is_none() {
+        problems.add(
+            spanned,
+            format!("{field}.type"),
+            "missing: repository (a registry copies are pushed into) or pull-through (an ECR \
+             pull-through cache)",
         );
         return None;
     }
-    let kind = match raw.kind {
-        MirrorType::Repository => {
+    let pull_through = pick(&raw.kind, || format!("{field}.type"), &TYPES, problems)?;
+    let naming = pick(
+        &raw.naming,
+        || format!("{field}.naming"),
+        &NAMINGS,
+        problems,
+    );
+    let kind = match pull_through {
+        false => {
             if raw.upstreams.is_some() {
                 problems.add(
                     spanned,
@@ -367,10 +404,10 @@ fn build_mirror(
             }
             MirrorKind::Repository {
                 prefix: prefix.unwrap_or_default(),
-                naming: raw.naming.unwrap_or(Naming::Flatten),
+                naming: naming.unwrap_or(Naming::Flatten),
             }
         }
-        MirrorType::PullThrough => {
+        true => {
             if raw.prefix.is_some() || raw.naming.is_some() {
                 problems.add(
                     spanned,
@@ -386,15 +423,29 @@ fn build_mirror(
                 );
                 return None;
             };
+            if upstreams.is_empty() {
+                problems.add(
+                    spanned,
+                    format!("{field}.upstreams"),
+                    "is empty: a pull-through mirror needs at least one upstream registry and \
+                     its cache prefix",
+                );
+            }
             let mut map = BTreeMap::new();
             for (upstream, cache) in upstreams {
-                let c = cache.value.trim_matches('/');
-                if c.is_empty() || !c.split('/').all(valid_path_component) {
+                let at = format!("{field}.upstreams.{upstream}");
+                let Some(value) = &cache.value else {
                     problems.add(
                         cache,
-                        format!("{field}.upstreams.{upstream}"),
-                        format!("invalid cache prefix {:?}", cache.value),
+                        at,
+                        "has no cache prefix: give the repository prefix of its ECR \
+                         pull-through cache rule (docker-hub, say)",
                     );
+                    continue;
+                };
+                let c = value.trim_matches('/');
+                if c.is_empty() || !c.split('/').all(valid_path_component) {
+                    problems.add(cache, at, format!("invalid cache prefix {value:?}"));
                 }
                 map.insert(registry_host(upstream).to_string(), c.to_string());
             }
@@ -409,8 +460,8 @@ fn build_mirror(
         pull_secret_from: pull_secret_from(raw, field, problems),
         overrides: overrides(
             Written {
-                swap: raw.swap,
-                copy: raw.copy,
+                swap: pick(&raw.swap, || format!("{field}.swap"), &SWAPS, problems),
+                copy: pick(&raw.copy, || format!("{field}.copy"), &COPIES, problems),
                 platforms: &raw.platforms,
                 referrers: raw.referrers,
                 pin: None,
@@ -553,25 +604,42 @@ fn build_entry(
 ) -> Option<Entry> {
     let raw = &spanned.value;
     let field = format!("images[{i}]");
-    let source = match parse_with_glob(&raw.source.value) {
+    let (Some(raw_source), Some(raw_target)) = (&raw.source, &raw.target) else {
+        let which = if raw.source.is_none() {
+            "source"
+        } else {
+            "target"
+        };
+        problems.add(
+            spanned,
+            format!("{field}.{which}"),
+            "missing: an exact entry maps a source image to its target on the mirror",
+        );
+        return None;
+    };
+    let source = match parse_with_glob(&raw_source.value) {
         Ok(s) => s,
         Err(e) => {
-            problems.add(&raw.source, format!("{field}.source"), e);
+            problems.add(raw_source, format!("{field}.source"), e);
             return None;
         }
     };
-    let target = match parse_with_glob(&raw.target.value) {
+    let target = match parse_with_glob(&raw_target.value) {
         Ok(t) => t,
         Err(e) => {
-            problems.add(&raw.target, format!("{field}.target"), e);
+            problems.add(raw_target, format!("{field}.target"), e);
             return None;
         }
     };
+    if let Some(why) = crate::reference::invalid_host(target.0.registry()) {
+        problems.add(raw_target, format!("{field}.target"), why);
+        return None;
+    }
     let (source_ref, source_glob) = source;
     let (target_ref, target_glob) = target;
     if target_ref.digest().is_some() {
         problems.add(
-            &raw.target,
+            raw_target,
             format!("{field}.target"),
             "a target carries the source's digest; it cannot name its own",
         );
@@ -608,7 +676,7 @@ fn build_entry(
         _ => None,
     };
     if let Some(m) = mismatch {
-        problems.add(&raw.target, format!("{field}.target"), m);
+        problems.add(raw_target, format!("{field}.target"), m);
         return None;
     }
     let target_name = target_ref.name();
@@ -617,8 +685,8 @@ fn build_entry(
         .find(|(root, _)| target_name.starts_with(root.as_str()))
         .map(|(_, i)| *i);
     Some(Entry {
-        source: raw.source.value.clone(),
-        target: raw.target.value.clone(),
+        source: raw_source.value.clone(),
+        target: raw_target.value.clone(),
         index: i,
         source_name: source_ref.canonical().name().to_string(),
         tag,
@@ -627,11 +695,11 @@ fn build_entry(
         mirror,
         overrides: overrides(
             Written {
-                swap: raw.swap,
-                copy: raw.copy,
+                swap: pick(&raw.swap, || format!("{field}.swap"), &SWAPS, problems),
+                copy: pick(&raw.copy, || format!("{field}.copy"), &COPIES, problems),
                 platforms: &raw.platforms,
                 referrers: raw.referrers,
-                pin: raw.pin,
+                pin: pick(&raw.pin, || format!("{field}.pin"), &PINS, problems),
             },
             &format!("{field}.platforms"),
             problems,
@@ -661,9 +729,9 @@ fn index_entries(
                 dup
             }
         };
-        if let Some(prev) = previous {
+        if let (Some(prev), Some(source)) = (previous, &raw[e.index].value.source) {
             problems.add(
-                &raw[e.index].value.source,
+                source,
                 format!("images[{}].source", e.index),
                 format!(
                     "duplicate source: images[{}] already maps {}",
@@ -704,6 +772,18 @@ fn compile_glob(
         );
         return None;
     }
+    if let Some(meant) = never_matches(&glob) {
+        problems.add(
+            at,
+            field,
+            format!(
+                "{:?} can never match: globs match normalized names, which begin with a \
+                 registry (docker.io/library/nginx); did you mean {meant:?}?",
+                at.value
+            ),
+        );
+        return None;
+    }
     match NameMatcher::new(&glob) {
         Ok(m) => Some(m),
         Err(e) => {
@@ -714,6 +794,61 @@ fn compile_glob(
             );
             None
         }
+    }
+}
+
+/// What a glob that can never match probably meant, when it can never match: its first
+/// component must be able to be a registry host, since every normalized name begins with one.
+fn never_matches(glob: &str) -> Option<String> {
+    if glob == "**" {
+        return None;
+    }
+    let (first, rest) = match glob.split_once('/') {
+        Some((first, rest)) => (first, Some(rest)),
+        None => (glob, None),
+    };
+    let host_like = index::has_glob_meta(first)
+        || first.contains(['.', ':'])
+        || first == "localhost"
+        || first.starts_with('[');
+    if host_like && rest.is_some() {
+        return None;
+    }
+    Some(match rest {
+        None if first.contains("**") => format!("docker.io/{glob}"),
+        None => format!("docker.io/library/{glob}"),
+        Some(_) => format!("docker.io/{glob}"),
+    })
+}
+
+/// A rule that sends a registry's images to a pull-through mirror without a cache prefix for
+/// that registry rewrites nothing: every match is kept (`no-cache-prefix`).
+fn check_cache_prefixes(
+    mirror: &Mirror,
+    matches: &[Spanned<String>],
+    field: &str,
+    problems: &mut ProblemList,
+) {
+    let MirrorKind::PullThrough { upstreams } = &mirror.kind else {
+        return;
+    };
+    for (j, glob) in matches.iter().enumerate() {
+        let canonical = canonical_glob(&glob.value);
+        let Some((host, _)) = canonical.split_once('/') else {
+            continue;
+        };
+        if index::has_glob_meta(host) || upstreams.contains_key(registry_host(host)) {
+            continue;
+        }
+        problems.add(
+            glob,
+            format!("{field}.match[{j}]"),
+            format!(
+                "mirror {} has no cache prefix for {host}, so nothing this glob matches is \
+                 rewritten: add {host} to its upstreams, or send it to another mirror",
+                mirror.name
+            ),
+        );
     }
 }
 

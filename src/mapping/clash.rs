@@ -4,10 +4,10 @@ use std::collections::HashMap;
 
 use serde_saphyr::Spanned;
 
-use super::build::{RawImage, RawRule};
 use super::index::{has_glob_meta, NameMatcher, TagSpec, TargetTag};
 use super::mirrors::{Mirror, MirrorKind};
 use super::policy::Naming;
+use super::raw::{RawImage, RawRule};
 use super::{Entry, Rule};
 use crate::problems::ProblemList;
 use crate::reference::Reference;
@@ -63,10 +63,13 @@ pub(super) fn check_entries(
     for group in by_target.values().filter(|g| g.len() > 1) {
         for (k, a) in group.iter().enumerate() {
             for b in &group[k + 1..] {
+                let Some(at) = &raw[b.index].value.target else {
+                    continue;
+                };
                 if a.source_name != b.source_name && tags_overlap(&target_tags(a), &target_tags(b))
                 {
                     problems.add(
-                        &raw[b.index].value.target,
+                        at,
                         format!("images[{}].target", b.index),
                         format!(
                             "naming clash: {} and images[{}] {} both map to {}",

@@ -10,6 +10,7 @@ mod clash;
 mod index;
 mod mirrors;
 mod policy;
+mod raw;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -123,6 +124,8 @@ pub struct Table {
     /// Which opted-in namespaces may receive pull secrets (`namespaces.pullSecrets`); all of
     /// them without it.
     pull_secret_namespaces: Option<NamespaceFilter>,
+    /// What is valid but probably not what was meant (`check-config` shows them).
+    warnings: Vec<crate::problems::Problem>,
 }
 
 /// An admin's allow-list of namespaces: names matching one of the globs (when there are any)
@@ -415,12 +418,7 @@ impl Table {
             }
         };
         let mirror = entry.mirror.map(|i| &self.mirrors[i]);
-        // An exact entry swaps always: the table promises the copy exists.
-        let policy = Overrides::resolve(
-            &[Some(&entry.overrides), mirror.map(|m| &m.overrides)],
-            SwapPolicy::Always,
-            CopyPolicy::OnDemand,
-        );
+        let policy = self.entry_policy(entry);
         let matched = Matched::Entry(entry);
         self.finish(source, &entry.target_name, tag, mirror, matched, policy)
     }
@@ -481,6 +479,11 @@ impl Table {
             .is_none_or(|f| f.allows(namespace, label))
     }
 
+    /// What is valid in the table but probably not what was meant.
+    pub fn warnings(&self) -> &[crate::problems::Problem] {
+        &self.warnings
+    }
+
     /// The allow-list of namespaces that may receive pull secrets, when there is one.
     pub fn pull_secret_namespaces(&self) -> Option<&NamespaceFilter> {
         self.pull_secret_namespaces.as_ref()
@@ -500,6 +503,31 @@ impl Table {
             mirror.default_swap(),
             mirror.default_copy(),
         )
+    }
+
+    /// The policies of an exact entry: its own settings, then its mirror's; it swaps always
+    /// by default (the table promises the copy exists).
+    pub fn entry_policy<'t>(&'t self, entry: &'t Entry) -> Policy<'t> {
+        let mirror = entry.mirror.map(|i| &self.mirrors[i]);
+        Overrides::resolve(
+            &[Some(&entry.overrides), mirror.map(|m| &m.overrides)],
+            SwapPolicy::Always,
+            CopyPolicy::OnDemand,
+        )
+    }
+
+    /// The policies a mirror gives what its rules and entries do not set.
+    pub fn mirror_policy<'t>(&'t self, mirror: &'t Mirror) -> Policy<'t> {
+        Overrides::resolve(
+            &[Some(&mirror.overrides)],
+            mirror.default_swap(),
+            mirror.default_copy(),
+        )
+    }
+
+    /// The mirror an exact entry's target lies under.
+    pub fn entry_mirror(&self, entry: &Entry) -> Option<&Mirror> {
+        entry.mirror.map(|i| &self.mirrors[i])
     }
 
     /// The mirror a rule sends its matches to.

@@ -30,6 +30,47 @@ pub enum Pin {
     Digest,
 }
 
+impl fmt::Display for SwapPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SwapPolicy::Always => "always",
+            SwapPolicy::IfPresent => "if-present",
+        })
+    }
+}
+
+impl fmt::Display for CopyPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CopyPolicy::OnDemand => "on-demand",
+            CopyPolicy::Off => "off",
+        })
+    }
+}
+
+impl fmt::Display for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Pin::Tag => "tag",
+            Pin::Digest => "digest",
+        })
+    }
+}
+
+impl fmt::Display for Policy<'_> {
+    /// `swap=if-present copy=on-demand platforms=all referrers=true pin=tag`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "swap={} copy={} platforms=", self.swap, self.copy)?;
+        if self.platforms.is_empty() {
+            f.write_str("all")?;
+        } else {
+            let names: Vec<String> = self.platforms.iter().map(ToString::to_string).collect();
+            f.write_str(&names.join(","))?;
+        }
+        write!(f, " referrers={} pin={}", self.referrers, self.pin)
+    }
+}
+
 impl<'de> Deserialize<'de> for SwapPolicy {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let choices = [
@@ -124,11 +165,76 @@ impl Platform {
         if !(2..=3).contains(&parts.len()) || !parts.iter().all(|p| word(p)) {
             return Err(ValueError::Platform(s.to_string()));
         }
+        let known = |what: &str, value: &str, list: &[&str]| {
+            if list.contains(&value) {
+                Ok(())
+            } else {
+                Err(ValueError::UnknownPlatform {
+                    platform: s.to_string(),
+                    what: format!("{what} {value:?}"),
+                    known: list.join(", "),
+                })
+            }
+        };
+        known("os", parts[0], &OS)?;
+        known("architecture", parts[1], &ARCHITECTURES)?;
+        if let Some(variant) = parts.get(2) {
+            let variants = variants(parts[1]);
+            if variants.is_empty() {
+                return Err(ValueError::UnknownPlatform {
+                    platform: s.to_string(),
+                    what: format!("variant {variant:?}"),
+                    known: format!("no variants for {}", parts[1]),
+                });
+            }
+            known("variant", variant, variants)?;
+        }
         Ok(Platform {
             os: parts[0].to_string(),
             architecture: parts[1].to_string(),
             variant: parts.get(2).map(|v| v.to_string()),
         })
+    }
+}
+
+/// The `os` values of the OCI image index (Go's GOOS list).
+const OS: [&str; 15] = [
+    "aix",
+    "android",
+    "darwin",
+    "dragonfly",
+    "freebsd",
+    "illumos",
+    "ios",
+    "js",
+    "linux",
+    "netbsd",
+    "openbsd",
+    "plan9",
+    "solaris",
+    "wasip1",
+    "windows",
+];
+
+/// The `architecture` values of the OCI image index (Go's GOARCH list).
+const ARCHITECTURES: [&str; 14] = [
+    "386", "amd64", "arm", "arm64", "loong64", "mips", "mipsle", "mips64", "mips64le", "ppc64",
+    "ppc64le", "riscv64", "s390x", "wasm",
+];
+
+/// The variants the OCI image index names for an architecture (CPU feature levels).
+fn variants(architecture: &str) -> &'static [&'static str] {
+    match architecture {
+        "arm" => &["v5", "v6", "v7", "v8"],
+        "arm64" => &[
+            "v8", "v8.0", "v8.1", "v8.2", "v8.3", "v8.4", "v8.5", "v8.6", "v8.7", "v8.8", "v8.9",
+            "v9", "v9.0", "v9.1", "v9.2", "v9.3", "v9.4", "v9.5",
+        ],
+        "amd64" => &["v1", "v2", "v3", "v4"],
+        "386" => &["sse2", "softfloat"],
+        "ppc64le" => &["power8", "power9", "power10"],
+        "riscv64" => &["rva20u64", "rva22u64"],
+        _ => &[],
     }
 }
 
