@@ -226,7 +226,11 @@ fn check_webhook(
             .find(|x| x.resources.as_ref().unwrap().contains(&res.to_string()))
             .unwrap()
     };
-    assert_eq!(rule_for("pods").operations.as_ref().unwrap(), &["CREATE"]);
+    // A Pod's images can change in place (kubectl set image): updates are seen too.
+    assert_eq!(
+        rule_for("pods").operations.as_ref().unwrap(),
+        &["CREATE", "UPDATE"]
+    );
     assert_eq!(
         rule_for("pods/ephemeralcontainers")
             .operations

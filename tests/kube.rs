@@ -1220,3 +1220,61 @@ async fn running_copy_jobs_are_capped_by_concurrency() {
     ]);
     c.ok(&["-n", SYSTEM, "delete", "pod", &pod_name, "--wait=false"]);
 }
+
+/// An image changed in place (`kubectl set image`) goes to the mirror too; a no-op update and
+/// the webhook's own rewrites change nothing; the pull secret is never added on an update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_set_in_place_goes_to_the_mirror_too() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    let (with, without) = (unique("setimg"), unique("setimg-nosecret"));
+    let _opted_in = OptedIn::new(c, &[&with, &without]);
+    for ns in [&with, &without] {
+        c.namespace(ns, &[("image-mirror/inject", "enabled")]);
+    }
+    c.docker_secret(&with, PULL, "ghcr.io");
+    let h = hook(c, &table(PULL, None)).await;
+    c.register(&unique("mwc"), &h, &[&with, &without]);
+    let mirror = "ghcr.io/acme/mirror/docker.io/library";
+
+    let (pod, _) = run_pod(c, &with, "web", "nginx:1.27");
+    assert_eq!(
+        image_of(&pod, "containers", 0),
+        format!("{mirror}/nginx:1.27")
+    );
+    let out = c.kubectl(&["-n", &with, "set", "image", "pod/web", "web=redis:7.2.5"]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{said}");
+    let pod = c.get(&["-n", &with, "pod", "web"]).unwrap();
+    assert_eq!(
+        image_of(&pod, "containers", 0),
+        format!("{mirror}/redis:7.2.5"),
+        "{said}"
+    );
+    // The record keeps the first original image of the container.
+    let record: Value = serde_json::from_str(
+        pod["metadata"]["annotations"]["image-mirror/original-images"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record, json!({"web": "nginx:1.27"}));
+    // A no-op update (a label): the image stays what it is.
+    c.ok(&["-n", &with, "label", "pod", "web", "touched=yes"]);
+    let pod = c.get(&["-n", &with, "pod", "web"]).unwrap();
+    assert_eq!(
+        image_of(&pod, "containers", 0),
+        format!("{mirror}/redis:7.2.5")
+    );
+
+    // A Pod without the mirror's pull secret cannot be given it on an update: kept, said.
+    let (pod, _) = run_pod(c, &without, "web", "nginx:1.27");
+    assert_eq!(image_of(&pod, "containers", 0), "nginx:1.27");
+    let out = c.kubectl(&["-n", &without, "set", "image", "pod/web", "web=redis:7.2.5"]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{said}");
+    let pod = c.get(&["-n", &without, "pod", "web"]).unwrap();
+    assert_eq!(image_of(&pod, "containers", 0), "redis:7.2.5");
+    assert!(pod["spec"].get("imagePullSecrets").is_none(), "{pod}");
+    opt_out(c, &[&with, &without]);
+}

@@ -235,9 +235,21 @@ pub struct Plan<'t> {
     /// The request as a whole is not for us (with the reason), or nothing is.
     skipped: Option<Skip>,
     dry_run: bool,
+    /// What the request may change.
+    scope: Scope,
+}
+
+/// What a request may change of its Pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// A new Pod: images, pull secrets and the record.
+    Create,
+    /// An update of a Pod: its images (the only mutable part of its spec) and the record. Pull
+    /// secrets cannot be added, so a mirror that needs one is used only when the Pod has it.
+    Update,
     /// The `pods/ephemeralcontainers` subresource: the API server keeps only changes under
     /// `/spec/ephemeralContainers` and silently drops the rest.
-    ephemeral: bool,
+    Ephemeral,
 }
 
 /// Whether a namespace holds a pull secret (or is about to): `(namespace, secret) → bool`.
@@ -288,17 +300,27 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
         containers: Vec::new(),
         skipped: Some(skip),
         dry_run: review.dry_run(),
-        ephemeral: false,
+        scope: Scope::Create,
     };
     let is_pods = req.resource.group.is_empty() && req.resource.resource == "pods";
     let sub = req.sub_resource.as_deref().unwrap_or("");
-    let sites: &[ImageSite] = match (is_pods, sub, &req.operation) {
-        (true, "", Operation::Create) => &[
-            ImageSite::Containers,
-            ImageSite::InitContainers,
-            ImageSite::Volumes,
-        ],
-        (true, "ephemeralcontainers", Operation::Update) => &[ImageSite::EphemeralContainers],
+    let (scope, sites): (Scope, &[ImageSite]) = match (is_pods, sub, &req.operation) {
+        (true, "", Operation::Create) => (
+            Scope::Create,
+            &[
+                ImageSite::Containers,
+                ImageSite::InitContainers,
+                ImageSite::Volumes,
+            ],
+        ),
+        // Of a Pod's spec only the container images may change once it exists.
+        (true, "", Operation::Update) => (
+            Scope::Update,
+            &[ImageSite::Containers, ImageSite::InitContainers],
+        ),
+        (true, "ephemeralcontainers", Operation::Update) => {
+            (Scope::Ephemeral, &[ImageSite::EphemeralContainers])
+        }
         _ => return skipped(Skip::NotAPod),
     };
     let Some(pod) = req.object.as_ref() else {
@@ -313,27 +335,39 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
     if pod.too_large() {
         return skipped(Skip::PodTooLarge);
     }
-    // Ephemeral containers cannot change once added: touch only the ones this update adds.
-    let old_names: Vec<String> = match (sites, req.old_object.as_ref()) {
-        ([ImageSite::EphemeralContainers], Some(old)) => {
-            old.images(sites).into_iter().map(|c| c.name).collect()
-        }
-        _ => Vec::new(),
+    // An update touches only what it changes: an ephemeral container once added, or an image
+    // the old Pod did not have at that container (never one the webhook wrote itself, so that a
+    // re-invocation or a no-op update changes nothing).
+    let old: Vec<(ImageSite, String, String)> = match (scope, req.old_object.as_ref()) {
+        (Scope::Create, _) | (_, None) => Vec::new(),
+        (_, Some(old)) => old
+            .images(sites)
+            .into_iter()
+            .map(|c| (c.site, c.name, c.image.to_string()))
+            .collect(),
     };
-    let ephemeral = sites == [ImageSite::EphemeralContainers];
+    let unchanged = |c: &crate::pod::ImageRef<'_>| {
+        old.iter().any(|(site, name, image)| {
+            *site == c.site && *name == c.name && (scope == Scope::Ephemeral || image == c.image)
+        })
+    };
     let namespace = review.namespace();
-    // Only the ephemeral subresource cannot add a pull secret, so only it asks the Pod's.
-    let referenced = if ephemeral {
-        pod.pull_secrets()
-    } else {
+    // Only a new Pod can be given a pull secret; otherwise the Pod must have it already.
+    let referenced = if scope == Scope::Create {
         Vec::new()
+    } else {
+        pod.pull_secrets()
     };
     // Why a rewrite to a mirror with this pull secret cannot happen here, if it cannot.
     let missing = |secret: &str| {
-        if ephemeral && !referenced.contains(&secret) {
+        if scope != Scope::Create && !referenced.contains(&secret) {
+            let on = match scope {
+                Scope::Ephemeral => "on the ephemeral containers subresource",
+                _ => "on an update of the Pod",
+            };
             Some(format!(
-                "the Pod does not reference the mirror's pull secret {secret:?}, and on the \
-                 ephemeral containers subresource it cannot be added"
+                "the Pod does not reference the mirror's pull secret {secret:?}, and {on} it \
+                 cannot be added"
             ))
         } else if !secrets(namespace, secret) {
             Some(format!(
@@ -346,7 +380,7 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
     let containers = pod
         .images(sites)
         .into_iter()
-        .filter(|c| !old_names.contains(&c.name))
+        .filter(|c| !unchanged(c))
         .map(|c| {
             let decision = table.decide(c.image);
             let secret_missing = decision
@@ -369,7 +403,7 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
         containers,
         skipped: None,
         dry_run: review.dry_run(),
-        ephemeral,
+        scope,
     }
 }
 
@@ -567,18 +601,24 @@ impl<'t> Plan<'t> {
             });
         }
         if let Some(pod) = pod {
-            if self.ephemeral {
-                // Only the images: the API server would drop the pull secrets and the record,
-                // so the kubectl user gets the record as a warning instead.
-                m.patch = patch::image_ops(&changes);
-                if let Some(record) = patch::original_images(pod, &changes) {
-                    m.warnings
-                        .push(format!("image-mirror: original images: {record}"));
+            match self.scope {
+                Scope::Ephemeral => {
+                    // Only the images: the API server would drop the pull secrets and the
+                    // record, so the kubectl user gets the record as a warning instead.
+                    m.patch = patch::image_ops(&changes);
+                    if let Some(record) = patch::original_images(pod, &changes) {
+                        m.warnings
+                            .push(format!("image-mirror: original images: {record}"));
+                    }
                 }
-            } else {
-                let built = patch::build_patch(pod, &changes, &secrets);
-                m.patch = built.ops;
-                m.pull_secrets_added = built.added_secrets;
+                // A Pod's pull secrets cannot change once it exists (the rewrites above were
+                // only those whose secret the Pod has).
+                Scope::Update => m.patch = patch::build_patch(pod, &changes, &[]).ops,
+                Scope::Create => {
+                    let built = patch::build_patch(pod, &changes, &secrets);
+                    m.patch = built.ops;
+                    m.pull_secrets_added = built.added_secrets;
+                }
             }
         }
         m

@@ -226,9 +226,9 @@ fn requests_that_are_not_for_us_are_skipped_whole() {
         finish(&opted_out, &t, Presence::Present).skips,
         [Skip::PodOptedOut]
     );
-    let update = review("UPDATE", &[("a", "nginx:1")], json!({}));
+    let delete = review("DELETE", &[("a", "nginx:1")], json!({}));
     assert_eq!(
-        finish(&update, &t, Presence::Present).skips,
+        finish(&delete, &t, Presence::Present).skips,
         [Skip::NotAPod]
     );
     let mut excluded = review("CREATE", &[("a", "nginx:1")], json!({}));
@@ -516,4 +516,72 @@ fn pin_digest_is_refused_with_platforms_and_on_a_mirror() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("t.yaml:4"), "{e}");
+}
+
+/// An UPDATE of a Pod (`kubectl set image`, a controller patching images): with `old` and `new`
+/// as `(name, image)` containers, the new Pod having `secrets`.
+fn update_review(old: &[(&str, &str)], new: &[(&str, &str)], secrets: Value) -> Case {
+    let pod = |containers: &[(&str, &str)]| {
+        let containers: Vec<Value> = containers
+            .iter()
+            .map(|(n, i)| json!({"name": n, "image": i}))
+            .collect();
+        json!({"metadata": {"name": "p", "namespace": "team-a",
+            "annotations": {crate::patch::ORIGINAL_IMAGES_ANNOTATION: "{\"web\":\"nginx:1\"}"}},
+            "spec": {"containers": containers, "imagePullSecrets": secrets}})
+    };
+    case(
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "u", "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "team-a", "operation": "UPDATE", "object": pod(new), "oldObject": pod(old)}}),
+    )
+}
+
+#[test]
+fn an_update_rewrites_only_the_images_it_changes_and_never_adds_a_secret() {
+    let t = table();
+    let secret = json!([{"name": "ghcr-pull"}]);
+    // kubectl set image web=nginx:2 on a Pod the webhook sent to the mirror earlier.
+    let r = update_review(
+        &[("web", "ghcr.io/m/nginx:1"), ("side", "busybox:1")],
+        &[("web", "nginx:2"), ("side", "busybox:1")],
+        secret.clone(),
+    );
+    let m = finish(&r, &t, Presence::Present);
+    let pod = patched(&r, &m);
+    assert_eq!(images(&pod), ["ghcr.io/m/nginx:2", "busybox:1"]);
+    // The record keeps the first original, and nothing touches the pull secrets.
+    let record: Value = serde_json::from_str(
+        pod["metadata"]["annotations"][crate::patch::ORIGINAL_IMAGES_ANNOTATION]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record, json!({"web": "nginx:1"}));
+    assert_eq!(pod["spec"]["imagePullSecrets"], secret);
+    assert!(m.pull_secrets_added.is_empty());
+
+    // A no-op update, and a re-invocation after the webhook's own rewrite: nothing.
+    for (old, new) in [
+        (
+            [("web", "ghcr.io/m/nginx:1")],
+            [("web", "ghcr.io/m/nginx:1")],
+        ),
+        ([("web", "nginx:2")], [("web", "ghcr.io/m/nginx:2")]),
+    ] {
+        let r = update_review(&old, &new, secret.clone());
+        let m = finish(&r, &t, Presence::Present);
+        assert!(m.patch.is_empty(), "{old:?} -> {new:?}: {:?}", m.patch);
+    }
+
+    // Without the mirror's pull secret the Pod cannot get it now: the new image stays.
+    let r = update_review(&[("web", "nginx:1")], &[("web", "nginx:2")], Value::Null);
+    let m = finish(&r, &t, Presence::Present);
+    assert!(m.patch.is_empty());
+    assert_eq!(m.skips, [Skip::PullSecretMissing]);
+    assert!(
+        m.warnings[0].contains("on an update of the Pod it cannot be added"),
+        "{:?}",
+        m.warnings
+    );
 }
