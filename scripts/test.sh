@@ -6,7 +6,8 @@
 #   curl                                      an independent HTTP/1.1 and HTTP/2 client
 # The Kubernetes end-to-end tests (tests/kube.rs) run when KUBEBUILDER_ASSETS names a directory
 # with kube-apiserver and etcd, as envtest users expect; .ci/run sets it from
-# ../shared/envtest/setup.sh. Without it they are skipped, and this script says so.
+# ../shared/envtest/setup.sh. Without it they are skipped, and this script says so, once, at
+# the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,8 +31,6 @@ if [ -z "${KUBEBUILDER_ASSETS:-}" ]; then
 elif [ ! -x "$KUBEBUILDER_ASSETS/kube-apiserver" ] || [ ! -x "$KUBEBUILDER_ASSETS/etcd" ]; then
   kube_note="Kubernetes end-to-end tests skipped: KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS has no kube-apiserver and etcd"
 fi
-[ -z "$kube_note" ] || echo "$kube_note"
-
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 log=$(mktemp)

@@ -408,3 +408,56 @@ fn boolean_variables_take_the_usual_spellings() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v.is_array() || v.is_object(), "{v}");
 }
+
+/// The README is a contract: every complete table in it passes `check-config`, and its
+/// Commands section is what each command's `-h` says.
+#[test]
+fn the_readme_tables_pass_check_config_and_its_commands_are_the_binary_s() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut tables = 0;
+    for block in readme.split("```yaml").skip(1) {
+        let (info, rest) = block.split_once('\n').unwrap();
+        let body = rest.split("```").next().unwrap();
+        // Fragments say so; Kubernetes manifests are not tables.
+        if info.trim() == "fragment" || body.contains("apiVersion:") {
+            continue;
+        }
+        // A block in a list item is indented as a whole.
+        let indent = body
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.len() - l.trim_start().len())
+            .min()
+            .unwrap_or(0);
+        let body: String = body
+            .lines()
+            .map(|l| format!("{}\n", l.get(indent..).unwrap_or("")))
+            .collect();
+        let (code, out, err) = check_config(&body, &[]);
+        assert_eq!(
+            code,
+            Some(0),
+            "a README table is refused:\n{body}\n{out}{err}"
+        );
+        tables += 1;
+    }
+    assert!(tables >= 1, "no table found in the README");
+    for command in [
+        "serve",
+        "certs",
+        "explain",
+        "check-config",
+        "copy",
+        "sync",
+        "export-policy",
+    ] {
+        let out = binary().args([command, "-h"]).env_clear().output().unwrap();
+        let help = String::from_utf8(out.stdout).unwrap();
+        let block = format!("### `{command}`\n\n```text\n{}\n```", help.trim_end());
+        assert!(
+            readme.contains(&block),
+            "README's Commands section differs from `{command} -h`; it should read:\n{block}"
+        );
+    }
+}

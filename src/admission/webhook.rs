@@ -112,16 +112,19 @@ impl Webhook {
             }
         };
         let config = self.config.current();
+        // Report mode only ever reports: it never refuses a Pod, not even on an error of ours.
+        let strict = self.strict && mode == Mode::Enforce;
         // Only the mirror lookups wait, and they are bounded by the budget inside `mutate`.
         let outcome = self.mutate(&review, &config.table, mode).await;
         let mutation = match outcome {
             Ok(m) => m,
+            Err(e) if strict => {
+                self.count_request(review.operation(), "refused", started);
+                let why = format!("image-mirror (strict): {e}");
+                return refuse(&review, 500, &why);
+            }
             Err(e) => {
                 self.count_request(review.operation(), e.metric_label(), started);
-                if self.strict {
-                    let why = format!("image-mirror (strict): {e}");
-                    return refuse(&review, 500, &why);
-                }
                 // Never block a Pod through our own fault: allowed, unchanged.
                 tracing::error!(uid = review.request.uid.as_str(), namespace = review.namespace(),
                     pod = review.pod_name(), error = %e, "admission failed; allowed unchanged");
@@ -132,8 +135,6 @@ impl Webhook {
                 ));
             }
         };
-        // Report mode only ever reports: it never refuses a Pod either.
-        let strict = self.strict && mode == Mode::Enforce;
         if let Some(why) = strict.then(|| strict_refusal(&mutation)).flatten() {
             self.count_request(review.operation(), "refused", started);
             return refuse(&review, 403, &why);

@@ -153,10 +153,11 @@ pub struct ServeArgs {
     /// Address of the plain-HTTP metrics endpoint (/metrics, /healthz, /readyz).
     #[arg(long, env = "IMAGE_MIRROR_METRICS_LISTEN", default_value = crate::server::DEFAULT_METRICS_LISTEN)]
     pub metrics_listen: std::net::SocketAddr,
-    /// Serving certificate (PEM). Default: certs/tls.crt, generated when absent.
+    /// Serving certificate (PEM); give --tls-key with it. Default: certs/tls.crt, made with a
+    /// development CA when absent (never in a cluster).
     #[arg(long, env = "IMAGE_MIRROR_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
-    /// Serving key (PEM). Default: certs/tls.key, generated when absent.
+    /// Serving key (PEM); give --tls-cert with it. Default: certs/tls.key.
     #[arg(long, env = "IMAGE_MIRROR_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Require a client certificate signed by this CA (PEM) on the admission port: the API
@@ -167,7 +168,8 @@ pub struct ServeArgs {
     /// Mapping table (YAML). Default: the embedded table.
     #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Log format.
+    /// Log format: text, or JSON lines with klog's keys (ts, level, msg, err); RUST_LOG sets the
+    /// level.
     #[arg(long, env = "IMAGE_MIRROR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Time budget of one review; past it the Pod is admitted unchanged.
@@ -184,8 +186,9 @@ pub struct ServeArgs {
     #[arg(long, env = "IMAGE_MIRROR_STRICT", value_parser = strict_flag, num_args = 0..=1,
         default_value = "false", default_missing_value = "true", value_name = "BOOL")]
     pub strict: bool,
-    /// Use the Kubernetes API (in-cluster, or KUBECONFIG) to check and provision pull secrets:
-    /// `auto` when a client configuration is there, `off` never.
+    /// Use the Kubernetes API (in-cluster, or KUBECONFIG): pull secrets checked and provisioned,
+    /// copy Jobs, the namespaces a metric may name. `auto` when a client configuration is there,
+    /// `off` never.
     #[arg(long, env = "IMAGE_MIRROR_KUBERNETES", value_enum, default_value_t = crate::cluster::Access::Auto)]
     pub kubernetes: crate::cluster::Access,
     /// `enforce`: patch Pods; `report`: decide everything, patch nothing, and say what would
