@@ -165,7 +165,8 @@ fn table_like() -> impl Strategy<Value = String> {
         prop::option::of(("[a-zA-Z]{1,12}", scalar)),
     )
         .prop_map(|(mirrors, entries, rules, checks, copies)| {
-            let mut y = String::new();
+            // Never empty (an empty table is refused): the other sections are all optional.
+            let mut y = String::from("namespaces: {exclude: [kube-system]}\n");
             if !mirrors.is_empty() {
                 y.push_str("mirrors:\n");
                 mirrors.iter().for_each(|m| y.push_str(m));
