@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use crate::locks::lock;
 use crate::mapping::{parse_file, Table, DEFAULT_TABLE_NAME, DEFAULT_TABLE_YAML};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::problems::TableError;
 use crate::settings::Settings;
-use crate::sync::lock;
 
 /// The configuration layer's error.
 #[derive(Debug, thiserror::Error)]

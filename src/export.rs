@@ -20,7 +20,8 @@ use crate::reference::{Reference, DOCKER_HUB};
 
 const IF_PRESENT: &str = "swap: if-present: whether the mirror has the image needs a registry to \
                           ask (and a copy to start), which a policy cannot do";
-const PIN_DIGEST: &str = "pin: digest: the tag's digest is asked of the upstream registry at                           admission, which a policy cannot do";
+const PIN_DIGEST: &str = "pin: digest: the tag's digest is asked of the upstream registry at \
+                          admission, which a policy cannot do";
 
 /// Why a rewrite with this policy needs the webhook (`Ok` when a policy can make it).
 fn static_policy(policy: &Policy<'_>) -> Result<(), &'static str> {
@@ -635,6 +636,28 @@ mod tests {
         // A tag or digest of the wrong form is never carried.
         assert!(e.apply("grafana/loki:-bad").is_none());
         assert!(e.apply("grafana/loki@sha256:abc").is_none());
+    }
+
+    #[test]
+    fn a_pinned_rule_is_left_out_with_its_reason_as_written() {
+        let t = Table::parse(
+            "t.yaml",
+            "mirrors:\n  m: {type: repository, registry: r.io, prefix: m, naming: preserve}\n\
+             images:\n  - {source: \"nginx:1.27\", target: \"r.io/m/nginx:1.27\", pin: digest}\n",
+        )
+        .unwrap();
+        let e = Export::of(&t);
+        assert_eq!(
+            e.reason_for("images[0] nginx:1.27"),
+            Some(
+                "pin: digest: the tag's digest is asked of the upstream registry at admission, \
+                 which a policy cannot do"
+            )
+        );
+        // Every reason reads as one sentence: no run of spaces from a broken line.
+        for l in &e.left_out {
+            assert!(!l.reason.contains("  "), "{:?}", l.reason);
+        }
     }
 
     #[test]

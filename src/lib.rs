@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod export;
+mod locks;
 pub mod logs;
 pub mod mapping;
 pub mod metrics;
@@ -26,7 +27,6 @@ pub mod reference;
 pub mod registry;
 pub mod server;
 pub mod settings;
-mod sync;
 pub mod tls;
 pub mod watch;
 

@@ -19,10 +19,11 @@ use tokio::task::JoinHandle;
 
 use crate::admission::{Answer, Mode, Webhook};
 use crate::config::{ConfigError, ConfigHandle};
+use crate::locks::lock;
 use crate::metrics::Metrics;
-use crate::mirror::{MirrorAccess, MirrorService};
+use crate::mirror::service::MirrorService;
+use crate::mirror::MirrorAccess;
 use crate::registry::{Registries, RegistryOptions};
-use crate::sync::lock;
 use crate::tls::{TlsError, TlsFiles};
 
 /// Why `serve` could not start, or did not stop cleanly.

@@ -7,8 +7,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 
+use crate::locks::lock;
 use crate::metrics::{Metrics, ResultLabels};
-use crate::sync::lock;
 
 /// The TLS layer's error.
 #[derive(Debug, thiserror::Error)]

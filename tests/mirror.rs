@@ -14,7 +14,7 @@ use image_mirror_webhook::certs::DevCerts;
 use image_mirror_webhook::config::Config;
 use image_mirror_webhook::error::Report;
 use image_mirror_webhook::mapping::Platform;
-use image_mirror_webhook::mirror::MirrorService;
+use image_mirror_webhook::mirror::service::MirrorService;
 use image_mirror_webhook::registry::{Failure, Registries, RegistryOptions};
 use image_mirror_webhook::server::{self, Mirrors, Running, ServeOptions};
 use image_mirror_webhook::settings::Settings;

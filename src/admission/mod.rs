@@ -256,7 +256,7 @@ enum Scope {
 pub type SecretLookup<'a> = &'a dyn Fn(&str, &str) -> bool;
 
 /// What the webhook does with its decisions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
     /// Patch the Pod.
     #[default]

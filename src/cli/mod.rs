@@ -193,8 +193,8 @@ pub struct ServeArgs {
     pub kubernetes: crate::cluster::Access,
     /// `enforce`: patch Pods; `report`: decide everything, patch nothing, and say what would
     /// change (warnings, audit annotations, metrics). `/report` always reports.
-    #[arg(long, env = "IMAGE_MIRROR_MODE", value_enum, default_value_t = crate::admission::Mode::Enforce)]
-    pub mode: crate::admission::Mode,
+    #[arg(long, env = "IMAGE_MIRROR_MODE", value_enum, default_value_t = ModeArg::Enforce)]
+    pub mode: ModeArg,
     /// Memory the reviews in flight may hold, in MiB (their bodies, twice over), half of it
     /// kept for reviews under 500 KiB; past it a review is answered 429 at once, and the API
     /// server admits the Pod as its failurePolicy says. Keep it well under the container's
@@ -202,6 +202,24 @@ pub struct ServeArgs {
     #[arg(long, env = "IMAGE_MIRROR_MAX_IN_FLIGHT_MIB", default_value_t = crate::server::DEFAULT_IN_FLIGHT_MIB,
         value_parser = clap::value_parser!(u32).range(16..=4096))]
     pub max_in_flight_mib: u32,
+}
+
+/// `--mode`, as the command line spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Patch Pods.
+    Enforce,
+    /// Decide everything, patch nothing, and say what would change.
+    Report,
+}
+
+impl From<ModeArg> for crate::admission::Mode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Enforce => crate::admission::Mode::Enforce,
+            ModeArg::Report => crate::admission::Mode::Report,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -325,7 +343,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         drain_timeout: args.drain_timeout,
         strict: args.strict,
         kubernetes: args.kubernetes,
-        mode: args.mode,
+        mode: args.mode.into(),
         max_in_flight_mib: args.max_in_flight_mib,
     };
     let runtime = runtime()?;

@@ -39,8 +39,8 @@ use crate::settings::Settings;
 pub const ROLE_LABEL: &str = "image-mirror/role";
 pub const ROLE_VALUE: &str = "copy";
 /// Where a Job says what it copies (its name is only a hash).
-pub const SOURCE_ANNOTATION: &str = "image-mirror/source";
-pub const TARGET_ANNOTATION: &str = "image-mirror/target";
+pub const COPY_SOURCE_ANNOTATION: &str = "image-mirror/source";
+pub const COPY_TARGET_ANNOTATION: &str = "image-mirror/target";
 const NAME_PREFIX: &str = "image-mirror-copy-";
 /// The container of the webhook's Pod the Job is modelled on (else the first).
 const WEBHOOK_CONTAINER: &str = "webhook";
@@ -248,8 +248,8 @@ pub fn job_for(
             namespace: Some(namespace.to_string()),
             labels: Some(labels(false)),
             annotations: Some(BTreeMap::from([
-                (SOURCE_ANNOTATION.to_string(), source),
-                (TARGET_ANNOTATION.to_string(), target),
+                (COPY_SOURCE_ANNOTATION.to_string(), source),
+                (COPY_TARGET_ANNOTATION.to_string(), target),
             ])),
             ..ObjectMeta::default()
         },
@@ -331,7 +331,10 @@ pub fn job_end(job: &Job) -> Option<CopyEnd> {
 /// What a Job copies, from its annotations.
 fn copies_of(job: &Job) -> Option<(&str, &str)> {
     let a = job.metadata.annotations.as_ref()?;
-    Some((a.get(SOURCE_ANNOTATION)?, a.get(TARGET_ANNOTATION)?))
+    Some((
+        a.get(COPY_SOURCE_ANNOTATION)?,
+        a.get(COPY_TARGET_ANNOTATION)?,
+    ))
 }
 
 /// Starts copy Jobs, and tells `ends` of the ones that finish.
@@ -587,11 +590,11 @@ mod tests {
         assert_eq!(j["metadata"]["namespace"], "image-mirror-system");
         // Canonical: what Docker Hub spelling the Pod used does not make another Job.
         assert_eq!(
-            j["metadata"]["annotations"][SOURCE_ANNOTATION],
+            j["metadata"]["annotations"][COPY_SOURCE_ANNOTATION],
             "docker.io/library/nginx:1.27"
         );
         assert_eq!(
-            j["metadata"]["annotations"][TARGET_ANNOTATION],
+            j["metadata"]["annotations"][COPY_TARGET_ANNOTATION],
             "ghcr.io/acme/mirror/nginx:1.27"
         );
         assert_eq!(j["metadata"]["labels"][ROLE_LABEL], ROLE_VALUE);

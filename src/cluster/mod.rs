@@ -14,7 +14,9 @@ use kube::runtime::watcher;
 
 use crate::error::Report;
 
-pub use pull_secrets::{PullSecretIndex, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SOURCE_ANNOTATION};
+pub use pull_secrets::{
+    PullSecretIndex, MANAGED_BY_LABEL, MANAGED_BY_VALUE, PULL_SECRET_SOURCE_ANNOTATION,
+};
 
 /// The field manager of every write, shared by all replicas so that their server-side applies
 /// are one and the same (they cannot fight over fields).

@@ -35,16 +35,16 @@ use super::{spawn_stream, FIELD_MANAGER};
 use crate::admission::webhook::PullSecrets;
 use crate::config::ConfigHandle;
 use crate::error::Report;
+use crate::locks::lock;
 use crate::mapping::{SecretRef, Table};
 use crate::metrics::{Metrics, ReasonLabels, SecretLabels};
 use crate::pod::INJECT_LABEL;
-use crate::sync::lock;
 
 /// The label every Secret this controller writes carries, and the only ones it deletes.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "image-mirror-webhook";
 /// Where a managed Secret says which Secret it is a copy of.
-pub const SOURCE_ANNOTATION: &str = "image-mirror/pull-secret-from";
+pub const PULL_SECRET_SOURCE_ANNOTATION: &str = "image-mirror/pull-secret-from";
 const DOCKER_CONFIG_JSON: &str = "kubernetes.io/dockerconfigjson";
 /// Reconciles the controller runs at once.
 const RECONCILES_AT_ONCE: u16 = 8;
@@ -486,7 +486,13 @@ impl Context {
                 name: Some(name.to_string()),
                 namespace: Some(namespace.clone()),
                 labels: Some([(MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string())].into()),
-                annotations: Some([(SOURCE_ANNOTATION.to_string(), source.to_string())].into()),
+                annotations: Some(
+                    [(
+                        PULL_SECRET_SOURCE_ANNOTATION.to_string(),
+                        source.to_string(),
+                    )]
+                    .into(),
+                ),
                 ..ObjectMeta::default()
             },
             type_: Some(type_),

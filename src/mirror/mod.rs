@@ -6,18 +6,14 @@
 //! warm-up. [`service`] holds the cached, single-flight checks and the copy queue.
 
 pub mod circuit;
+pub mod run;
 pub mod service;
 
 use std::future::Future;
 use std::pin::Pin;
 
-use futures::FutureExt;
-
-pub use service::MirrorService;
-
 use crate::mapping::{Platform, Rewrite};
 use crate::reference::Reference;
-use crate::registry::{CopyReport, Progress, Registries, RegistryError};
 
 /// Whether the mirror holds an image, as far as the webhook could tell in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,45 +97,9 @@ pub struct CopyRequest {
     pub mode: CopyMode,
 }
 
-/// `copy`'s exit status when trying again cannot help ([`MirrorError::permanent`]); a copy
+/// `copy`'s exit status when trying again cannot help (`run::MirrorError::permanent`); a copy
 /// Job's `podFailurePolicy` fails the Job on it instead of spending every try.
 pub const COPY_PERMANENT_FAILURE: u8 = 3;
-
-/// Why a copy did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum MirrorError {
-    #[error(transparent)]
-    Registry(#[from] RegistryError),
-    /// A library panicked: this copy fails, the process goes on.
-    #[error("copy of {reference} failed: internal error (panic)")]
-    Panicked { reference: String },
-}
-
-impl MirrorError {
-    /// Whether trying again cannot help (see [`RegistryError::permanent`]).
-    pub fn permanent(&self) -> bool {
-        match self {
-            MirrorError::Registry(e) => e.permanent(),
-            MirrorError::Panicked { .. } => false,
-        }
-    }
-
-    /// The label of this error in metrics.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            MirrorError::Registry(e) => e.metric_label(),
-            MirrorError::Panicked { .. } => "panic",
-        }
-    }
-
-    /// How long the registry asked us to wait before trying again.
-    pub fn retry_after(&self) -> Option<std::time::Duration> {
-        match self {
-            MirrorError::Registry(e) => e.retry_after(),
-            MirrorError::Panicked { .. } => None,
-        }
-    }
-}
 
 impl CopyRequest {
     /// The copy that fills the mirror of `rewrite`: a warm-up for a pull-through cache, a copy
@@ -156,36 +116,6 @@ impl CopyRequest {
             } else {
                 CopyMode::Copy
             },
-        }
-    }
-
-    /// Does it. A panic inside a library fails this copy only.
-    pub async fn run(
-        &self,
-        registries: &Registries,
-        progress: Option<Progress>,
-    ) -> Result<CopyReport, MirrorError> {
-        let work = async {
-            match self.mode {
-                CopyMode::WarmUp => registries.warm_up(&self.target).await,
-                CopyMode::Copy => {
-                    registries
-                        .copy_with(
-                            &self.source,
-                            &self.target,
-                            &self.platforms,
-                            progress,
-                            self.referrers,
-                        )
-                        .await
-                }
-            }
-        };
-        match std::panic::AssertUnwindSafe(work).catch_unwind().await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(MirrorError::Panicked {
-                reference: self.source.to_string(),
-            }),
         }
     }
 }

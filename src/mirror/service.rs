@@ -20,13 +20,14 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::circuit::{Admit, CircuitSettings, Circuits, Transition};
+use super::run::MirrorError;
 use super::{
-    CopyEnd, CopyEnds, CopyMode, CopyRequest, CopyRunner, MirrorAccess, MirrorError, Presence,
-    Submitted, Upstream,
+    CopyEnd, CopyEnds, CopyMode, CopyRequest, CopyRunner, MirrorAccess, Presence, Submitted,
+    Upstream,
 };
 use crate::config::ConfigHandle;
 use crate::error::Report;
-use crate::sync::lock;
+use crate::locks::lock;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 

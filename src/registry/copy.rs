@@ -16,10 +16,10 @@ use serde::Deserialize;
 use super::failure::{Failure, ImageError, RegistryError};
 use super::stream::{read_ahead, rechunk};
 use super::{to_oci, CopyReport, HostClient, Progress, Registries, TagLeft, MANIFEST_TYPES};
+use crate::locks::lock;
 use crate::mapping::Platform;
 use crate::reference::{wire_host, Reference};
 use crate::settings::UploadMode;
-use crate::sync::lock;
 
 /// oci-client sends each stream item as its own PATCH; collect items into pieces this big.
 const UPLOAD_PIECE: usize = 4 * 1024 * 1024;

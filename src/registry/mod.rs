@@ -32,11 +32,11 @@ pub use failure::{CredentialError, DockerConfigError, Failure, ImageError, Regis
 pub use ratelimit::RateLimit;
 pub use retry::{backoff, parse_retry_after};
 
+use crate::locks::lock;
 use crate::mapping::Platform;
 use crate::metrics::Metrics;
 use crate::reference::{registry_host, wire_host, Reference};
 use crate::settings::{RegistryAccess, Settings, Timeouts};
-use crate::sync::lock;
 
 /// Manifest types a copy accepts: Docker schema 2 and OCI, single images and indexes.
 const MANIFEST_TYPES: [&str; 4] = [
