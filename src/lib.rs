@@ -5,10 +5,12 @@
 //! `decide`), [`settings`] and [`problems`] (the rest of the table file), [`pod`] (reading the
 //! review's Pod) and [`patch`] (writing the JSON Patch); [`admission`]'s core turns a review
 //! into a response. Around it: [`mirror`] and [`registry`] (checks and copies), [`cluster`]
-//! (the Kubernetes API: pull secrets), [`server`],
+//! (the Kubernetes API: pull secrets, copy Jobs), [`server`] (what answers requests), [`app`]
+//! (`serve` assembled),
 //! [`tls`], [`config`], [`watch`], [`metrics`], [`logs`], [`certs`] and the [`cli`].
 
 pub mod admission;
+pub mod app;
 pub mod certs;
 pub mod cli;
 pub mod cluster;

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::{Fault, FaultProxy, Registry, TestImage};
+use image_mirror_webhook::app::{self, Mirrors, Running, ServeOptions};
 use image_mirror_webhook::certs::DevCerts;
 use image_mirror_webhook::config::Config;
 use image_mirror_webhook::error::Report;
 use image_mirror_webhook::mapping::Platform;
 use image_mirror_webhook::mirror::service::MirrorService;
 use image_mirror_webhook::registry::{Failure, Registries, RegistryOptions};
-use image_mirror_webhook::server::{self, Mirrors, Running, ServeOptions};
 use image_mirror_webhook::settings::Settings;
 use image_mirror_webhook::tls::TlsFiles;
 use image_mirror_webhook::Reference;
@@ -644,8 +644,11 @@ impl<'a> Setup<'a> {
             kubernetes: image_mirror_webhook::cluster::Access::Off,
             mode: image_mirror_webhook::admission::Mode::Enforce,
             max_in_flight_mib: image_mirror_webhook::server::DEFAULT_IN_FLIGHT_MIB,
+            pod_name: None,
+            pod_namespace: None,
+            instance: "test".to_string(),
         };
-        let running = server::start(opts, Mirrors::Registries(quick()))
+        let running = app::start(opts, Mirrors::Registries(quick()))
             .await
             .unwrap();
         let client = reqwest::Client::builder()

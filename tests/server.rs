@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use image_mirror_webhook::app::{self, Mirrors};
 use image_mirror_webhook::certs::DevCerts;
 use image_mirror_webhook::mirror::{CopyRequest, MirrorAccess, Presence};
-use image_mirror_webhook::server::{self, Mirrors};
 use image_mirror_webhook::Reference;
 use reqwest::Version;
 use serde_json::{json, Value};
@@ -165,7 +165,7 @@ async fn strict_mode_refuses_what_it_cannot_vouch_for() {
     let tls = Tls::new();
     let mut opts = tls.options(None);
     opts.strict = true;
-    let s = server::start(opts, Mirrors::Custom(Arc::new(SilentMirror)))
+    let s = app::start(opts, Mirrors::Custom(Arc::new(SilentMirror)))
         .await
         .unwrap();
     let c = tls.client(Version::HTTP_2);
@@ -904,7 +904,7 @@ async fn with_a_client_ca_only_the_api_servers_certificate_gets_through() {
     std::fs::write(&client_ca, &ca_pem).unwrap();
     let mut opts = tls.options(Some(data("table.yaml")));
     opts.tls.client_ca = Some(client_ca);
-    let s = server::start(opts, Mirrors::Off).await.unwrap();
+    let s = app::start(opts, Mirrors::Off).await.unwrap();
     let review = fixture("pod_plain");
 
     let anonymous = tls.client(Version::HTTP_2);

@@ -202,6 +202,14 @@ pub struct ServeArgs {
     #[arg(long, env = "IMAGE_MIRROR_MAX_IN_FLIGHT_MIB", default_value_t = crate::server::DEFAULT_IN_FLIGHT_MIB,
         value_parser = clap::value_parser!(u32).range(16..=4096))]
     pub max_in_flight_mib: u32,
+    /// This replica's Pod, from the downward API: the model of copy Jobs, and its name in the
+    /// Events it records (else the host's name).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The webhook's namespace, from the downward API: where copy Jobs go (else the Kubernetes
+    /// client's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
 }
 
 /// `--mode`, as the command line spells it.
@@ -333,7 +341,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         _ => development_certificates()?,
     };
     tls.client_ca = args.client_ca;
-    let opts = crate::server::ServeOptions {
+    let opts = crate::app::ServeOptions {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
         tls,
@@ -345,12 +353,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         kubernetes: args.kubernetes,
         mode: args.mode.into(),
         max_in_flight_mib: args.max_in_flight_mib,
+        instance: args
+            .pod_name
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "image-mirror-webhook".to_string()),
+        pod_name: args.pod_name,
+        pod_namespace: args.pod_namespace,
     };
     let runtime = runtime()?;
     runtime.block_on(async move {
-        let mirrors =
-            crate::server::Mirrors::Registries(crate::registry::RegistryOptions::default());
-        let running = crate::server::start_with(opts, config, mirrors).await?;
+        let mirrors = crate::app::Mirrors::Registries(crate::registry::RegistryOptions::default());
+        let running = crate::app::start_with(opts, config, mirrors).await?;
         running.run_until_signal().await
     })?;
     Ok(ExitCode::SUCCESS)

@@ -10,12 +10,13 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use base64::Engine as _;
 use image_mirror_webhook::admission::{Mode, Webhook};
+use image_mirror_webhook::app::{self, Mirrors, Running, ServeOptions};
 use image_mirror_webhook::certs::DevCerts;
 use image_mirror_webhook::config::{self, ConfigHandle};
 use image_mirror_webhook::metrics::Metrics;
 use image_mirror_webhook::mirror::MirrorAccess;
 use image_mirror_webhook::patch::ORIGINAL_IMAGES_ANNOTATION;
-use image_mirror_webhook::server::{self, Mirrors, Readiness, Running, ServeOptions};
+use image_mirror_webhook::server::{self, Readiness};
 use image_mirror_webhook::tls::TlsFiles;
 use prometheus_client::registry::Registry as MetricRegistry;
 use serde_json::Value;
@@ -272,11 +273,14 @@ impl Tls {
             kubernetes: image_mirror_webhook::cluster::Access::Off,
             mode: image_mirror_webhook::admission::Mode::Enforce,
             max_in_flight_mib: image_mirror_webhook::server::DEFAULT_IN_FLIGHT_MIB,
+            pod_name: None,
+            pod_namespace: None,
+            instance: "test".to_string(),
         }
     }
 
     pub async fn start(&self, config: Option<PathBuf>, mirrors: Mirrors) -> Running {
-        server::start(self.options(config), mirrors).await.unwrap()
+        app::start(self.options(config), mirrors).await.unwrap()
     }
 
     /// A client that trusts the test CA, speaking HTTP/1.1 or HTTP/2 only.
