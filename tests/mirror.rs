@@ -49,10 +49,11 @@ fn settings(yaml: &str) -> Arc<Settings> {
 
 fn quick() -> RegistryOptions {
     RegistryOptions {
+        // Short, so that faults show quickly; not so short that a loaded machine trips them.
         timeouts: Some(image_mirror_webhook::settings::Timeouts {
             connect: Duration::from_secs(2),
-            response: Duration::from_secs(2),
-            idle: Duration::from_secs(2),
+            response: Duration::from_secs(5),
+            idle: Duration::from_secs(5),
         }),
         attempts: 4,
         backoff: Duration::from_millis(50),

@@ -5,7 +5,10 @@
 //! [`CopyRequest::for_rewrite`] the one place that decides between a copy and a pull-through
 //! warm-up. [`service`] holds the cached, single-flight checks and the copy queue.
 
+mod cadence;
+pub mod checks;
 pub mod circuit;
+pub mod queue;
 pub mod run;
 pub mod service;
 
