@@ -48,11 +48,15 @@ fn large_table() -> Table {
         );
     }
     y.push_str("  - name: docker-hub\n    match: [\"docker.io/**\"]\n    mirror: ghcr\n    swap: if-present\n");
-    Table::parse("generated", &y).expect("generated table is valid")
+    image_mirror_webhook::config::Config::parse("generated", &y)
+        .map(|c| c.table)
+        .expect("generated table is valid")
 }
 
 fn bench(c: &mut Criterion) {
-    let small = Table::embedded_default().expect("embedded table");
+    let small = image_mirror_webhook::config::Config::embedded()
+        .map(|c| c.table)
+        .expect("embedded table");
     let large = large_table();
     assert_eq!(large.entries().len(), 100_028);
     assert_eq!(large.rules().len(), 1_000);

@@ -554,9 +554,9 @@ mod tests {
         ]
         .iter()
         .map(|f| {
-            Table::parse(f, &std::fs::read_to_string(format!("{root}/{f}")).unwrap()).unwrap()
+            crate::config::Config::parse(f, &std::fs::read_to_string(format!("{root}/{f}")).unwrap()).map(|c| c.table).unwrap()
         })
-        .chain([Table::parse(
+        .chain([crate::config::Config::parse(
             "t.yaml",
             &format!(
                 "mirrors:\n  m: {{type: repository, registry: r.io, prefix: m, pullSecret: s}}\n\
@@ -567,7 +567,7 @@ mod tests {
                  \x20 - {{source: \"grafana/tempo\", target: \"r.io/m/tempo\"}}\n\
                  rules:\n  - {{match: [\"docker.io/library/alpine\"], mirror: m, swap: always}}\n"
             ),
-        )
+        ).map(|c| c.table)
         .unwrap()])
         .collect()
     }
@@ -640,11 +640,12 @@ mod tests {
 
     #[test]
     fn a_pinned_rule_is_left_out_with_its_reason_as_written() {
-        let t = Table::parse(
+        let t = crate::config::Config::parse(
             "t.yaml",
             "mirrors:\n  m: {type: repository, registry: r.io, prefix: m, naming: preserve}\n\
              images:\n  - {source: \"nginx:1.27\", target: \"r.io/m/nginx:1.27\", pin: digest}\n",
         )
+        .map(|c| c.table)
         .unwrap();
         let e = Export::of(&t);
         assert_eq!(

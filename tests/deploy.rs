@@ -421,7 +421,9 @@ fn check_common(r: &Rendered) -> Deployment {
         .to_str()
         .unwrap();
     let table = &cm[0].data.as_ref().unwrap()[file];
-    Table::parse(file, table).unwrap_or_else(|e| panic!("{e}"));
+    image_mirror_webhook::config::Config::parse(file, table)
+        .map(|c| c.table)
+        .unwrap_or_else(|e| panic!("{e}"));
     let tls_secret = &pod
         .volumes
         .as_ref()
@@ -519,7 +521,12 @@ fn ghcr_overlay() {
     check_common(&r);
     check_cert_manager(&r);
     let cm: ConfigMap = r.one("ConfigMap");
-    let table = Table::parse("config.yaml", &cm.data.unwrap()["config.yaml"]).unwrap();
+    let table = image_mirror_webhook::config::Config::parse(
+        "config.yaml",
+        &cm.data.unwrap()["config.yaml"],
+    )
+    .map(|c| c.table)
+    .unwrap();
     assert_eq!(
         table.mirror("ghcr").unwrap().pull_secret.as_deref(),
         Some("ghcr-pull")
@@ -614,7 +621,12 @@ fn ecr_overlay() {
     check_common(&r);
     check_cert_manager(&r);
     let cm: ConfigMap = r.one("ConfigMap");
-    let table = Table::parse("config.yaml", &cm.data.unwrap()["config.yaml"]).unwrap();
+    let table = image_mirror_webhook::config::Config::parse(
+        "config.yaml",
+        &cm.data.unwrap()["config.yaml"],
+    )
+    .map(|c| c.table)
+    .unwrap();
     let ecr = table.mirror("ecr").unwrap();
     assert_eq!(ecr.pull_secret, None);
     // No pull secret, so no right on Secrets at all.
@@ -679,7 +691,12 @@ fn self_signed_overlay_with_generated_certificates() {
     let r = Rendered::new(&copy.join("overlays/self-signed"));
     check_common(&r);
     let cm: ConfigMap = r.one("ConfigMap");
-    let table = Table::parse("config.yaml", &cm.data.unwrap()["config.yaml"]).unwrap();
+    let table = image_mirror_webhook::config::Config::parse(
+        "config.yaml",
+        &cm.data.unwrap()["config.yaml"],
+    )
+    .map(|c| c.table)
+    .unwrap();
     check_pull_secret_rights(&r, &table);
     let mwc: MutatingWebhookConfiguration = r.one("MutatingWebhookConfiguration");
     let hooks = mwc.webhooks.unwrap();

@@ -92,7 +92,9 @@ fn reference_parser_on_arbitrary_bytes() {
 
 #[test]
 fn reference_parser_on_reference_shaped_input() {
-    let table = Table::embedded_default().unwrap();
+    let table = image_mirror_webhook::config::Config::embedded()
+        .map(|c| c.table)
+        .unwrap();
     proptest!(config(), |(s in prop_oneof![reference_like(), common::strategies::valid_reference()])| {
         check_reference(&s)?;
         let _ = table.decide(&s);
@@ -327,8 +329,15 @@ fn tables() -> &'static [Table] {
             "/tests/data/admission/table.yaml"
         );
         vec![
-            Table::embedded_default().unwrap(),
-            Table::parse("table.yaml", &std::fs::read_to_string(dir).unwrap()).unwrap(),
+            image_mirror_webhook::config::Config::embedded()
+                .map(|c| c.table)
+                .unwrap(),
+            image_mirror_webhook::config::Config::parse(
+                "table.yaml",
+                &std::fs::read_to_string(dir).unwrap(),
+            )
+            .map(|c| c.table)
+            .unwrap(),
         ]
     })
 }

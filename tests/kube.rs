@@ -764,15 +764,19 @@ async fn the_exported_policy_rewrites_exactly_as_the_webhook_would() {
     c.apply(&yaml);
     let (ns, _opted_in) = OptedIn::namespace(c, "policy");
     // The policy is picked up within a moment: wait for it to rewrite a first Pod.
-    let table =
-        image_mirror_webhook::Table::parse("t", &std::fs::read_to_string(&table_path).unwrap())
-            .unwrap();
+    let table = image_mirror_webhook::config::Config::parse(
+        "t",
+        &std::fs::read_to_string(&table_path).unwrap(),
+    )
+    .map(|c| c.table)
+    .unwrap();
     // The test table's entries, and the GHCR runbook's (which this table's rule, not an entry,
     // decides: the policy must leave them to the webhook).
-    let ghcr = image_mirror_webhook::Table::parse(
+    let ghcr = image_mirror_webhook::config::Config::parse(
         "ghcr",
         &std::fs::read_to_string(root.join("deploy/config/ghcr.yaml")).unwrap(),
     )
+    .map(|c| c.table)
     .unwrap();
     let mut images = images_for(&table);
     images.extend(images_for(&ghcr));

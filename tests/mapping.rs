@@ -14,7 +14,9 @@ const DIGEST: &str = "sha256:86e0e091d0da6bde2456dbb48306f3956bbeb2eae1b5b9a4304
 fn table_file(name: &str) -> Table {
     let path = format!("{}/deploy/config/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap();
-    Table::parse(&path, &text).unwrap_or_else(|e| panic!("{e}"))
+    image_mirror_webhook::config::Config::parse(&path, &text)
+        .map(|c| c.table)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn target(table: &Table, image: &str) -> String {
@@ -32,7 +34,10 @@ fn kept(table: &Table, image: &str) -> KeepReasonKind {
 }
 
 fn parse_err(yaml: &str) -> String {
-    Table::parse("table.yaml", yaml).unwrap_err().to_string()
+    image_mirror_webhook::config::Config::parse("table.yaml", yaml)
+        .map(|c| c.table)
+        .unwrap_err()
+        .to_string()
 }
 
 // --- the grammar ------------------------------------------------------------------------------
@@ -141,7 +146,9 @@ const SEED_000: &[(&str, &str)] = &[
 
 #[test]
 fn every_row_of_the_ghcr_runbook_through_the_default_table() {
-    let table = Table::embedded_default().unwrap();
+    let table = image_mirror_webhook::config::Config::embedded()
+        .map(|c| c.table)
+        .unwrap();
     assert_eq!(table.entries().len(), 28);
     for (source, short) in SEED_000 {
         // Every spelling of the source reaches the same entry.
@@ -175,7 +182,9 @@ fn every_row_of_the_ghcr_runbook_through_the_default_table() {
 
 #[test]
 fn default_table_catch_all_is_if_present_with_on_demand_copies() {
-    let table = Table::embedded_default().unwrap();
+    let table = image_mirror_webhook::config::Config::embedded()
+        .map(|c| c.table)
+        .unwrap();
     let Decision::Rewrite(rw) = table.decide("nginx:1.27") else {
         panic!("nginx not rewritten");
     };
@@ -201,7 +210,9 @@ fn default_table_catch_all_is_if_present_with_on_demand_copies() {
 
 #[test]
 fn tag_and_digest_are_both_kept() {
-    let table = Table::embedded_default().unwrap();
+    let table = image_mirror_webhook::config::Config::embedded()
+        .map(|c| c.table)
+        .unwrap();
     assert_eq!(
         target(&table, &format!("redis:7.2.5@{DIGEST}")),
         format!("ghcr.io/ameideio/mirror/redis:7.2.5@{DIGEST}")
@@ -223,7 +234,9 @@ fn tag_and_digest_are_both_kept() {
 
 #[test]
 fn rewriting_is_idempotent_on_the_default_table() {
-    let table = Table::embedded_default().unwrap();
+    let table = image_mirror_webhook::config::Config::embedded()
+        .map(|c| c.table)
+        .unwrap();
     for (source, _) in SEED_000 {
         let once = target(&table, source);
         assert_eq!(
@@ -238,7 +251,9 @@ fn rewriting_is_idempotent_on_the_default_table() {
 
 #[test]
 fn unparsable_images_are_kept_with_the_reason() {
-    let table = Table::embedded_default().unwrap();
+    let table = image_mirror_webhook::config::Config::embedded()
+        .map(|c| c.table)
+        .unwrap();
     let Decision::Keep(k) = table.decide("docker/Docker") else {
         panic!()
     };
@@ -294,10 +309,10 @@ fn the_ecr_pull_through_runbook() {
 
 #[test]
 fn pull_through_upstream_without_cache_prefix_is_not_rewritten() {
-    let table = Table::parse(
+    let table = image_mirror_webhook::config::Config::parse(
         "t.yaml",
         "mirrors:\n  ecr:\n    type: pull-through\n    registry: 1.dkr.ecr.us-east-1.amazonaws.com\n    upstreams: {docker.io: docker-hub}\nrules:\n  - match: [\"**\"]\n    mirror: ecr\n",
-    )
+    ).map(|c| c.table)
     .unwrap();
     assert_eq!(kept(&table, "quay.io/a/b"), KeepReasonKind::NoCachePrefix);
     assert_eq!(
@@ -333,7 +348,9 @@ fn one_mirror(naming: &str, glob: &str) -> Result<Table, String> {
     let yaml = format!(
         "mirrors:\n  m:\n    type: repository\n    registry: reg.example.com\n    prefix: mirror\n    naming: {naming}\nrules:\n  - name: r\n    match: [\"{glob}\"]\n    mirror: m\n"
     );
-    Table::parse("t.yaml", &yaml).map_err(|e| e.to_string())
+    image_mirror_webhook::config::Config::parse("t.yaml", &yaml)
+        .map(|c| c.table)
+        .map_err(|e| e.to_string())
 }
 
 #[test]
@@ -416,10 +433,10 @@ fn two_entries_to_one_target_are_a_clash() {
     );
     assert!(err.contains("naming clash"), "{err}");
     // Same target name, different tags: fine.
-    assert!(Table::parse(
+    assert!(image_mirror_webhook::config::Config::parse(
         "t",
         "images:\n  - source: a/x:1\n    target: reg.io/m/x:1\n  - source: b/x:2\n    target: reg.io/m/x:2\n"
-    )
+    ).map(|c| c.table)
     .is_ok());
 }
 
@@ -465,20 +482,20 @@ fn errors_name_file_line_and_field() {
 
 #[test]
 fn every_problem_is_reported_at_once() {
-    let err = Table::parse(
+    let err = image_mirror_webhook::config::Config::parse(
         "t.yaml",
         "rules:\n  - match: [\"docker.io/library/a\"]\n    mirror: x\n  - match: [\"docker.io/library/b\"]\n    mirror: y\n",
-    )
+    ).map(|c| c.table)
     .unwrap_err();
     assert_eq!(err.problems.len(), 2);
 }
 
 #[test]
 fn docker_hub_spellings_in_rules_and_images() {
-    let table = Table::parse(
+    let table = image_mirror_webhook::config::Config::parse(
         "t.yaml",
         "mirrors:\n  m: {type: repository, registry: r.io, prefix: m, naming: preserve}\nrules:\n  - match: [\"registry-1.docker.io/**\"]\n    mirror: m\n",
-    )
+    ).map(|c| c.table)
     .unwrap();
     assert_eq!(target(&table, "nginx"), "r.io/m/docker.io/library/nginx");
     assert_eq!(
@@ -494,18 +511,18 @@ fn docker_hub_spellings_in_rules_and_images() {
 
 #[test]
 fn excludes_and_first_match_wins() {
-    let table = Table::parse(
+    let table = image_mirror_webhook::config::Config::parse(
         "t.yaml",
         "mirrors:\n  a: {type: repository, registry: a.io, naming: preserve}\n  b: {type: repository, registry: b.io, naming: preserve}\nrules:\n  - name: first\n    match: [\"docker.io/**\"]\n    exclude: [\"docker.io/library/busybox\"]\n    mirror: a\n  - name: second\n    match: [\"docker.io/library/*\"]\n    mirror: b\n  - name: third\n    match: [\"docker.io/**\"]\n    mirror: b\n",
-    )
+    ).map(|c| c.table)
     .unwrap();
     assert_eq!(target(&table, "nginx"), "a.io/docker.io/library/nginx");
     // Excluded by the first rule, picked up by the second.
     assert_eq!(target(&table, "busybox"), "b.io/docker.io/library/busybox");
-    let only = Table::parse(
+    let only = image_mirror_webhook::config::Config::parse(
         "t.yaml",
         "mirrors:\n  a: {type: repository, registry: a.io, naming: preserve}\nrules:\n  - match: [\"docker.io/**\"]\n    exclude: [\"docker.io/library/busybox\"]\n    mirror: a\n",
-    )
+    ).map(|c| c.table)
     .unwrap();
     assert_eq!(kept(&only, "busybox:1.36"), KeepReasonKind::Excluded);
 }
@@ -519,10 +536,10 @@ fn single_star_stays_within_a_component() {
 
 #[test]
 fn entry_policies_come_from_the_entry_then_the_mirror() {
-    let table = Table::parse(
+    let table = image_mirror_webhook::config::Config::parse(
         "t.yaml",
         "mirrors:\n  m: {type: repository, registry: r.io, prefix: m, swap: if-present, pullSecret: s}\nimages:\n  - source: a:1\n    target: r.io/m/a:1\n  - source: b:1\n    target: r.io/m/b:1\n    swap: always\n  - source: c:1\n    target: other.io/c:1\n",
-    )
+    ).map(|c| c.table)
     .unwrap();
     let policy = |img| table.decide(img).rewrite().unwrap().policy.swap;
     assert_eq!(policy("a:1"), SwapPolicy::IfPresent);
@@ -551,7 +568,11 @@ fn the_example_tables_load() {
 
 fn default_table() -> &'static Table {
     static TABLE: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
-    TABLE.get_or_init(|| Table::embedded_default().unwrap())
+    TABLE.get_or_init(|| {
+        image_mirror_webhook::config::Config::embedded()
+            .map(|c| c.table)
+            .unwrap()
+    })
 }
 
 proptest! {
@@ -587,7 +608,7 @@ proptest! {
     #[test]
     fn rewriting_is_idempotent(s in common::strategies::valid_reference()) {
         static TABLES: std::sync::OnceLock<Vec<Table>> = std::sync::OnceLock::new();
-        let tables = TABLES.get_or_init(|| vec![Table::embedded_default().unwrap(), table_file("ecr-pull-through.yaml"), table_file("rancher.yaml")]);
+        let tables = TABLES.get_or_init(|| vec![image_mirror_webhook::config::Config::embedded().map(|c| c.table).unwrap(), table_file("ecr-pull-through.yaml"), table_file("rancher.yaml")]);
         for table in tables {
             if let Decision::Rewrite(rw) = table.decide(&s) {
                 let target = rw.target.to_string();

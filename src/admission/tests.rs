@@ -20,7 +20,9 @@ namespaces: {exclude: [kube-system]}
 "#;
 
 fn table() -> Table {
-    Table::parse("t.yaml", TABLE).unwrap()
+    crate::config::Config::parse("t.yaml", TABLE)
+        .map(|c| c.table)
+        .unwrap()
 }
 
 /// A parsed review, with the Pod as sent (what a patch applies to).
@@ -390,7 +392,9 @@ const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef01234567
 
 #[test]
 fn pin_digest_rewrites_checks_and_copies_the_tag_s_upstream_digest() {
-    let t = Table::parse("t.yaml", PINNED).unwrap();
+    let t = crate::config::Config::parse("t.yaml", PINNED)
+        .map(|c| c.table)
+        .unwrap();
     let r = review(
         "CREATE",
         &[
@@ -455,7 +459,9 @@ fn pin_digest_rewrites_checks_and_copies_the_tag_s_upstream_digest() {
 
 #[test]
 fn an_unanswered_digest_keeps_today_s_rewrite_and_says_so() {
-    let t = Table::parse("t.yaml", PINNED).unwrap();
+    let t = crate::config::Config::parse("t.yaml", PINNED)
+        .map(|c| c.table)
+        .unwrap();
     let r = review(
         "CREATE",
         &[("cache", "redis:7.2.5"), ("db", "postgres:16")],
@@ -490,7 +496,8 @@ fn an_unanswered_digest_keeps_today_s_rewrite_and_says_so() {
 #[test]
 fn pin_digest_is_refused_with_platforms_and_on_a_mirror() {
     let with_platforms = "mirrors:\n  g: {type: repository, registry: ghcr.io, prefix: m, platforms: [linux/amd64]}\nrules:\n  - {match: [\"docker.io/**\"], mirror: g, pin: digest}\n";
-    let e = Table::parse("t.yaml", with_platforms)
+    let e = crate::config::Config::parse("t.yaml", with_platforms)
+        .map(|c| c.table)
         .unwrap_err()
         .to_string();
     assert!(
@@ -499,20 +506,29 @@ fn pin_digest_is_refused_with_platforms_and_on_a_mirror() {
     );
     let on_mirror =
         "mirrors:\n  g: {type: repository, registry: ghcr.io, prefix: m, pin: digest}\n";
-    let e = Table::parse("t.yaml", on_mirror).unwrap_err().to_string();
+    let e = crate::config::Config::parse("t.yaml", on_mirror)
+        .map(|c| c.table)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("pin"), "{e}");
     let bad = "mirrors:\n  g: {type: repository, registry: ghcr.io, prefix: m}\nrules:\n  - {match: [\"docker.io/**\"], mirror: g, pin: sha}\n";
-    let e = Table::parse("t.yaml", bad).unwrap_err().to_string();
+    let e = crate::config::Config::parse("t.yaml", bad)
+        .map(|c| c.table)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("t.yaml:4") && e.contains("sha"), "{e}");
     let off = "mirrors:\n  g: {type: repository, registry: ghcr.io, prefix: m, naming: preserve, referrers: false}\nrules:\n  - {match: [\"docker.io/**\"], mirror: g, referrers: true}\n  - {match: [\"quay.io/**\"], mirror: g}\n";
-    let t = Table::parse("t.yaml", off).unwrap();
+    let t = crate::config::Config::parse("t.yaml", off)
+        .map(|c| c.table)
+        .unwrap();
     let policy = |image: &str| t.decide(image).rewrite().unwrap().policy;
     assert!(policy("nginx:1").referrers);
     assert!(!policy("quay.io/a/b:1").referrers);
-    let e = Table::parse(
+    let e = crate::config::Config::parse(
         "t.yaml",
         &off.replace("referrers: true", "referrers: yes please"),
     )
+    .map(|c| c.table)
     .unwrap_err()
     .to_string();
     assert!(e.contains("t.yaml:4"), "{e}");

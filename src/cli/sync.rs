@@ -438,7 +438,7 @@ mod tests {
 
     #[test]
     fn sync_covers_exact_entries_only() {
-        let table = Table::parse(
+        let table = crate::config::Config::parse(
             "t.yaml",
             r#"
 mirrors:
@@ -454,7 +454,7 @@ images:
   - {source: "grafana/loki", target: "mirror.local/p/loki"}
   - {source: "quay.io/prometheus/node-exporter:v1.8.0", target: "1.dkr.ecr.eu-west-1.amazonaws.com/quay/prometheus/node-exporter:v1.8.0"}
 "#,
-        )
+        ).map(|c| c.table)
         .unwrap();
         let items = sync_items(&table);
         let names: Vec<(String, String, bool)> = items

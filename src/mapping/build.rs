@@ -55,7 +55,7 @@ fn pick<T: Copy>(
 
 /// Parses and validates a table file: the mapping table and its settings. `file` names it in
 /// every problem reported.
-pub fn parse_file(file: &str, yaml: &str) -> Result<(Table, Settings), TableError> {
+pub(crate) fn parse_file(file: &str, yaml: &str) -> Result<(Table, Settings), TableError> {
     // The parser's default budget (250,000 nodes) is below a table of 100,000 entries.
     let mut budget = serde_saphyr::Budget::default();
     budget.max_nodes = 20_000_000;

@@ -17,11 +17,10 @@ use std::fmt;
 
 use ahash::{AHashMap, AHashSet};
 
-pub use build::parse_file;
+pub(crate) use build::parse_file;
 pub use mirrors::{Mirror, MirrorKind, SecretRef};
 pub use policy::{CopyPolicy, Naming, Overrides, Pin, Platform, Policy, SwapPolicy};
 
-use crate::problems::TableError;
 use crate::reference::{Reference, ReferenceError};
 use index::{NameEntries, NameMatcher, RuleIndex, TagSpec, TargetTag};
 
@@ -311,17 +310,6 @@ impl<'t> Decision<'t> {
 }
 
 impl Table {
-    /// Parses and validates a table file, keeping only the table (its settings are dropped;
-    /// [`crate::config::Config::parse`] keeps both). `file` names it in every problem.
-    pub fn parse(file: &str, yaml: &str) -> Result<Table, TableError> {
-        parse_file(file, yaml).map(|(table, _)| table)
-    }
-
-    /// The table compiled into the binary.
-    pub fn embedded_default() -> Result<Table, TableError> {
-        Table::parse(DEFAULT_TABLE_NAME, DEFAULT_TABLE_YAML)
-    }
-
     /// Decides what `image` becomes.
     pub fn decide<'t>(&'t self, image: &str) -> Decision<'t> {
         let source = match Reference::parse(image) {

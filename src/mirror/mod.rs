@@ -147,11 +147,11 @@ pub trait MirrorAccess: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mapping::{Decision, Table};
+    use crate::mapping::Decision;
 
     #[test]
     fn a_pull_through_mirror_is_warmed_up_a_repository_mirror_copied_into() {
-        let table = Table::parse(
+        let table = crate::config::Config::parse(
             "t.yaml",
             r#"
 mirrors:
@@ -162,6 +162,7 @@ rules:
   - {match: ["quay.io/**"], mirror: ecr}
 "#,
         )
+        .map(|c| c.table)
         .unwrap();
         let request = |image: &str| match table.decide(image) {
             Decision::Rewrite(rw) => CopyRequest::for_rewrite(&rw),
