@@ -31,7 +31,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let review = Review::parse(black_box(&body)).expect("review");
             let plan = plan(&review, &table, &|_, _| true);
-            let m = plan.finish(review.request.object.as_ref(), &|_| Presence::Unknown);
+            let m = plan.finish(&|_| Presence::Unknown);
             black_box(response_body(&review.api_version, &review.request.uid, &m))
         })
     });

@@ -14,17 +14,17 @@ use jsonptr::PointerBuf;
 use serde_json::{Map, Value};
 
 pub use crate::pod::ORIGINAL_IMAGES_ANNOTATION;
-use crate::pod::{ImageSite, Member, Pod};
+use crate::pod::{ImageRef, Member, Pod};
 
-/// One image's rewrite.
+/// One image's rewrite (or, in report mode, one that would have been): the image as the Pod
+/// has it, and what it becomes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageChange {
-    pub site: ImageSite,
-    pub index: usize,
-    /// Its key in the original-images record.
-    pub key: String,
-    pub original: String,
-    pub image: String,
+pub struct ImageChange<'p> {
+    pub slot: ImageRef<'p>,
+    pub target: String,
+    /// The source's registry and the mirror's name, for the metrics.
+    pub source_registry: String,
+    pub mirror: String,
 }
 
 /// A patch, and the pull secrets it adds to the Pod.
@@ -53,13 +53,14 @@ pub fn build_patch(pod: &Pod, changes: &[ImageChange], pull_secrets: &[&str]) ->
 pub fn image_ops(changes: &[ImageChange]) -> Vec<PatchOperation> {
     let mut ops = Vec::with_capacity(changes.len() + 2);
     for c in changes {
-        let index = c.index.to_string();
-        let tokens = ["spec", c.site.field(), index.as_str()]
+        let site = c.slot.site;
+        let index = c.slot.index.to_string();
+        let tokens = ["spec", site.field(), index.as_str()]
             .into_iter()
-            .chain(c.site.image_path().iter().copied());
+            .chain(site.image_path().iter().copied());
         ops.push(PatchOperation::Replace(ReplaceOperation {
             path: PointerBuf::from_tokens(tokens),
-            value: Value::String(c.image.clone()),
+            value: Value::String(c.target.clone()),
         }));
     }
     ops
@@ -97,8 +98,8 @@ fn pull_secrets_ops(pod: &Pod, wanted: &[&str]) -> (Vec<PatchOperation>, Vec<Str
     (ops, missing.into_iter().map(str::to_string).collect())
 }
 
-/// The original-images record (JSON: container name → image) for `changes`, merged with the
-/// one an earlier invocation left; `None` when there is nothing to record.
+/// The original-images record (JSON: slot key → image; the key is the container's name, or
+/// `volumes/NAME` for an image volume) for `changes`, merged with the one an earlier invocation left; `None` when there is nothing to record.
 pub fn original_images(pod: &Pod, changes: &[ImageChange]) -> Option<String> {
     if changes.is_empty() {
         return None;
@@ -110,8 +111,8 @@ pub fn original_images(pod: &Pod, changes: &[ImageChange]) -> Option<String> {
     for c in changes {
         // A re-invocation keeps the first original, not our own earlier rewrite.
         record
-            .entry(c.key.clone())
-            .or_insert_with(|| Value::String(c.original.clone()));
+            .entry(c.slot.record_key())
+            .or_insert_with(|| Value::String(c.slot.image.to_string()));
     }
     Some(Value::Object(record).to_string())
 }
@@ -142,15 +143,28 @@ fn annotation_op(pod: &Pod, changes: &[ImageChange]) -> Option<PatchOperation> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pod::ImageSite;
     use serde_json::json;
 
-    fn change(site: ImageSite, index: usize, name: &str, from: &str, to: &str) -> ImageChange {
+    /// `key` as the original-images record has it (`volumes/NAME` for an image volume).
+    fn change<'a>(
+        site: ImageSite,
+        index: usize,
+        key: &str,
+        from: &'a str,
+        to: &str,
+    ) -> ImageChange<'a> {
+        let name = key.strip_prefix("volumes/").unwrap_or(key);
         ImageChange {
-            site,
-            index,
-            key: name.into(),
-            original: from.into(),
-            image: to.into(),
+            slot: ImageRef {
+                site,
+                index,
+                name: name.into(),
+                image: from,
+            },
+            target: to.into(),
+            source_registry: "docker.io".into(),
+            mirror: "m".into(),
         }
     }
 

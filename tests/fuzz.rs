@@ -352,7 +352,7 @@ fn check_review(body: &[u8], sent: Option<&Value>) -> Result<(), TestCaseError> 
     for table in tables() {
         for presence in [Presence::Present, Presence::Absent, Presence::Unknown] {
             let p = plan(&review, table, &|_, secret| secret != "missing");
-            let m = p.finish(review.request.object.as_ref(), &|_| presence);
+            let m = p.finish(&|_| presence);
             let out = response_body(&review.api_version, &review.request.uid, &m);
             prop_assert!(serde_json::from_slice::<Value>(&out).is_ok());
             if !m.patch.is_empty() {

@@ -595,20 +595,10 @@ async fn a_short_soak_keeps_memory_flat() {
     use tokio::io::AsyncBufReadExt;
     let tls = Tls::new();
     let serve = common::serve_command(&tls.files.cert, &tls.files.key, &data("table.yaml"));
-    let mut child = tokio::process::Command::from(serve)
-        .args(["--shutdown-delay", "0s"])
-        .env("RUST_LOG", "warn,image_mirror_webhook::server=info")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let port = loop {
-        let line = lines.next_line().await.unwrap().expect("server starts");
-        if let Some((addr, _)) = common::serving_addrs(&line) {
-            break addr.port();
-        }
-    };
+    let mut serve = serve;
+    serve.args(["--shutdown-delay", "0s"]);
+    let (mut child, addr, _) = common::start_serve(serve).await;
+    let port = addr.port();
     let pid = child.id().unwrap();
     let rss_kib = || {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -699,21 +689,9 @@ async fn parallel_hostile_bodies_keep_memory_bounded_and_every_one_is_answered()
     use tokio::io::AsyncBufReadExt;
     let tls = Tls::new();
     let serve = common::serve_command(&tls.files.cert, &tls.files.key, &data("table.yaml"));
-    let mut child = tokio::process::Command::from(serve)
-        .args(["--shutdown-delay", "0s"])
-        .env("RUST_LOG", "warn,image_mirror_webhook::server=info")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let (addr, metrics_addr) = loop {
-        let line = lines.next_line().await.unwrap().expect("server starts");
-        if let Some(addrs) = common::serving_addrs(&line) {
-            break addrs;
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut serve = serve;
+    serve.args(["--shutdown-delay", "0s"]);
+    let (mut child, addr, metrics_addr) = common::start_serve(serve).await;
     let pid = child.id().unwrap();
     let status_kib = |key: &str| {
         std::fs::read_to_string(format!("/proc/{pid}/status"))

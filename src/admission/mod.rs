@@ -20,7 +20,7 @@ use crate::mapping::{
 };
 use crate::mirror::{CopyRequest, Presence, Upstream};
 use crate::patch::{self, ImageChange};
-use crate::pod::{ImageSite, Pod};
+use crate::pod::{ImageRef, ImageSite, Pod};
 use crate::reference::Reference;
 
 /// The admission layer's error: a body that is no review (HTTP 400), or trouble of our own
@@ -205,15 +205,11 @@ impl Skip {
     }
 }
 
-/// One image's decision within a request.
+/// One image's decision within a request: the image as the Pod has it, and what the table made
+/// of it.
 #[derive(Debug)]
-struct ContainerPlan<'t> {
-    site: ImageSite,
-    index: usize,
-    name: String,
-    /// Its key in the original-images record.
-    key: String,
-    image: String,
+struct ContainerPlan<'t, 'p> {
+    slot: ImageRef<'p>,
     decision: Decision<'t>,
     /// Why the rewrite cannot happen for want of a pull secret (the warning's words).
     secret_missing: Option<String>,
@@ -221,17 +217,20 @@ struct ContainerPlan<'t> {
     unpinned: Option<String>,
 }
 
-impl ContainerPlan<'_> {
-    /// A warning about this image, as the kubectl user reads it.
+impl ContainerPlan<'_, '_> {
+    /// A warning about this image, as the kubectl user reads it (without the `image-mirror: `
+    /// every warning gets when it is sent).
     fn say(&self, what: std::fmt::Arguments<'_>) -> String {
-        format!("image-mirror: {} {:?}: {what}", self.site.noun(), self.name)
+        format!("{} {:?}: {what}", self.slot.site.noun(), self.slot.name)
     }
 }
 
-/// What the table decided for each container of a request, before mirror presence is known.
+/// What the table decided for each container of a request, before mirror presence is known,
+/// with the Pod it read them from (the patch is written against it).
 #[derive(Debug)]
-pub struct Plan<'t> {
-    containers: Vec<ContainerPlan<'t>>,
+pub struct Plan<'t, 'p> {
+    containers: Vec<ContainerPlan<'t, 'p>>,
+    pod: Option<&'p Pod>,
     /// The request as a whole is not for us (with the reason), or nothing is.
     skipped: Option<Skip>,
     dry_run: bool,
@@ -266,27 +265,15 @@ pub enum Mode {
     Report,
 }
 
-/// A rewrite that happened (or, in report mode, would have), for metrics and logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RewriteRecord {
-    pub site: ImageSite,
-    /// Its key in the original-images record.
-    pub key: String,
-    pub container: String,
-    pub source: String,
-    pub source_registry: String,
-    pub target: String,
-    pub mirror: String,
-}
-
 /// The outcome of a request.
 #[derive(Debug, Clone, Default)]
-pub struct Mutation {
+pub struct Mutation<'p> {
     pub patch: Vec<json_patch::PatchOperation>,
+    /// What the kubectl user is told, each sent as `image-mirror: <warning>`.
     pub warnings: Vec<String>,
-    pub rewrites: Vec<RewriteRecord>,
+    pub rewrites: Vec<ImageChange<'p>>,
     /// Report mode: the rewrites that were decided and not made.
-    pub would_rewrite: Vec<RewriteRecord>,
+    pub would_rewrite: Vec<ImageChange<'p>>,
     pub pull_secrets_added: Vec<String>,
     pub skips: Vec<Skip>,
     pub copies: Vec<CopyRequest>,
@@ -294,10 +281,11 @@ pub struct Mutation {
 
 /// Decides each container of the request against the table, given which pull secrets exist
 /// (pure).
-pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Plan<'t> {
+pub fn plan<'t, 'p>(review: &'p Review, table: &'t Table, secrets: SecretLookup) -> Plan<'t, 'p> {
     let req = &review.request;
     let skipped = |skip| Plan {
         containers: Vec::new(),
+        pod: None,
         skipped: Some(skip),
         dry_run: review.dry_run(),
         scope: Scope::Create,
@@ -381,26 +369,23 @@ pub fn plan<'t>(review: &Review, table: &'t Table, secrets: SecretLookup) -> Pla
         .images(sites)
         .into_iter()
         .filter(|c| !unchanged(c))
-        .map(|c| {
-            let decision = table.decide(c.image);
+        .map(|slot| {
+            let decision = table.decide(slot.image);
             let secret_missing = decision
                 .rewrite()
                 .and_then(|rw| rw.pull_secret())
                 .and_then(missing);
             ContainerPlan {
+                slot,
                 decision,
                 secret_missing,
                 unpinned: None,
-                key: c.record_key(),
-                site: c.site,
-                index: c.index,
-                name: c.name,
-                image: c.image.to_string(),
             }
         })
         .collect();
     Plan {
         containers,
+        pod: Some(pod),
         skipped: None,
         dry_run: review.dry_run(),
         scope,
@@ -417,7 +402,7 @@ fn with_digest(r: &Reference, digest: &str) -> Option<Reference> {
     Reference::from_parts(r.registry(), r.path(), r.tag(), Some(digest)).ok()
 }
 
-impl<'t> Plan<'t> {
+impl<'t, 'p> Plan<'t, 'p> {
     /// The rewrites nothing holds back before the registries are asked (a missing pull
     /// secret does).
     fn live_rewrites(&self) -> impl Iterator<Item = &Rewrite<'t>> {
@@ -491,25 +476,20 @@ impl<'t> Plan<'t> {
     }
 
     /// Turns the decisions into a patch, given what is known of mirror presence (pure).
-    pub fn finish(&self, pod: Option<&Pod>, presence: &dyn Fn(&Reference) -> Presence) -> Mutation {
-        self.finish_as(Mode::Enforce, pod, presence)
+    pub fn finish(&self, presence: &dyn Fn(&Reference) -> Presence) -> Mutation<'p> {
+        self.finish_as(Mode::Enforce, presence)
     }
 
     /// [`finish`](Self::finish) in `mode`: in report mode the same decisions are reported
     /// instead of made (no patch, "would rewrite" warnings, the rewrites kept for the audit
     /// annotation and the metrics), and copies are still queued.
-    pub fn finish_as(
-        &self,
-        mode: Mode,
-        pod: Option<&Pod>,
-        presence: &dyn Fn(&Reference) -> Presence,
-    ) -> Mutation {
+    pub fn finish_as(&self, mode: Mode, presence: &dyn Fn(&Reference) -> Presence) -> Mutation<'p> {
         let mut m = Mutation::default();
         if let Some(skip) = self.skipped {
             m.skips.push(skip);
             if skip == Skip::PodTooLarge {
                 m.warnings.push(format!(
-                    "image-mirror: the Pod has more than {} images or {} pull secrets in one \
+                    "the Pod has more than {} images or {} pull secrets in one \
                      list; left unchanged",
                     crate::pod::MAX_IMAGES,
                     crate::pod::MAX_PULL_SECRETS
@@ -517,7 +497,6 @@ impl<'t> Plan<'t> {
             }
             return m;
         }
-        let mut changes = Vec::new();
         let mut secrets: Vec<&str> = Vec::new();
         for c in &self.containers {
             let rw = match &c.decision {
@@ -525,7 +504,7 @@ impl<'t> Plan<'t> {
                 Decision::Keep(keep) => {
                     m.skips.push(Skip::Image(keep.reason.kind()));
                     if let KeepReason::Unparsable(e) = &keep.reason {
-                        let image = &c.image;
+                        let image = c.slot.image;
                         m.warnings
                             .push(c.say(format_args!("image {image:?} left unchanged: {e}")));
                     }
@@ -535,7 +514,7 @@ impl<'t> Plan<'t> {
             if let Some(why) = &c.secret_missing {
                 m.skips.push(Skip::PullSecretMissing);
                 m.warnings
-                    .push(c.say(format_args!("kept {}: {why}", c.image)));
+                    .push(c.say(format_args!("kept {}: {why}", c.slot.image)));
                 continue;
             }
             if let Some(why) = &c.unpinned {
@@ -556,7 +535,7 @@ impl<'t> Plan<'t> {
                         m.warnings.push(c.say(format_args!(
                             "mirror lacks {}; kept {}{}",
                             rw.target,
-                            c.image,
+                            c.slot.image,
                             if copying { " (copy queued)" } else { "" }
                         )));
                         continue;
@@ -567,55 +546,45 @@ impl<'t> Plan<'t> {
                     }
                 }
             }
-            let record = RewriteRecord {
-                site: c.site,
-                key: c.key.clone(),
-                container: c.name.clone(),
-                source: c.image.clone(),
-                source_registry: rw.source.registry().to_string(),
+            let change = ImageChange {
+                slot: c.slot.clone(),
                 target: rw.target.to_string(),
+                source_registry: rw.source.registry().to_string(),
                 mirror: rw.mirror_name().to_string(),
             };
             if mode == Mode::Report {
                 m.warnings.push(c.say(format_args!(
                     "would rewrite {} -> {}",
-                    c.image, record.target
+                    c.slot.image, change.target
                 )));
-                m.would_rewrite.push(record);
+                m.would_rewrite.push(change);
                 continue;
             }
             m.warnings
-                .push(c.say(format_args!("{} -> {}", c.image, record.target)));
-            m.rewrites.push(record);
+                .push(c.say(format_args!("{} -> {}", c.slot.image, change.target)));
+            m.rewrites.push(change);
             if let Some(secret) = rw.pull_secret() {
                 if !secrets.contains(&secret) {
                     secrets.push(secret);
                 }
             }
-            changes.push(ImageChange {
-                site: c.site,
-                index: c.index,
-                key: c.key.clone(),
-                original: c.image.clone(),
-                image: rw.target.to_string(),
-            });
         }
-        if let Some(pod) = pod {
+        if let Some(pod) = self.pod {
+            let changes = &m.rewrites;
             match self.scope {
                 Scope::Ephemeral => {
                     // Only the images: the API server would drop the pull secrets and the
                     // record, so the kubectl user gets the record as a warning instead.
-                    m.patch = patch::image_ops(&changes);
-                    if let Some(record) = patch::original_images(pod, &changes) {
-                        m.warnings
-                            .push(format!("image-mirror: original images: {record}"));
+                    m.patch = patch::image_ops(changes);
+                    if let Some(record) = patch::original_images(pod, changes) {
+                        m.warnings.push(format!("original images: {record}"));
                     }
                 }
                 // A Pod's pull secrets cannot change once it exists (the rewrites above were
                 // only those whose secret the Pod has).
-                Scope::Update => m.patch = patch::build_patch(pod, &changes, &[]).ops,
+                Scope::Update => m.patch = patch::build_patch(pod, changes, &[]).ops,
                 Scope::Create => {
-                    let built = patch::build_patch(pod, &changes, &secrets);
+                    let built = patch::build_patch(pod, changes, &secrets);
                     m.patch = built.ops;
                     m.pull_secrets_added = built.added_secrets;
                 }

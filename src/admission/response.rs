@@ -29,7 +29,8 @@ struct ResponseOut<'a> {
     /// Bytes in the API, hence a base64 string in JSON.
     #[serde(skip_serializing_if = "Option::is_none")]
     patch: Option<String>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    /// Each said as `image-mirror: <warning>`, so that a kubectl user knows who speaks.
+    #[serde(skip_serializing_if = "<[String]>::is_empty", serialize_with = "ours")]
     warnings: &'a [String],
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     audit_annotations: BTreeMap<&'static str, String>,
@@ -44,6 +45,15 @@ struct StatusOut<'a> {
     code: u16,
     reason: &'static str,
     message: &'a str,
+}
+
+fn ours<S: serde::Serializer>(warnings: &&[String], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq as _;
+    let mut seq = s.serialize_seq(Some(warnings.len()))?;
+    for w in warnings.iter() {
+        seq.serialize_element(&format_args!("image-mirror: {w}"))?;
+    }
+    seq.end()
 }
 
 /// The response AdmissionReview of strict mode's refusal: `allowed: false` and why.
@@ -85,13 +95,14 @@ fn would_rewrite_record(mutation: &Mutation) -> String {
     let mut left_out = 0;
     for r in &mutation.would_rewrite {
         // Its JSON text: two quoted strings, a colon and a comma (escapes may add a little).
-        let adds = r.key.len() + r.target.len() + 6;
+        let key = r.slot.record_key();
+        let adds = key.len() + r.target.len() + 6;
         if left_out > 0 || len + adds > AUDIT_RECORD_MAX {
             left_out += 1;
             continue;
         }
         len += adds;
-        record.insert(r.key.clone(), serde_json::Value::String(r.target.clone()));
+        record.insert(key, serde_json::Value::String(r.target.clone()));
     }
     if left_out > 0 {
         record.insert("…".into(), format!("{left_out} more").into());
@@ -143,18 +154,20 @@ pub fn response_body(api_version: &str, uid: &str, mutation: &Mutation) -> Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admission::RewriteRecord;
-    use crate::pod::ImageSite;
+    use crate::patch::ImageChange;
+    use crate::pod::{ImageRef, ImageSite};
 
     #[test]
     fn the_audit_record_is_cut_and_says_how_much() {
-        let record = |n: usize| RewriteRecord {
-            site: ImageSite::Containers,
-            key: format!("c{n}"),
-            container: format!("c{n}"),
-            source: "nginx".into(),
-            source_registry: "docker.io".into(),
+        let record = |n: usize| ImageChange {
+            slot: ImageRef {
+                site: ImageSite::Containers,
+                index: n,
+                name: format!("c{n}"),
+                image: "nginx",
+            },
             target: format!("ghcr.io/m/{}", "x".repeat(100)),
+            source_registry: "docker.io".into(),
             mirror: "m".into(),
         };
         let few = Mutation {

@@ -68,17 +68,17 @@ fn review(operation: &str, containers: &[(&str, &str)], extra: Value) -> Case {
     case(body)
 }
 
-fn finish(review: &Review, table: &Table, presence: Presence) -> Mutation {
+fn finish<'r>(review: &'r Review, table: &Table, presence: Presence) -> Mutation<'r> {
     finish_with(review, table, presence, &|_, _| true)
 }
 
-fn finish_with(
-    review: &Review,
+fn finish_with<'r>(
+    review: &'r Review,
     table: &Table,
     presence: Presence,
     secrets: SecretLookup,
-) -> Mutation {
-    plan(review, table, secrets).finish(review.request.object.as_ref(), &|_| presence)
+) -> Mutation<'r> {
+    plan(review, table, secrets).finish(&|_| presence)
 }
 
 /// The Pod after the mutation's patch.
@@ -86,6 +86,16 @@ fn patched(case: &Case, m: &Mutation) -> Value {
     let mut pod = case.pod.clone();
     json_patch::patch(&mut pod, &json_patch::Patch(m.patch.clone())).expect("patch applies");
     pod
+}
+
+/// The warnings as the kubectl user gets them, from the response.
+fn sent(m: &Mutation) -> Vec<String> {
+    let body: Value =
+        serde_json::from_slice(&response_body("admission.k8s.io/v1", "u", m)).unwrap();
+    body["response"]["warnings"]
+        .as_array()
+        .map(|a| a.iter().map(|w| w.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
 }
 
 fn images(pod: &Value) -> Vec<&str> {
@@ -306,7 +316,7 @@ fn ephemeral_updates_touch_only_the_added_container_and_only_its_image() {
     assert_eq!(out["spec"]["containers"][0]["image"], "nginx:1");
     // What the annotation would have said goes to the kubectl user.
     assert!(
-        m.warnings
+        sent(&m)
             .iter()
             .any(|w| w == r#"image-mirror: original images: {"debug":"nginx:2"}"#),
         "{:?}",
@@ -352,7 +362,7 @@ fn a_namespace_without_the_pull_secret_keeps_the_image_and_asks_no_registry() {
     assert!(pod["spec"].get("imagePullSecrets").is_none());
     assert_eq!(m.skips, [Skip::PullSecretMissing]);
     assert_eq!(
-        m.warnings[0],
+        sent(&m)[0],
         "image-mirror: container \"web\": kept nginx:1: the mirror's pull secret \"ghcr-pull\" \
          is missing in namespace \"team-a\""
     );
@@ -422,7 +432,7 @@ fn pin_digest_rewrites_checks_and_copies_the_tag_s_upstream_digest() {
     });
     let checked: Vec<String> = p.targets_to_check().iter().map(|t| t.to_string()).collect();
     assert_eq!(checked, [format!("ghcr.io/m/nginx:1.27@{D}")]);
-    let m = p.finish(r.request.object.as_ref(), &|_| Presence::Absent);
+    let m = p.finish(&|_| Presence::Absent);
     // Absent by digest: kept, and that digest is what gets copied.
     assert_eq!(m.copies.len(), 1);
     assert_eq!(
@@ -445,7 +455,7 @@ fn pin_digest_rewrites_checks_and_copies_the_tag_s_upstream_digest() {
     );
     let mut p = plan(&r, &t, &|_, _| true);
     p.pin(&|_| Upstream::Digest(D.to_string()));
-    let m = p.finish(r.request.object.as_ref(), &|_| Presence::Present);
+    let m = p.finish(&|_| Presence::Present);
     assert_eq!(
         images(&patched(&r, &m))[0],
         format!("ghcr.io/m/nginx:1.27@{D}")
@@ -475,7 +485,7 @@ fn an_unanswered_digest_keeps_today_s_rewrite_and_says_so() {
             Upstream::Absent
         }
     });
-    let m = p.finish(r.request.object.as_ref(), &|_| Presence::Present);
+    let m = p.finish(&|_| Presence::Present);
     assert_eq!(
         images(&patched(&r, &m)),
         [

@@ -157,12 +157,12 @@ impl Webhook {
         ))
     }
 
-    async fn mutate(
+    async fn mutate<'r>(
         &self,
-        review: &Review,
+        review: &'r Review,
         table: &Table,
         mode: Mode,
-    ) -> Result<Mutation, AdmissionError> {
+    ) -> Result<Mutation<'r>, AdmissionError> {
         let secrets = |namespace: &str, secret: &str| {
             self.pull_secrets
                 .as_ref()
@@ -184,7 +184,7 @@ impl Webhook {
         let targets = plan.targets_to_check();
         let known = self.ask_all(&targets, deadline, |m, t| m.presence(t)).await;
         let lookup = |t: &Reference| known.get(t).copied().unwrap_or(Presence::Unknown);
-        catch(|| plan.finish_as(mode, review.request.object.as_ref(), &lookup))
+        catch(|| plan.finish_as(mode, &lookup))
     }
 
     /// Asks the mirrors about every key at once, until `deadline`; what is not answered by
@@ -264,7 +264,7 @@ impl Webhook {
                         namespace: namespace.to_string(),
                         source_registry: r.source_registry.clone(),
                         mirror: r.mirror.clone(),
-                        kind: r.site.label(),
+                        kind: r.slot.site.label(),
                     })
                     .inc();
             }
@@ -349,7 +349,7 @@ fn strict_refusal(m: &Mutation) -> Option<String> {
     let mut message = format!("image-mirror (strict): {}", parts.join("; "));
     for w in &m.warnings {
         message.push_str("; ");
-        message.push_str(w.trim_start_matches("image-mirror: "));
+        message.push_str(w);
     }
     Some(message)
 }

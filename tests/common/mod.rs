@@ -51,6 +51,43 @@ pub fn serving_addrs(line: &str) -> Option<(std::net::SocketAddr, std::net::Sock
     Some((addr("addr")?, addr("metricsAddr")?))
 }
 
+/// Starts `serve` from `cmd` (from [`serve_command`]) quiet but for warnings and its startup
+/// line, and waits at most a minute for that line: the admission and metrics addresses. The
+/// rest of its standard error is drained; the process dies with the returned handle.
+pub async fn start_serve(
+    cmd: std::process::Command,
+) -> (
+    tokio::process::Child,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::from(cmd)
+        .env("RUST_LOG", "warn,image_mirror_webhook::app=info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = String::new();
+    let addrs = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(addrs) = serving_addrs(&line) {
+                return Some(addrs);
+            }
+            seen.push_str(&line);
+            seen.push('\n');
+        }
+        None
+    })
+    .await;
+    let Ok(Some((addr, metrics_addr))) = addrs else {
+        panic!("serve did not say where it listens within a minute; it said:\n{seen}");
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr, metrics_addr)
+}
+
 /// Runs `cmd` with `stdin` written to its standard input (none without), and collects its
 /// output.
 pub fn output_with_input(
