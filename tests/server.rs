@@ -592,7 +592,6 @@ async fn development_certificates_are_announced_and_never_made_in_a_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_soak_keeps_memory_flat() {
     use futures::StreamExt as _;
-    use tokio::io::AsyncBufReadExt;
     let tls = Tls::new();
     let serve = common::serve_command(&tls.files.cert, &tls.files.key, &data("table.yaml"));
     let mut serve = serve;
@@ -686,7 +685,6 @@ fn hostile_body(shape: &str, size: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_hostile_bodies_keep_memory_bounded_and_every_one_is_answered() {
     use futures::StreamExt as _;
-    use tokio::io::AsyncBufReadExt;
     let tls = Tls::new();
     let serve = common::serve_command(&tls.files.cert, &tls.files.key, &data("table.yaml"));
     let mut serve = serve;
