@@ -213,7 +213,11 @@ async fn opting_out_removes_only_managed_secrets_and_a_foreign_one_is_left_alone
         secret(c, &ours, PULL).is_none().then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    common::quiet_period(
+        Duration::from_millis(500),
+        "no delete of the foreign Secret follows ours",
+    )
+    .await;
     assert!(
         secret(c, &theirs, PULL).is_some(),
         "a foreign Secret was deleted"
@@ -521,7 +525,11 @@ async fn two_replicas_apply_the_same_secret_and_never_flap() {
             .to_string()
     };
     // Both replicas reconcile it, and it does not change: one field manager, one content.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    common::quiet_period(
+        Duration::from_secs(3),
+        "both replicas reconcile the copy without writing it",
+    )
+    .await;
     let later = secret(c, &ns, PULL).unwrap();
     assert_eq!(
         version(&later),
@@ -541,7 +549,11 @@ async fn two_replicas_apply_the_same_secret_and_never_flap() {
             secret(c, &ns, PULL).filter(|s| decoded(s) == rotated.as_bytes())
         })
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    common::quiet_period(
+        Duration::from_secs(2),
+        "no replica writes the rotated copy again",
+    )
+    .await;
     assert_eq!(version(&secret(c, &ns, PULL).unwrap()), version(&after));
     // Opting out: deleted once; neither replica fails over the other's delete.
     opt_out(c, &[&ns]);
@@ -549,7 +561,11 @@ async fn two_replicas_apply_the_same_secret_and_never_flap() {
         secret(c, &ns, PULL).is_none().then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    common::quiet_period(
+        Duration::from_secs(1),
+        "neither replica fails over the other's delete",
+    )
+    .await;
     for h in [&a, &b] {
         let text = h.metrics().await;
         assert!(
@@ -1144,7 +1160,11 @@ async fn copies_run_as_one_job_per_image_and_a_finished_job_sends_pods_to_the_mi
     }
     let (pod, _) = run_pod(c, &ns, "missing-again", &missing);
     assert_eq!(image_of(&pod, "containers", 0), missing);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    common::quiet_period(
+        Duration::from_secs(1),
+        "no third Job for an image whose copy failed for good",
+    )
+    .await;
     assert_eq!(copy_jobs(c).len(), 2);
     for hook in [&first, &second] {
         assert!(!hook.log().contains("copying in-process"), "{}", hook.log());

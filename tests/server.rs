@@ -383,19 +383,29 @@ async fn sigterm_drains_in_flight_requests() {
             (resp.status(), resp.json::<Value>().await.unwrap())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    common::quiet_period(
+        Duration::from_millis(400),
+        "the first chunk of every request reaches the server",
+    )
+    .await;
     let pid = child.id().unwrap().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap()
         .success());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let ready = reqwest::get(format!("http://{metrics_addr}/readyz"))
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(ready, 503, "unready while draining");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ready = reqwest::get(format!("http://{metrics_addr}/readyz"))
+            .await
+            .unwrap()
+            .status();
+        if ready == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still ready after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     for task in inflight {
         let (status, out) = task.await.unwrap();
@@ -449,7 +459,11 @@ async fn reloads_happen_for_the_watched_files_only_and_only_when_they_changed() 
         std::fs::write(tls.dir.path().join("serve.log"), format!("line {i}\n")).unwrap();
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    common::quiet_period(
+        Duration::from_millis(600),
+        "no reload follows writes to unwatched files",
+    )
+    .await;
     let all = |f: &dyn Fn(&'static str) -> u64| f("success") + f("failure") + f("unchanged");
     assert_eq!(all(&reloads), 0);
     assert_eq!(all(&certs), 0);

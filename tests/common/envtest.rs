@@ -430,8 +430,10 @@ impl Cluster {
             w["failurePolicy"] = json!("Fail");
         }
         self.apply(&mwc.to_string());
-        // The API server picks a new configuration up within a second or so.
-        std::thread::sleep(Duration::from_millis(1500));
+        super::quiet_period_blocking(
+            Duration::from_millis(1500),
+            "the API server loads a new webhook configuration (nothing says when it has)",
+        );
     }
 }
 

@@ -88,6 +88,20 @@ pub async fn start_serve(
     (child, addr, metrics_addr)
 }
 
+/// Waits out `d` to show that something did *not* happen: the one fixed pause the tests take,
+/// used only where no event (a metric, a log line, a watch, a registry's count) can show an
+/// absence, or where the product itself waits a set time. `why` names what is waited out.
+pub async fn quiet_period(d: std::time::Duration, why: &str) {
+    eprintln!("waiting {d:?}: {why}");
+    tokio::time::sleep(d).await;
+}
+
+/// [`quiet_period`] for a test without a runtime.
+pub fn quiet_period_blocking(d: std::time::Duration, why: &str) {
+    eprintln!("waiting {d:?}: {why}");
+    std::thread::sleep(d);
+}
+
 /// Runs `cmd` with `stdin` written to its standard input (none without), and collects its
 /// output.
 pub fn output_with_input(
