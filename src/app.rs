@@ -213,6 +213,25 @@ pub async fn start_with(
                     service.ends(),
                 );
                 service.use_runner(runner);
+                let mirrors: Arc<dyn crate::mirror::MirrorAccess> = service.clone();
+                match crate::cluster::images::Records::start(
+                    client.clone(),
+                    config.clone(),
+                    metrics.clone(),
+                    opts.instance.clone(),
+                    mirrors,
+                )
+                .await
+                {
+                    Ok(records) => {
+                        service.use_records(Arc::new(records));
+                        tracing::info!("MirroredImage records in use");
+                    }
+                    // Everything else works as before; say once what is missing.
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error::Report(&e), "image records off")
+                    }
+                }
             }
             tracing::info!("Kubernetes API in use: pull secrets are checked and provisioned");
         }

@@ -38,6 +38,11 @@ pub struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: String,
 }
@@ -101,6 +106,9 @@ pub struct Metrics {
     pub pull_secrets_managed: Family<SecretLabels, Gauge>,
     pub pull_secret_conflicts: Family<SecretLabels, Counter>,
     pub pull_secret_reconcile_errors: Family<ReasonLabels, Counter>,
+    pub images: Family<PhaseLabels, Gauge>,
+    pub image_record_queue: Gauge,
+    pub image_record_writes: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -134,6 +142,9 @@ impl Default for Metrics {
             pull_secrets_managed: Family::default(),
             pull_secret_conflicts: Family::default(),
             pull_secret_reconcile_errors: Family::default(),
+            images: Family::default(),
+            image_record_queue: Gauge::default(),
+            image_record_writes: Family::default(),
         }
     }
 }
@@ -200,7 +211,7 @@ impl Metrics {
         );
         r.register(
             "mirror_checks",
-            "Mirror existence checks sent to registries, by result",
+            "Mirror existence checks, by result: what the registry answered, or shared (answered by a MirroredImage another replica wrote within presentTtl)",
             m.checks.clone(),
         );
         r.register(
@@ -280,6 +291,21 @@ impl Metrics {
             "Pull secret reconciles that failed, by reason",
             m.pull_secret_reconcile_errors.clone(),
         );
+        r.register(
+            "images",
+            "MirroredImage objects in the watch cache, by phase",
+            m.images.clone(),
+        );
+        r.register(
+            "image_record_queue",
+            "MirroredImage changes waiting to be written",
+            m.image_record_queue.clone(),
+        );
+        r.register(
+            "image_record_writes",
+            "Writes of MirroredImage objects to the Kubernetes API, by result",
+            m.image_record_writes.clone(),
+        );
         m.build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -324,8 +350,9 @@ impl Metrics {
 }
 
 /// The `result` label of mirror checks.
-pub const CHECK_RESULTS: [&str; 6] = [
+pub const CHECK_RESULTS: [&str; 7] = [
     "present",
+    "shared",
     "absent",
     "unauthorized",
     "error",

@@ -17,7 +17,7 @@ use crate::reference::registry_host;
 /// A value in the table or on the command line that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
-    #[error("invalid duration {0:?}: write e.g. 500ms, 30s, 10m or 1h")]
+    #[error("invalid duration {0:?}: write e.g. 500ms, 30s, 10m, 1h or 30d")]
     Duration(String),
     #[error("invalid platform {0:?}: expected os/arch or os/arch/variant, e.g. linux/arm64")]
     Platform(String),
@@ -260,6 +260,7 @@ pub struct Settings {
     pub checks: CheckSettings,
     pub timeouts: Timeouts,
     pub copies: CopySettings,
+    pub records: RecordSettings,
     /// The image copy Jobs run (`copies.jobImage`); default: the webhook's own.
     pub job_image: Option<String>,
 }
@@ -294,6 +295,36 @@ impl Default for Timeouts {
             idle: Duration::from_secs(30),
         }
     }
+}
+
+/// `mirroredImages:`: how the `MirroredImage` records are written and kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordSettings {
+    /// Writes to the Kubernetes API per second, all records together.
+    pub writes_per_second: u32,
+    /// How often an image's `lastUsed` is written, at most.
+    pub used_every: Duration,
+    /// How long a record made from admissions is kept once no Pod uses its image.
+    pub retention: Duration,
+}
+
+impl Default for RecordSettings {
+    fn default() -> Self {
+        RecordSettings {
+            writes_per_second: 5,
+            used_every: Duration::from_secs(300),
+            retention: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+/// `mirroredImages:` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct RawRecords {
+    writes_per_second: Option<Spanned<u32>>,
+    used_every: Option<Spanned<String>>,
+    retention: Option<Spanned<String>>,
 }
 
 /// `timeouts:` as written.
@@ -339,6 +370,7 @@ pub(crate) fn build(
     checks: Option<&Spanned<RawChecks>>,
     copies: Option<&Spanned<RawCopies>>,
     timeouts: Option<&Spanned<RawTimeouts>>,
+    records: Option<&Spanned<RawRecords>>,
     problems: &mut ProblemList,
 ) -> Settings {
     let registries = registries
@@ -389,6 +421,34 @@ pub(crate) fn build(
                         "must be more than 0 and at most 1h",
                     ),
                     Err(e) => problems.add(v, format!("timeouts.{name}"), e.to_string()),
+                }
+            }
+        }
+    }
+    if let Some(r) = records {
+        let r = &r.value;
+        let slots = &mut settings.records;
+        if let Some(n) = &r.writes_per_second {
+            match n.value {
+                1..=1000 => slots.writes_per_second = n.value,
+                _ => problems.add(
+                    n,
+                    "mirroredImages.writesPerSecond",
+                    "must be between 1 and 1000",
+                ),
+            }
+        }
+        for (value, name, slot) in [
+            (&r.used_every, "usedEvery", &mut slots.used_every),
+            (&r.retention, "retention", &mut slots.retention),
+        ] {
+            if let Some(v) = value {
+                match parse_duration(&v.value) {
+                    Ok(d) if !d.is_zero() => *slot = d,
+                    Ok(_) => {
+                        problems.add(v, format!("mirroredImages.{name}"), "must be more than 0")
+                    }
+                    Err(e) => problems.add(v, format!("mirroredImages.{name}"), e.to_string()),
                 }
             }
         }
@@ -514,7 +574,7 @@ pub(crate) fn build(
     settings
 }
 
-/// `500ms`, `30s`, `10m`, `1h`, or a sequence such as `1m30s`.
+/// `500ms`, `30s`, `10m`, `1h`, `30d`, or a sequence such as `1m30s`.
 pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     let err = || ValueError::Duration(s.to_string());
     let mut total = Duration::ZERO;
@@ -535,6 +595,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
             _ => return Err(err()),
         };
         total = total.saturating_add(unit);
@@ -596,7 +657,7 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert_eq!(
             parse_duration("5x").unwrap_err().to_string(),
-            "invalid duration \"5x\": write e.g. 500ms, 30s, 10m or 1h"
+            "invalid duration \"5x\": write e.g. 500ms, 30s, 10m, 1h or 30d"
         );
     }
 

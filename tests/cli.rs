@@ -451,6 +451,8 @@ fn the_readme_tables_pass_check_config_and_its_commands_are_the_binary_s() {
         "copy",
         "sync",
         "export-policy",
+        "crd",
+        "declare",
     ] {
         let out = binary().args([command, "-h"]).env_clear().output().unwrap();
         let help = String::from_utf8(out.stdout).unwrap();
@@ -460,4 +462,58 @@ fn the_readme_tables_pass_check_config_and_its_commands_are_the_binary_s() {
             "README's Commands section differs from `{command} -h`; it should read:\n{block}"
         );
     }
+}
+
+/// `declare` turns the table's exact entries into declared MirroredImage objects (no
+/// `recorded-by` label, `retain`, the `--refresh` given), named as the webhook names them.
+#[test]
+fn declare_prints_the_exact_entries_as_declared_objects() {
+    use image_mirror_webhook::cluster::images::crd::{object_name, MirroredImage};
+    use image_mirror_webhook::Reference;
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("table.yaml");
+    std::fs::write(
+        &table,
+        "images:\n  - source: nginx:1.27\n    target: ghcr.io/acme/mirror/nginx:1.27\n\
+         \x20 - source: docker.io/grafana/grafana:12.1.0\n    target: ghcr.io/acme/mirror/grafana:12.1.0\n",
+    )
+    .unwrap();
+    let out = binary()
+        .args(["declare", "--refresh", "6h", "--config"])
+        .arg(&table)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let objects: Vec<MirroredImage> =
+        serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    assert_eq!(objects.len(), 2);
+    for o in &objects {
+        let target = o.spec.target.as_deref().unwrap();
+        assert!(target.starts_with("ghcr.io/acme/mirror/"), "{target}");
+        assert_eq!(
+            o.metadata.name.as_deref().unwrap(),
+            object_name(
+                &Reference::parse(&o.spec.source).unwrap(),
+                &Reference::parse(target).unwrap()
+            )
+        );
+        assert!(o.metadata.labels.is_none() && o.spec.retain);
+        assert_eq!(o.spec.refresh.as_deref(), Some("6h"));
+    }
+    assert!(
+        stderr(&out).contains("2 declared image(s)"),
+        "{}",
+        stderr(&out)
+    );
+    let bad = binary()
+        .args(["declare", "--refresh", "soon", "--config"])
+        .arg(&table)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("--refresh: invalid duration \"soon\""),
+        "{}",
+        stderr(&bad)
+    );
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use base64::Engine as _;
+use image_mirror_webhook::cluster::images::crd::MirroredImage;
 use image_mirror_webhook::mapping::Table;
 use image_mirror_webhook::server::{
     DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, MUTATE_PATH, REPORT_PATH,
@@ -21,6 +22,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt as _;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -109,6 +112,10 @@ impl Rendered {
                 "MutatingWebhookConfiguration" => drop(strict::<MutatingWebhookConfiguration>(o)),
                 "ValidatingAdmissionPolicy" => drop(strict::<ValidatingAdmissionPolicy>(o)),
                 "ResourceQuota" => drop(strict::<ResourceQuota>(o)),
+                "CustomResourceDefinition" => {
+                    let crd = strict::<CustomResourceDefinition>(o);
+                    assert_eq!(crd, MirroredImage::crd(), "the CRD in {}", dir.display());
+                }
                 "ValidatingAdmissionPolicyBinding" => {
                     drop(strict::<ValidatingAdmissionPolicyBinding>(o))
                 }
@@ -1296,5 +1303,53 @@ fn network_policy_settings_are_set_in_one_component() {
             .map(|p| serde_json::to_value(p.port).unwrap().to_string())
             .collect();
         assert!(ports.contains(&"5000".to_string()), "{overlay}: {ports:?}");
+    }
+}
+
+/// The CRD in `deploy/` is generated from the Rust types (`image-mirror-webhook crd`), and the
+/// component grants the records and their status, nothing wider.
+#[test]
+fn the_mirrored_image_crd_is_the_types_and_its_rights_are_narrow() {
+    let dir = root().join("deploy/components/mirrored-images");
+    let file = std::fs::read_to_string(dir.join("crd.yaml")).unwrap();
+    let generated = image_mirror_webhook::cluster::images::crd::crd_yaml().unwrap();
+    assert!(
+        file == generated,
+        "deploy/components/mirrored-images/crd.yaml differs from the types; regenerate it:\n  \
+         cargo run -q -- crd > deploy/components/mirrored-images/crd.yaml"
+    );
+    let crd: CustomResourceDefinition = serde_saphyr::from_str(&file).unwrap();
+    assert_eq!(crd.spec.scope, "Cluster");
+    let columns: Vec<String> = crd.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .map(|c| c.name.clone())
+        .collect();
+    assert_eq!(
+        columns,
+        ["Source", "Target", "Phase", "Digest", "Last Used", "Age"]
+    );
+    let rendered = Rendered::new(&root().join("deploy/overlays/ghcr"));
+    let role: ClusterRole = rendered
+        .all::<ClusterRole>("ClusterRole")
+        .into_iter()
+        .find(|r| r.metadata.name.as_deref() == Some("image-mirror-webhook-mirrored-images"))
+        .expect("the overlay grants the records");
+    for rule in role.rules.iter().flatten() {
+        assert_eq!(
+            rule.api_groups.as_deref(),
+            Some(&["image-mirror.dev".to_string()][..])
+        );
+        for resource in rule.resources.iter().flatten() {
+            assert!(
+                resource == "mirroredimages" || resource == "mirroredimages/status",
+                "{resource}"
+            );
+        }
+        assert!(!rule
+            .verbs
+            .iter()
+            .any(|v| v == "*" || v == "update" || v == "deletecollection"));
     }
 }

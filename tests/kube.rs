@@ -1302,3 +1302,346 @@ async fn an_image_set_in_place_goes_to_the_mirror_too() {
     assert!(pod["spec"].get("imagePullSecrets").is_none(), "{pod}");
     opt_out(c, &[&with, &without]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// MirroredImage records
+
+/// The MirroredImage CRD, applied server-side as an admin would, and established.
+fn install_crd(c: &Cluster) {
+    let crd = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/components/mirrored-images/crd.yaml"
+    );
+    c.ok(&["apply", "--server-side", "-f", crd]);
+    c.ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/mirroredimages.image-mirror.dev",
+    ]);
+}
+
+/// Every MirroredImage, by name.
+fn mirrored_images(c: &Cluster) -> Vec<Value> {
+    c.get(&["mirroredimages"])
+        .and_then(|l| l["items"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// The record whose `spec.source` is `source`, once `ok` holds for it.
+async fn record_where(
+    hook: &Hook,
+    c: &Cluster,
+    source: &str,
+    what: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    hook.eventually(60, what, || {
+        mirrored_images(c)
+            .into_iter()
+            .find(|o| o["spec"]["source"] == source && ok(o))
+    })
+    .await
+}
+
+/// A review of a Pod running `image` in `ns`, straight to `hook`'s `/mutate`.
+async fn review_at(hook: &Hook, ns: &str, image: &str) -> Value {
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "direct", "namespace": ns},
+        "spec": {"containers": [{"name": "c", "image": image}]}});
+    let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "direct-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": ns, "operation": "CREATE", "userInfo": {"username": "test"},
+            "object": pod}});
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(hook.ca_pem.as_bytes()).unwrap())
+        .resolve("localhost", hook.addr)
+        .build()
+        .unwrap();
+    client
+        .post(format!("https://localhost:{}/mutate", hook.addr.port()))
+        .json(&review)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// One sample of a scrape (0 when absent); `series` as written, labels included.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{series} ")))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// The records, end to end as `deploy/`'s ServiceAccount: a kept-for-copy image gets an
+/// object that reaches `Present` after its copy; a second replica answers a check from the
+/// first's status without asking the registry; the replicas do not fight; a declared image is
+/// copied, and copied again when its tag moves; retention deletes an old admission record and
+/// keeps a `retain` one; `kubectl get` shows the columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrored_images_record_copies_share_checks_and_copy_declared_images() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    common::init();
+    install_crd(c);
+    let upstream = common::registry::Registry::plain();
+    let mirror = common::registry::Registry::plain();
+    let image = common::registry::TestImage::generate(&["linux/amd64"], 1);
+    let other = common::registry::TestImage::generate(&["linux/amd64"], 1);
+    upstream.push("team/app", "1", &image).await;
+    upstream.push("team/other", "1", &other).await;
+    let (up, down) = (upstream.host(), mirror.host());
+    let table = |extra: &str| {
+        format!(
+            "mirrors:\n  local:\n    type: repository\n    registry: \"{down}\"\n    prefix: mirror\n    naming: flatten\n\
+             rules:\n  - name: upstream\n    match: [\"{up}/team/*\"]\n    mirror: local\n    swap: if-present\n    copy: on-demand\n\
+             registries:\n  \"{up}\": {{insecure: true}}\n  \"{down}\": {{insecure: true}}\n\
+             checks: {{presentTtl: 10m, absentTtl: 1s}}\n\
+             mirroredImages: {{writesPerSecond: 50{extra}}}\n\
+             namespaces:\n  exclude: [kube-system, {SYSTEM}]\n"
+        )
+    };
+    let kubeconfig = c.token_kubeconfig(SYSTEM, "image-mirror-webhook");
+    let first = Hook::start(&table(""), &kubeconfig).await;
+    assert!(
+        first.log().contains("MirroredImage records in use"),
+        "{}",
+        first.log()
+    );
+    let (ns, _opted_in) = OptedIn::namespace(c, "records");
+    c.register(&unique("mwc"), &first, &[&ns]);
+
+    // Kept while it is copied; the record follows the copy to Present, with its digest.
+    let source = format!("{up}/team/app:1");
+    let (pod, _) = run_pod(c, &ns, "one", &source);
+    assert_eq!(image_of(&pod, "containers", 0), source);
+    let record = record_where(&first, c, &source, "a Present record", |o| {
+        o["status"]["phase"] == "Present"
+    })
+    .await;
+    let target = record["status"]["target"].as_str().unwrap().to_string();
+    assert!(target.starts_with(&format!("{down}/mirror/")), "{target}");
+    let name = record["metadata"]["name"].as_str().unwrap().to_string();
+    assert_eq!(
+        name,
+        image_mirror_webhook::cluster::images::crd::object_name(
+            &image_mirror_webhook::Reference::parse(&source).unwrap(),
+            &image_mirror_webhook::Reference::parse(&target).unwrap()
+        )
+    );
+    assert_eq!(
+        record["metadata"]["labels"]["image-mirror.dev/recorded-by"],
+        "admission"
+    );
+    let status = &record["status"];
+    assert!(status["mirrorDigest"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+    assert_eq!(status["lastCopy"]["result"], "Succeeded");
+    assert_eq!(status["lastCopy"]["runner"], "in-process");
+    assert!(status["lastUsed"].is_string() && status["lastChecked"].is_string());
+    assert_eq!(status["conditions"][0]["type"], "Ready");
+    assert_eq!(status["conditions"][0]["status"], "True");
+    // The next Pod goes to the mirror.
+    let (pod, _) = run_pod(c, &ns, "two", &source);
+    assert_eq!(image_of(&pod, "containers", 0), target);
+
+    // A second replica: its check is answered by the first's status, not by the registry.
+    let second = Hook::start(&table(""), &kubeconfig).await;
+    second
+        .eventually(20, "the second replica's cache", || {
+            second
+                .log()
+                .contains("MirroredImage records in use")
+                .then_some(())
+        })
+        .await;
+    let answer = record_where(&second, c, &source, "the record", |_| true).await;
+    assert_eq!(answer["status"]["phase"], "Present");
+    let reviewed = review_at(&second, &ns, &source).await;
+    assert_eq!(reviewed["response"]["allowed"], true);
+    assert!(
+        reviewed["response"]["patch"].is_string(),
+        "the second replica sends the Pod to the mirror: {reviewed}"
+    );
+    let scrape = second.metrics().await;
+    let registry = down.clone();
+    assert_eq!(
+        sample(
+            &scrape,
+            &format!(
+                "image_mirror_mirror_checks_total{{registry=\"{registry}\",result=\"shared\"}}"
+            )
+        ),
+        1.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        sample(
+            &scrape,
+            &format!(
+                "image_mirror_mirror_checks_total{{registry=\"{registry}\",result=\"present\"}}"
+            )
+        ),
+        0.0,
+        "the second replica asked the registry:\n{scrape}"
+    );
+    assert!(
+        sample(&scrape, "image_mirror_images{phase=\"Present\"}") >= 1.0,
+        "{scrape}"
+    );
+
+    // Both replicas seen it all: no replica writes the record again while nothing changes.
+    let version = |c: &Cluster| {
+        c.get(&["mirroredimage", &name]).unwrap()["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let before = version(c);
+    for _ in 0..3 {
+        review_at(&second, &ns, &source).await;
+    }
+    common::quiet_period(
+        Duration::from_secs(2),
+        "neither replica rewrites a record whose lastUsed is fresh",
+    )
+    .await;
+    assert_eq!(version(c), before, "the record was written again");
+    let managers: Vec<String> = c
+        .get(&["mirroredimage", &name, "--show-managed-fields"])
+        .unwrap()["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["manager"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        managers.iter().all(|m| m == "image-mirror-webhook"),
+        "{managers:?}"
+    );
+
+    // `kubectl get` is the view.
+    let view = c.ok(&["get", "mirroredimages"]);
+    let header = view.lines().next().unwrap();
+    for column in [
+        "NAME",
+        "SOURCE",
+        "TARGET",
+        "PHASE",
+        "DIGEST",
+        "LAST USED",
+        "AGE",
+    ] {
+        assert!(header.contains(column), "{view}");
+    }
+    assert!(view.contains(&name) && view.contains("Present"), "{view}");
+
+    // A declared image: copied, and copied again once its tag moved and `refresh` passed.
+    let declared_source = format!("{up}/team/other:1");
+    let declared = unique("declared");
+    c.apply(
+        &json!({"apiVersion": "image-mirror.dev/v1alpha1", "kind": "MirroredImage",
+            "metadata": {"name": declared},
+            "spec": {"source": declared_source, "refresh": "3s"}})
+        .to_string(),
+    );
+    let done = record_where(&first, c, &declared_source, "the declared copy", |o| {
+        o["status"]["phase"] == "Present"
+    })
+    .await;
+    assert_eq!(done["metadata"]["name"], declared.as_str());
+    let first_digest = done["status"]["mirrorDigest"].as_str().unwrap().to_string();
+    let moved = common::registry::TestImage::generate(&["linux/amd64"], 1);
+    upstream.push("team/other", "1", &moved).await;
+    record_where(&first, c, &declared_source, "the moved tag copied", |o| {
+        o["status"]["mirrorDigest"]
+            .as_str()
+            .is_some_and(|d| d != first_digest)
+    })
+    .await;
+
+    // Retention: an old admission record goes, one that says `retain` and a declared one stay.
+    let kept_source = format!("{up}/team/other:1");
+    let _ = kept_source;
+    c.ok(&[
+        "patch",
+        "mirroredimage",
+        &name,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"retain":true}}"#,
+    ]);
+    let second_image = format!("{up}/team/app:2");
+    upstream.push("team/app", "2", &image).await;
+    run_pod(c, &ns, "three", &second_image);
+    let doomed = record_where(&first, c, &second_image, "a second record", |_| true).await;
+    let doomed = doomed["metadata"]["name"].as_str().unwrap().to_string();
+    std::fs::write(&first.config_path, table(", retention: 2s")).unwrap();
+    first
+        .eventually(30, "the unused record deleted", || {
+            c.get(&["mirroredimage", &doomed]).is_none().then_some(())
+        })
+        .await;
+    assert!(
+        c.get(&["mirroredimage", &name]).is_some(),
+        "a retain record was deleted"
+    );
+    assert!(
+        c.get(&["mirroredimage", &declared]).is_some(),
+        "a declared record was deleted"
+    );
+    c.ok(&["delete", "mirroredimage", &name, &declared]);
+}
+
+/// Without rights on the records, the webhook works as before and says once what is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_rights_on_mirrored_images_admission_is_as_before() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    install_crd(c);
+    // An identity with every right of the overlay but the records'.
+    let sa = unique("no-records");
+    c.ok(&["-n", SYSTEM, "create", "serviceaccount", &sa]);
+    let subject = format!("{SYSTEM}:{sa}");
+    for role in ["image-mirror-webhook", "image-mirror-webhook-pull-secrets"] {
+        c.ok(&[
+            "create",
+            "clusterrolebinding",
+            &unique(role),
+            &format!("--clusterrole={role}"),
+            &format!("--serviceaccount={subject}"),
+        ]);
+    }
+    c.ok(&[
+        "-n",
+        SYSTEM,
+        "create",
+        "rolebinding",
+        &unique("source"),
+        "--role=image-mirror-webhook-pull-secret-source",
+        &format!("--serviceaccount={subject}"),
+    ]);
+    let kubeconfig = c.token_kubeconfig(SYSTEM, &sa);
+    let hook = Hook::start(&table(PULL, None), &kubeconfig).await;
+    let log = hook.log();
+    assert_eq!(
+        log.matches("no rights on mirroredimages.image-mirror.dev")
+            .count(),
+        1,
+        "{log}"
+    );
+    let (ns, _opted_in) = OptedIn::namespace(c, "norecords");
+    c.docker_secret(&ns, PULL, "ghcr.io");
+    c.register(&unique("mwc"), &hook, &[&ns]);
+    let (pod, _) = run_pod(c, &ns, "p", "nginx:1.27");
+    assert_eq!(
+        image_of(&pod, "containers", 0),
+        "ghcr.io/acme/mirror/docker.io/library/nginx:1.27"
+    );
+}

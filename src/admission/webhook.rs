@@ -140,6 +140,15 @@ impl Webhook {
             return refuse(&review, 403, &why);
         }
         if let Some(mirrors) = &self.mirrors {
+            // The image records (queued, never waited on); a dry run leaves no trace.
+            if !review.dry_run() {
+                for r in &mutation.rewrites {
+                    mirrors.record_use(r.slot.image, &r.target, false);
+                }
+                for copy in &mutation.copies {
+                    mirrors.record_use(copy.source.as_str(), copy.target.as_str(), true);
+                }
+            }
             for copy in &mutation.copies {
                 if mirrors.request_copy(copy.clone()) {
                     tracing::info!(uid = review.request.uid.as_str(),

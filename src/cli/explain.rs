@@ -174,6 +174,7 @@ fn duration(d: std::time::Duration) -> String {
     let ms = d.as_millis();
     match ms {
         0 => "0s".to_string(),
+        ms if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
         ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
         ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
         ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
@@ -349,6 +350,14 @@ pub fn summary(config: &Config) -> String {
         duration(t.response),
         duration(t.idle)
     );
+    let r = settings.records;
+    let _ = writeln!(
+        s,
+        "mirroredImages: writesPerSecond={} usedEvery={} retention={} (with the MirroredImage component)",
+        r.writes_per_second,
+        duration(r.used_every),
+        duration(r.retention)
+    );
     // Every setting applies on reload; say so where operators look.
     let _ = writeln!(s, "reload: every setting above applies without a restart");
     s
@@ -365,5 +374,53 @@ pub(super) fn export_policy(args: &ExportArgs) -> anyhow::Result<ExitCode> {
     for l in &export.left_out {
         writeln!(err, "not exported: {}: {}", l.what, l.reason)?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `crd`: the MirroredImage CRD as YAML.
+pub(super) fn crd() -> anyhow::Result<ExitCode> {
+    print!("{}", crate::cluster::images::crd::crd_yaml()?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `declare`: every exact entry of the table as a declared MirroredImage, one YAML document
+/// each.
+pub(super) fn declare(args: &super::DeclareArgs) -> anyhow::Result<ExitCode> {
+    use crate::cluster::images::crd::{object_name, MirroredImage, MirroredImageSpec};
+    if let Some(r) = &args.refresh {
+        crate::settings::parse_duration(r).map_err(|e| anyhow::anyhow!("--refresh: {e}"))?;
+    }
+    let table = crate::config::load(args.config.as_deref())?.table;
+    let items = super::sync::sync_items(&table);
+    let skipped = table.entries().len() - items.len();
+    let objects: Vec<MirroredImage> = items
+        .iter()
+        .map(|copy| {
+            let mut o = MirroredImage::new(
+                &object_name(&copy.source, &copy.target),
+                MirroredImageSpec {
+                    source: copy.source.to_string(),
+                    target: Some(copy.target.to_string()),
+                    platforms: copy.platforms.iter().map(|p| p.to_string()).collect(),
+                    refresh: args.refresh.clone(),
+                    retain: true,
+                },
+            );
+            o.metadata.labels = None;
+            o
+        })
+        .collect();
+    if !objects.is_empty() {
+        print!("{}", serde_saphyr::to_string_multiple(&objects)?);
+    }
+    eprintln!(
+        "{} declared image(s){}",
+        objects.len(),
+        if skipped > 0 {
+            format!("; {skipped} entries name no single image (tag globs, any tag) and were left")
+        } else {
+            String::new()
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }

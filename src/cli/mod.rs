@@ -49,6 +49,22 @@ pub enum Command {
     /// Print the static part of the table as a MutatingAdmissionPolicy and its binding
     /// (admissionregistration.k8s.io/v1); what cannot be exported is listed on stderr.
     ExportPolicy(ExportArgs),
+    /// Print the MirroredImage CustomResourceDefinition (image-mirror.dev/v1alpha1), as
+    /// deploy/components/mirrored-images holds it.
+    Crd,
+    /// Print the table's exact entries as declared MirroredImage objects, for `kubectl apply
+    /// -f -`: the in-cluster form of a `sync` CronJob.
+    Declare(DeclareArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeclareArgs {
+    /// Mapping table (default: the embedded table).
+    #[arg(long, env = "IMAGE_MIRROR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// How often each image is checked upstream for a moved tag and copied again (e.g. 6h).
+    #[arg(long)]
+    pub refresh: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -311,6 +327,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Copy(args) => sync::copy(&args),
         Command::Sync(args) => sync::sync(&args),
         Command::ExportPolicy(args) => explain::export_policy(&args),
+        Command::Crd => explain::crd(),
+        Command::Declare(args) => explain::declare(&args),
     };
     match result {
         Ok(code) => code,

@@ -4,6 +4,7 @@
 //! a metric label ([`namespaces`]). Without access, `serve` works as it always did.
 
 pub mod copy_jobs;
+pub mod images;
 pub mod namespaces;
 pub mod pull_secrets;
 
@@ -76,7 +77,7 @@ pub async fn connect(access: Access) -> Result<Option<kube::Client>, ClusterErro
 pub(crate) fn spawn_stream<K, S>(
     stream: S,
     what: &'static str,
-    seen: impl Fn(K) + Send + 'static,
+    mut seen: impl FnMut(K) + Send + 'static,
 ) -> tokio::task::AbortHandle
 where
     K: Send + 'static,

@@ -81,6 +81,7 @@ pub(crate) fn parse_file(file: &str, yaml: &str) -> Result<(Table, Settings), Ta
         raw.checks.as_ref(),
         raw.copies.as_ref(),
         raw.timeouts.as_ref(),
+        raw.mirrored_images.as_ref(),
         &mut problems,
     );
     let mut table = table;

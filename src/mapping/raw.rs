@@ -31,6 +31,8 @@ pub(super) struct RawFile {
     pub(super) copies: Option<Spanned<settings::RawCopies>>,
     #[serde(default)]
     pub(super) timeouts: Option<Spanned<settings::RawTimeouts>>,
+    #[serde(default)]
+    pub(super) mirrored_images: Option<Spanned<settings::RawRecords>>,
 }
 
 #[derive(Deserialize)]

@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 
 use super::cadence::Cadence;
 use super::circuit::{Admit, CircuitSettings, Circuits, Transition};
-use super::{Presence, Upstream};
+use super::{ImageRecords, Presence, Upstream};
 use crate::config::ConfigHandle;
 use crate::error::Report;
 use crate::locks::lock;
@@ -82,6 +82,9 @@ pub struct Checks {
     circuits: Mutex<Circuits>,
     /// The unauthorized-check warning, once per registry per period.
     cadence: Cadence,
+    /// The cluster's image records, when there are any: told every answer, and asked first
+    /// whether another replica found the image already.
+    records: Mutex<Option<Arc<dyn ImageRecords>>>,
 }
 
 /// How one check ended, as the checks metric counts it.
@@ -138,6 +141,7 @@ impl Checks {
             digests: Memo::new(),
             circuits: Mutex::new(Circuits::default()),
             cadence: Cadence::default(),
+            records: Mutex::new(None),
         }
     }
 
@@ -198,17 +202,39 @@ impl Checks {
         }
     }
 
-    /// One registry check, recorded in metrics, the cache and the registry's circuit.
+    pub(super) fn set_records(&self, records: Arc<dyn ImageRecords>) {
+        *lock(&self.records) = Some(records);
+    }
+
+    pub(super) fn records(&self) -> Option<Arc<dyn ImageRecords>> {
+        lock(&self.records).clone()
+    }
+
+    /// One registry check, recorded in metrics, the cache, the registry's circuit and the
+    /// image records; answered without the registry when another replica found the image
+    /// within `presentTtl`.
     async fn check(self: Arc<Self>, target: Reference) -> Presence {
-        let (outcome, _) = self.ask(&target, "mirror check").await;
+        let records = self.records();
+        let ttl = self.config.current().settings.checks.present_ttl;
+        let shared = records
+            .as_ref()
+            .is_some_and(|r| r.known_present(target.as_str(), ttl));
+        let (label, presence) = if shared {
+            ("shared", Presence::Present)
+        } else {
+            let (outcome, digest) = self.ask(&target, "mirror check").await;
+            if let Some(r) = &records {
+                r.checked(target.as_str(), outcome.presence(), digest.as_deref());
+            }
+            (outcome.label(), outcome.presence())
+        };
         self.metrics
             .checks
             .get_or_create(&CheckLabels {
                 registry: target.registry().to_string(),
-                result: outcome.label(),
+                result: label,
             })
             .inc();
-        let presence = outcome.presence();
         self.remember(target.as_str(), presence);
         self.presence.landed(target.as_str());
         presence

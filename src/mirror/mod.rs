@@ -123,6 +123,40 @@ impl CopyRequest {
     }
 }
 
+/// How a copy or warm-up ended, for the image records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyOutcome {
+    pub attempts: u32,
+    /// `in-process`, or the copy Job's name.
+    pub runner: String,
+    pub warm_up: bool,
+    /// The digest copied (upstream's, now the mirror's); `None` after a failure, or when a
+    /// Job's end told none.
+    pub digest: Option<String>,
+    /// The error, in one line and without credentials; `None` after a success.
+    pub error: Option<String>,
+    /// Whether no further try follows (a failure that gave up).
+    pub gave_up: bool,
+}
+
+/// The cluster's record of the images sent to mirrors (`MirroredImage` objects): told what
+/// this replica learns, and asked what other replicas learnt. Every method returns at once
+/// (an implementation queues), so that nothing here ever waits on the Kubernetes API.
+pub trait ImageRecords: Send + Sync {
+    /// An admission sent a Pod to `target` (`copying`: kept unchanged while its copy runs).
+    fn used(&self, source: &str, target: &str, copying: bool);
+    /// A check of the mirror answered (`digest` when it was found).
+    fn checked(&self, target: &str, presence: Presence, digest: Option<&str>);
+    /// A copy or warm-up started, through `runner` (`in-process` or a Job's name).
+    fn copy_started(&self, source: &str, target: &str, runner: &str);
+    /// A copy or warm-up ended.
+    fn copy_ended(&self, source: &str, target: &str, outcome: &CopyOutcome);
+    /// Whether a replica found `target` on its mirror less than `ttl` ago.
+    fn known_present(&self, target: &str, ttl: std::time::Duration) -> bool;
+    /// Whether another replica holds a copy of `source` → `target` that is still going on.
+    fn copied_elsewhere(&self, source: &str, target: &str) -> bool;
+}
+
 /// Asks mirrors whether they hold an image, and takes copy requests.
 pub trait MirrorAccess: Send + Sync {
     /// Whether `target` is in its mirror; answers from a cache when it can.
@@ -133,6 +167,11 @@ pub trait MirrorAccess: Send + Sync {
     /// Queues a background copy (de-duplicated by the implementation); whether it was queued
     /// now (not already queued, running or handed to a Job).
     fn request_copy(&self, copy: CopyRequest) -> bool;
+    /// An admission sent a Pod to `target`, or kept it while its copy runs (`copying`); for
+    /// the image records, when there are any.
+    fn record_use(&self, source: &str, target: &str, copying: bool) {
+        let _ = (source, target, copying);
+    }
     /// The digest `source`'s tag has upstream (for `pin: digest`), from a cache when it can.
     /// An implementation that cannot ask registries says it does not know.
     fn upstream_digest<'a>(

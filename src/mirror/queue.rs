@@ -12,7 +12,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use super::cadence::Cadence;
 use super::checks::Checks;
 use super::run::MirrorError;
-use super::{CopyEnd, CopyEnds, CopyMode, CopyRequest, CopyRunner, Presence, Submitted};
+use super::{
+    CopyEnd, CopyEnds, CopyMode, CopyOutcome, CopyRequest, CopyRunner, Presence, Submitted,
+};
 use crate::config::ConfigHandle;
 use crate::error::Report;
 use crate::locks::lock;
@@ -254,6 +256,9 @@ impl CopyQueue {
             }
             Submitted::Started => {
                 self.count_copy("job");
+                if let Some(r) = self.checks.records() {
+                    r.copy_started(source.as_str(), target.as_str(), "job");
+                }
                 tracing::info!(%source, %target, "copy handed to a Job");
             }
             Submitted::Running => {
@@ -310,9 +315,36 @@ impl CopyQueue {
         {
             return;
         }
-        let started = Instant::now();
         let copy = &job.copy;
+        let records = self.checks.records();
+        if let Some(r) = &records {
+            // Another replica copies it now: its end makes the image present for all.
+            if r.copied_elsewhere(copy.source.as_str(), copy.target.as_str()) {
+                tracing::debug!(source = %copy.source, target = %copy.target,
+                    "copy left to the replica that holds it");
+                lock(&self.pending).remove(&key_of(copy));
+                return;
+            }
+            r.copy_started(copy.source.as_str(), copy.target.as_str(), "in-process");
+        }
+        let started = Instant::now();
         let outcome = copy.run(&self.registries, None).await;
+        let ended = |digest: Option<String>, error: Option<String>, gave_up: bool| {
+            if let Some(r) = &records {
+                r.copy_ended(
+                    copy.source.as_str(),
+                    copy.target.as_str(),
+                    &CopyOutcome {
+                        attempts: job.attempt,
+                        runner: "in-process".into(),
+                        warm_up: copy.mode == CopyMode::WarmUp,
+                        digest,
+                        error,
+                        gave_up,
+                    },
+                );
+            }
+        };
         self.metrics
             .copy_duration
             .observe(started.elapsed().as_secs_f64());
@@ -323,6 +355,7 @@ impl CopyQueue {
                 self.checks
                     .remember(copy.target.as_str(), Presence::Present);
                 lock(&self.pending).remove(&key_of(copy));
+                ended(Some(report.digest.clone()), None, false);
                 tracing::info!(source = %copy.source, target = %copy.target,
                     digest = report.digest, manifests = report.manifests_copied,
                     blobs_copied = report.blobs_copied, blobs_skipped = report.blobs_skipped,
@@ -335,7 +368,9 @@ impl CopyQueue {
         };
         self.count_copy("failure");
         let settings = self.config.current().settings.copies;
-        if job.attempt >= settings.max_attempts {
+        let gave_up = job.attempt >= settings.max_attempts;
+        ended(None, Some(Report(&error).to_string()), gave_up);
+        if gave_up {
             self.count_copy("given_up");
             lock(&self.pending).remove(&key_of(copy));
             tracing::error!(source = %copy.source, target = %copy.target, attempts = job.attempt,
@@ -417,6 +452,21 @@ impl CopyEnds for JobEnds {
             .remove(&(source.to_string(), target.to_string()))
             .is_some_and(|h| h.started);
         tracing::debug!(source, target, ?end, "copy Job finished");
+        if let (Some(r), true) = (queue.checks.records(), end != CopyEnd::Vanished) {
+            let failed = end == CopyEnd::Failed;
+            r.copy_ended(
+                source,
+                target,
+                &CopyOutcome {
+                    attempts: 1,
+                    runner: "job".into(),
+                    warm_up: false,
+                    digest: None,
+                    error: failed.then(|| "the copy Job failed (kubectl logs shows why)".into()),
+                    gave_up: failed,
+                },
+            );
+        }
         match end {
             CopyEnd::Succeeded => {
                 queue.checks.remember(target, Presence::Present);

@@ -10,7 +10,7 @@ use std::sync::{Arc, Weak};
 
 use super::checks::Checks;
 use super::queue::{CopyQueue, JobEnds};
-use super::{CopyEnds, CopyRequest, CopyRunner, MirrorAccess, Presence, Upstream};
+use super::{CopyEnds, CopyRequest, CopyRunner, ImageRecords, MirrorAccess, Presence, Upstream};
 use crate::config::ConfigHandle;
 use crate::locks::lock;
 use crate::metrics::Metrics;
@@ -65,6 +65,11 @@ impl MirrorService {
         *lock(&self.queue.runner) = Some(runner);
     }
 
+    /// Tells `records` what the checks and copies learn, and asks it first.
+    pub fn use_records(&self, records: Arc<dyn ImageRecords>) {
+        self.checks.set_records(records);
+    }
+
     /// What a runner tells of the copies it ran (held weakly: it does not keep the service).
     pub fn ends(&self) -> Arc<dyn CopyEnds> {
         Arc::new(JobEnds(Arc::downgrade(&self.queue)))
@@ -115,6 +120,12 @@ impl MirrorAccess for MirrorService {
 
     fn request_copy(&self, copy: CopyRequest) -> bool {
         self.queue.request(copy)
+    }
+
+    fn record_use(&self, source: &str, target: &str, copying: bool) {
+        if let Some(r) = self.checks.records() {
+            r.used(source, target, copying);
+        }
     }
 }
 
