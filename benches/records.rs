@@ -38,14 +38,24 @@ fn sample(text: &str, series: &str) -> f64 {
 }
 
 /// `PODS` reviews over `IMAGES` images, 8 at a time, straight to `/mutate`; each latency (ms).
+/// `PODS` reviews after a warm-up (connections and first answers are not what is measured).
 async fn rollout(hook: &Hook, tag: &str) -> Vec<f64> {
+    warm_up(hook).await;
+    reviews(hook, tag, PODS).await
+}
+
+async fn warm_up(hook: &Hook) {
+    reviews(hook, "warm-up", 100).await;
+}
+
+async fn reviews(hook: &Hook, tag: &str, count: usize) -> Vec<f64> {
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(hook.ca_pem.as_bytes()).unwrap())
         .resolve("localhost", hook.addr)
         .build()
         .unwrap();
     let url = format!("https://localhost:{}/mutate", hook.addr.port());
-    let mut times: Vec<f64> = futures::stream::iter(0..PODS)
+    let mut times: Vec<f64> = futures::stream::iter(0..count)
         .map(|i| {
             let (client, url) = (client.clone(), url.clone());
             let image = format!("docker.io/bench/app-{}:{tag}", i % IMAGES);
@@ -171,23 +181,37 @@ fn main() {
             rss_mib(hook.pid())
         );
 
-        let with = rollout(&hook, "1").await;
-        // Drain: the writer works at writesPerSecond (5).
+        let writes = |text: &str| {
+            sample(text, "image_mirror_image_record_writes_total{result=\"success\"}")
+                + sample(text, "image_mirror_image_record_writes_total{result=\"error\"}")
+        };
+        warm_up(&hook).await;
+        let mut before = -1.0;
+        loop {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let text = hook.metrics().await;
+            let now = writes(&text);
+            if sample(&text, "image_mirror_image_record_queue") == 0.0 && now == before {
+                break;
+            }
+            before = now;
+        }
+        let with = reviews(&hook, "1", PODS).await;
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut last = -1.0;
         loop {
             tokio::time::sleep(Duration::from_secs(3)).await;
             let text = hook.metrics().await;
-            let writes = sample(&text, "image_mirror_image_record_writes_total{result=\"success\"}")
-                + sample(&text, "image_mirror_image_record_writes_total{result=\"error\"}");
-            if sample(&text, "image_mirror_image_record_queue") == 0.0 && writes == last {
+            let now = writes(&text);
+            if sample(&text, "image_mirror_image_record_queue") == 0.0 && now == last {
                 println!(
-                    "a rollout of {PODS} Pods over {IMAGES} images: {writes} writes (target 100); RSS {:.1} MiB",
+                    "a rollout of {PODS} Pods over {IMAGES} images: {} writes (target 100); RSS {:.1} MiB",
+                    now - before,
                     rss_mib(hook.pid())
                 );
                 break;
             }
-            last = writes;
+            last = now;
             assert!(Instant::now() < deadline, "the writer never drained");
         }
         drop(hook);

@@ -1645,3 +1645,37 @@ async fn without_rights_on_mirrored_images_admission_is_as_before() {
         "ghcr.io/acme/mirror/docker.io/library/nginx:1.27"
     );
 }
+
+/// Without the CRD, the webhook works as before and says once that the records are off; the
+/// CRD is put back for the tests that use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_mirrored_image_crd_admission_is_as_before() {
+    let Some(c) = with_rbac() else { return };
+    let _turn = take_turn().await;
+    c.ok(&[
+        "delete",
+        "crd",
+        "mirroredimages.image-mirror.dev",
+        "--ignore-not-found",
+        "--wait=true",
+    ]);
+    let kubeconfig = c.token_kubeconfig(SYSTEM, "image-mirror-webhook");
+    let hook = Hook::start(&table(PULL, None), &kubeconfig).await;
+    let log = hook.log();
+    assert_eq!(
+        log.matches("the MirroredImage resource is not installed")
+            .count(),
+        1,
+        "{log}"
+    );
+    let (ns, _opted_in) = OptedIn::namespace(c, "nocrd");
+    c.docker_secret(&ns, PULL, "ghcr.io");
+    c.register(&unique("mwc"), &hook, &[&ns]);
+    let (pod, _) = run_pod(c, &ns, "p", "nginx:1.27");
+    assert_eq!(
+        image_of(&pod, "containers", 0),
+        "ghcr.io/acme/mirror/docker.io/library/nginx:1.27"
+    );
+    drop(hook);
+    install_crd(c);
+}

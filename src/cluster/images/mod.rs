@@ -64,10 +64,14 @@ impl Known {
         known
     }
 
-    fn insert(&mut self, o: MirroredImage) {
+    fn insert(&mut self, mut o: MirroredImage) {
         let Some(name) = o.metadata.name.clone() else {
             return;
         };
+        // Kept for their spec, status and labels only: managed fields and annotations (a
+        // kubectl apply's last-applied copy) are most of an object's bytes.
+        o.metadata.managed_fields = None;
+        o.metadata.annotations = None;
         // Names learnt otherwise (a declared image's computed target) stay: an update of the
         // object does not move it to another pair.
         let target = o
