@@ -88,6 +88,28 @@ async fn reviews(hook: &Hook, tag: &str, count: usize) -> Vec<f64> {
     times
 }
 
+/// Waits until `hook`'s watch cache holds every object (the phase gauge, refreshed every 10 s).
+async fn filled(hook: &Hook) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = hook.metrics().await;
+        let total: f64 = [
+            "Unknown", "Present", "Missing", "Copying", "Failed", "WarmedUp",
+        ]
+        .iter()
+        .map(|p| sample(&text, &format!("image_mirror_images{{phase=\"{p}\"}}")))
+        .sum();
+        if total >= OBJECTS as f64 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cache never held every object"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn summary(times: &[f64]) -> String {
     let n = times.len();
     format!(
@@ -166,15 +188,7 @@ fn main() {
                      rules:\n  - {match: [\"docker.io/**\"], mirror: ghcr, swap: always}\n";
         let kubeconfig = c.token_kubeconfig(SYSTEM, "image-mirror-webhook");
         let hook = Hook::start(table, &kubeconfig).await;
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let text = hook.metrics().await;
-            if sample(&text, "image_mirror_images{phase=\"Unknown\"}") >= OBJECTS as f64 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the cache never held every object");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        filled(&hook).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         println!(
             "serve RSS with {OBJECTS} MirroredImage objects in its cache: {:.1} MiB (target 64 MiB)",
@@ -220,6 +234,7 @@ fn main() {
         let with_again = {
             drop(off);
             let hook = Hook::start(table, &kubeconfig).await;
+            filled(&hook).await;
             rollout(&hook, "2").await
         };
         println!("admission, {PODS} reviews 8 at a time, with the records:    {}", summary(&with));

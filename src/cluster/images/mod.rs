@@ -241,7 +241,12 @@ impl Records {
             };
             match event {
                 watcher::Event::Init => initial.clear(),
-                watcher::Event::InitApply(o) => initial.push(o),
+                watcher::Event::InitApply(mut o) => {
+                    // Only what `Known` keeps, while the whole list comes in.
+                    o.metadata.managed_fields = None;
+                    o.metadata.annotations = None;
+                    initial.push(o);
+                }
                 watcher::Event::InitDone => {
                     *lock(&shared.known) = Known::of(std::mem::take(&mut initial));
                     shared.count_phases();
