@@ -26,7 +26,8 @@ struct ResponseOut<'a> {
     allowed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     patch_type: Option<&'static str>,
-    /// Bytes in the API, hence a base64 string in JSON.
+    /// Bytes in the API, hence a base64 string in JSON; written by hand after the rest (see
+    /// [`response_body`]), so never set here.
     #[serde(skip_serializing_if = "Option::is_none")]
     patch: Option<String>,
     /// Each said as `image-mirror: <warning>`, so that a kubectl user knows who speaks.
@@ -111,11 +112,11 @@ fn would_rewrite_record(mutation: &Mutation) -> String {
 }
 
 /// The response AdmissionReview: `allowed: true`, and the patch when there is one.
+///
+/// Written once into one buffer: the review without its patch by serde, then the patch's
+/// base64 spliced in before the closing braces. Base64 needs no escaping, so the encoded text
+/// is neither copied into a string of its own nor scanned again for escapes.
 pub fn response_body(api_version: &str, uid: &str, mutation: &Mutation) -> Vec<u8> {
-    let patch = (!mutation.patch.is_empty()).then(|| {
-        let json = serde_json::to_vec(&mutation.patch).unwrap_or_default();
-        base64::engine::general_purpose::STANDARD.encode(json)
-    });
     let mut audit = BTreeMap::new();
     if !mutation.would_rewrite.is_empty() {
         // Like the original-images record: what each image would have become. The API server
@@ -125,30 +126,55 @@ pub fn response_body(api_version: &str, uid: &str, mutation: &Mutation) -> Vec<u
     }
     if !mutation.rewrites.is_empty() {
         audit.insert("rewrites", mutation.rewrites.len().to_string());
-        let mirrors: Vec<&str> = mutation
+        let mut mirrors: Vec<&str> = mutation
             .rewrites
             .iter()
             .map(|r| r.mirror.as_str())
             .collect();
-        let mut unique = mirrors.clone();
-        unique.sort_unstable();
-        unique.dedup();
-        audit.insert("mirrors", unique.join(","));
+        mirrors.sort_unstable();
+        mirrors.dedup();
+        audit.insert("mirrors", mirrors.join(","));
     }
+    let has_patch = !mutation.patch.is_empty();
     let out = ReviewOut {
         api_version,
         kind: "AdmissionReview",
         response: ResponseOut {
             uid,
             allowed: true,
-            patch_type: patch.as_ref().map(|_| "JSONPatch"),
-            patch,
+            patch_type: has_patch.then_some("JSONPatch"),
+            patch: None,
             warnings: &mutation.warnings,
             audit_annotations: audit,
             status: None,
         },
     };
-    serde_json::to_vec(&out).unwrap_or_default()
+    let mut body = Vec::with_capacity(512);
+    if serde_json::to_writer(&mut body, &out).is_err() {
+        return Vec::new();
+    }
+    if has_patch {
+        let Ok(json) = serde_json::to_vec(&mutation.patch) else {
+            return Vec::new();
+        };
+        // `…}}` → `…,"patch":"<base64>"}}`: the response object's last member.
+        let end = body.len() - 2;
+        let tail = body.split_off(end);
+        body.reserve(json.len() * 4 / 3 + 16);
+        body.extend_from_slice(b",\"patch\":\"");
+        let start = body.len();
+        body.resize(
+            start + base64::encoded_len(json.len(), true).unwrap_or(0),
+            0,
+        );
+        let written = base64::engine::general_purpose::STANDARD
+            .encode_slice(&json, &mut body[start..])
+            .unwrap_or(0);
+        body.truncate(start + written);
+        body.push(b'"');
+        body.extend_from_slice(&tail);
+    }
+    body
 }
 
 #[cfg(test)]
