@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Load on loopback only: h2load (Debian nghttp2-client) posts a 3-container Pod review to a
-# local release server, then requests the trivial /healthz of the same TLS stack, and prints
-# reviews/s, latency percentiles and the ratio between the two. Bounded by count and time.
+# local release server, then requests the trivial /readyz of the same TLS stack, over HTTP/2
+# and over HTTP/1.1 (h2load --h1), and prints reviews/s, latency percentiles and, per
+# protocol, the same-run ratio between the two (targets: 50 % over HTTP/2, 40 % over
+# HTTP/1.1). Bounded by count and time.
 #   benches/load.sh [REQUESTS] [CLIENTS] [STREAMS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,11 +40,20 @@ run() { # name, extra h2load args...
 }
 echo "h2load: $requests requests, $clients clients x $streams streams, 127.0.0.1:$port"
 run review -d "$work/review.json" -H 'content-type: application/json' "https://127.0.0.1:$port/mutate"
-run healthz "https://127.0.0.1:$port/healthz"
+run readyz "https://127.0.0.1:$port/readyz"
+# HTTP/1.1 has one request in flight per connection: as many connections as HTTP/2 had streams.
+run review-h1 --h1 -c $((clients * streams)) -m 1 -d "$work/review.json" -H 'content-type: application/json' "https://127.0.0.1:$port/mutate"
+run readyz-h1 --h1 -c $((clients * streams)) -m 1 "https://127.0.0.1:$port/readyz"
 python3 - "$work" <<'PY'
 import sys
 w = sys.argv[1]
-r, h = (float(open(f"{w}/{n}.rps").read() or 0) for n in ("review", "healthz"))
-if r and h:
-    print(f"reviews run at {r / h:.2f}x the rate of the trivial TLS endpoint")
+def rps(n):
+    try:
+        return float(open(f"{w}/{n}.rps").read() or 0)
+    except (OSError, ValueError):
+        return 0.0
+for proto, r, h, target in (("HTTP/2", "review", "readyz", 50), ("HTTP/1.1", "review-h1", "readyz-h1", 40)):
+    r, h = rps(r), rps(h)
+    if r and h:
+        print(f"{proto}: /mutate runs at {100 * r / h:.0f} % of the rate of /readyz (target {target} %)")
 PY
