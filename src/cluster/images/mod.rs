@@ -138,11 +138,13 @@ fn age(stamp: &str) -> Option<Duration> {
     Duration::try_from(d).ok()
 }
 
-/// Changes waiting to be written, oldest first.
+/// Changes waiting to be written, oldest first, by (source, target) as they were told: the
+/// admission path queues without parsing; the writer canonicalises (two spellings of one
+/// image are two entries, and the second finds the first's write fresh).
 #[derive(Default)]
 struct Pending {
     order: VecDeque<Pair>,
-    changes: HashMap<Pair, (String, Change)>,
+    changes: HashMap<Pair, Change>,
 }
 
 /// The records: told what this replica learns, asked what the cluster knows. Cheap to clone.
@@ -280,11 +282,11 @@ impl Shared {
         }
     }
 
-    /// Queues `change` for (source, target); `source` as written, for a new object's spec.
+    /// Queues `change` for (source, target) as written; cheap, for the admission path.
     fn queue(&self, source: &str, target: &str, change: Change) {
-        let pair = (canonical(source), canonical(target));
+        let pair = (source.to_string(), target.to_string());
         let mut pending = lock(&self.pending);
-        if let Some((_, c)) = pending.changes.get_mut(&pair) {
+        if let Some(c) = pending.changes.get_mut(&pair) {
             c.absorb(change);
             return;
         }
@@ -295,7 +297,7 @@ impl Shared {
             }
         }
         pending.order.push_back(pair.clone());
-        pending.changes.insert(pair, (source.to_string(), change));
+        pending.changes.insert(pair, change);
         self.metrics
             .image_record_queue
             .set(pending.order.len() as i64);
@@ -319,8 +321,9 @@ impl Shared {
 
     /// Writes one pending change: the object first when it is new (from an admission only),
     /// then its status. The number of API writes made.
-    async fn write(&self, pair: &Pair, source: &str, change: Change) -> u32 {
-        let (name, object) = self.object_of(pair);
+    async fn write(&self, (source, target): &Pair, change: Change) -> u32 {
+        let pair = (canonical(source), canonical(target));
+        let (name, object) = self.object_of(&pair);
         let settings = self.config.current().settings.records;
         let status = object.as_ref().and_then(|o| o.status.clone());
         if change.only_used() {
@@ -462,8 +465,8 @@ impl ImageRecords for Records {
         }
         // An image no object records yet gets one from its first use; keep the answer for it.
         let mut pending = lock(&self.shared.pending);
-        for (pair, (_, c)) in pending.changes.iter_mut() {
-            if pair.1 == key && c.checked.is_none() {
+        for (pair, c) in pending.changes.iter_mut() {
+            if (pair.1 == target || pair.1 == key) && c.checked.is_none() {
                 c.checked = Some((presence, digest.map(str::to_string)));
             }
         }
@@ -532,8 +535,8 @@ async fn writer(shared: std::sync::Weak<Shared>) {
         let next = {
             let mut pending = lock(&strong.pending);
             let next = pending.order.pop_front().and_then(|pair| {
-                let (source, change) = pending.changes.remove(&pair)?;
-                Some((pair, source, change))
+                let change = pending.changes.remove(&pair)?;
+                Some((pair, change))
             });
             strong
                 .metrics
@@ -541,14 +544,14 @@ async fn writer(shared: std::sync::Weak<Shared>) {
                 .set(pending.order.len() as i64);
             next
         };
-        let Some((pair, source, change)) = next else {
+        let Some((pair, change)) = next else {
             let wake = strong.wake.clone();
             drop(strong);
             // Woken by a change; the timeout lets the loop see the records are gone.
             let _ = tokio::time::timeout(Duration::from_secs(5), wake.notified()).await;
             continue;
         };
-        let writes = strong.write(&pair, &source, change).await;
+        let writes = strong.write(&pair, change).await;
         let rate = strong
             .config
             .current()
