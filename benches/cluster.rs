@@ -19,18 +19,6 @@ use serde_json::json;
 const NAMESPACES: usize = 1000;
 const PROBES: usize = 20;
 
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -65,7 +53,7 @@ fn main() {
         println!(
             "serve ready (caches filled) in {:.2} s, RSS {:.1} MiB",
             started.elapsed().as_secs_f64(),
-            rss_mib(h.pid())
+            common::rss_mib(h.pid())
         );
         let admin = kube::Client::try_from(
             kube::Config::from_custom_kubeconfig(
@@ -94,7 +82,7 @@ fn main() {
             started.elapsed().as_secs_f64()
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let settled = rss_mib(h.pid());
+        let settled = common::rss_mib(h.pid());
 
         let mut waits = Vec::new();
         for i in 0..PROBES {
@@ -112,7 +100,7 @@ fn main() {
             waits.push(labelled.elapsed().as_secs_f64() * 1000.0);
         }
         waits.sort_by(f64::total_cmp);
-        let peak = rss_mib(h.pid());
+        let peak = common::rss_mib(h.pid());
         println!(
             "a newly labelled namespace waits for its Secret: median {:.0} ms, p90 {:.0} ms, max {:.0} ms over {PROBES} (kubectl apply included; target 2000 ms)",
             waits[PROBES / 2],

@@ -12,30 +12,12 @@ use std::time::{Duration, Instant};
 
 use common::envtest::{cluster, Cluster, Hook};
 use futures::StreamExt as _;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const OBJECTS: usize = 10_000;
 const PODS: usize = 1_000;
 const IMAGES: usize = 50;
 const SYSTEM: &str = "image-mirror-system";
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{series} ")))
-        .map_or(0.0, |v| v.trim().parse().unwrap_or(0.0))
-}
 
 /// `PODS` reviews over `IMAGES` images, 8 at a time, straight to `/mutate`; each latency (ms).
 /// `PODS` reviews after a warm-up (connections and first answers are not what is measured).
@@ -49,34 +31,16 @@ async fn warm_up(hook: &Hook) {
 }
 
 async fn reviews(hook: &Hook, tag: &str, count: usize) -> Vec<f64> {
-    let client = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(hook.ca_pem.as_bytes()).unwrap())
-        .resolve("localhost", hook.addr)
-        .build()
-        .unwrap();
-    let url = format!("https://localhost:{}/mutate", hook.addr.port());
+    let client = hook.client();
     let mut times: Vec<f64> = futures::stream::iter(0..count)
         .map(|i| {
-            let (client, url) = (client.clone(), url.clone());
+            let client = client.clone();
             let image = format!("docker.io/bench/app-{}:{tag}", i % IMAGES);
             async move {
-                let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                    "request": {"uid": format!("r-{i}"), "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                        "resource": {"group": "", "version": "v1", "resource": "pods"},
-                        "namespace": "rollout", "operation": "CREATE", "userInfo": {"username": "bench"},
-                        "object": {"apiVersion": "v1", "kind": "Pod",
-                            "metadata": {"name": format!("p{i}"), "namespace": "rollout"},
-                            "spec": {"containers": [{"name": "app", "image": image}]}}}});
                 let started = Instant::now();
-                let answer: Value = client
-                    .post(url)
-                    .json(&review)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let answer = hook
+                    .review_with(&client, "rollout", &format!("r-{i}"), &image)
+                    .await;
                 assert!(answer["response"]["patch"].is_string(), "{answer}");
                 started.elapsed().as_secs_f64() * 1000.0
             }
@@ -97,7 +61,7 @@ async fn filled(hook: &Hook) {
             "Unknown", "Present", "Missing", "Copying", "Failed", "WarmedUp",
         ]
         .iter()
-        .map(|p| sample(&text, &format!("image_mirror_images{{phase=\"{p}\"}}")))
+        .map(|p| common::sample(&text, &format!("image_mirror_images{{phase=\"{p}\"}}")))
         .sum();
         if total >= OBJECTS as f64 {
             return;
@@ -192,12 +156,12 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         println!(
             "serve RSS with {OBJECTS} MirroredImage objects in its cache: {:.1} MiB (target 64 MiB)",
-            rss_mib(hook.pid())
+            common::rss_mib(hook.pid())
         );
 
         let writes = |text: &str| {
-            sample(text, "image_mirror_image_record_writes_total{result=\"success\"}")
-                + sample(text, "image_mirror_image_record_writes_total{result=\"error\"}")
+            common::sample(text, "image_mirror_image_record_writes_total{result=\"success\"}")
+                + common::sample(text, "image_mirror_image_record_writes_total{result=\"error\"}")
         };
         warm_up(&hook).await;
         let mut before = -1.0;
@@ -205,7 +169,7 @@ fn main() {
             tokio::time::sleep(Duration::from_secs(3)).await;
             let text = hook.metrics().await;
             let now = writes(&text);
-            if sample(&text, "image_mirror_image_record_queue") == 0.0 && now == before {
+            if common::sample(&text, "image_mirror_image_record_queue") == 0.0 && now == before {
                 break;
             }
             before = now;
@@ -217,11 +181,11 @@ fn main() {
             tokio::time::sleep(Duration::from_secs(3)).await;
             let text = hook.metrics().await;
             let now = writes(&text);
-            if sample(&text, "image_mirror_image_record_queue") == 0.0 && now == last {
+            if common::sample(&text, "image_mirror_image_record_queue") == 0.0 && now == last {
                 println!(
                     "a rollout of {PODS} Pods over {IMAGES} images: {} writes (target 100); RSS {:.1} MiB",
                     now - before,
-                    rss_mib(hook.pid())
+                    common::rss_mib(hook.pid())
                 );
                 break;
             }

@@ -1344,39 +1344,6 @@ async fn record_where(
     .await
 }
 
-/// A review of a Pod running `image` in `ns`, straight to `hook`'s `/mutate`.
-async fn review_at(hook: &Hook, ns: &str, image: &str) -> Value {
-    let pod = json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "direct", "namespace": ns},
-        "spec": {"containers": [{"name": "c", "image": image}]}});
-    let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {"uid": "direct-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": ns, "operation": "CREATE", "userInfo": {"username": "test"},
-            "object": pod}});
-    let client = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(hook.ca_pem.as_bytes()).unwrap())
-        .resolve("localhost", hook.addr)
-        .build()
-        .unwrap();
-    client
-        .post(format!("https://localhost:{}/mutate", hook.addr.port()))
-        .json(&review)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-/// One sample of a scrape (0 when absent); `series` as written, labels included.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{series} ")))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
-}
-
 /// The records, end to end as `deploy/`'s ServiceAccount: a kept-for-copy image gets an
 /// object that reaches `Present` after its copy; a second replica answers a check from the
 /// first's status without asking the registry; the replicas do not fight; a declared image is
@@ -1463,7 +1430,7 @@ async fn mirrored_images_record_copies_share_checks_and_copy_declared_images() {
         .await;
     let answer = record_where(&second, c, &source, "the record", |_| true).await;
     assert_eq!(answer["status"]["phase"], "Present");
-    let reviewed = review_at(&second, &ns, &source).await;
+    let reviewed = second.review(&ns, &source).await;
     assert_eq!(reviewed["response"]["allowed"], true);
     assert!(
         reviewed["response"]["patch"].is_string(),
@@ -1472,7 +1439,7 @@ async fn mirrored_images_record_copies_share_checks_and_copy_declared_images() {
     let scrape = second.metrics().await;
     let registry = down.clone();
     assert_eq!(
-        sample(
+        common::sample(
             &scrape,
             &format!(
                 "image_mirror_mirror_checks_total{{registry=\"{registry}\",result=\"shared\"}}"
@@ -1482,7 +1449,7 @@ async fn mirrored_images_record_copies_share_checks_and_copy_declared_images() {
         "{scrape}"
     );
     assert_eq!(
-        sample(
+        common::sample(
             &scrape,
             &format!(
                 "image_mirror_mirror_checks_total{{registry=\"{registry}\",result=\"present\"}}"
@@ -1492,7 +1459,7 @@ async fn mirrored_images_record_copies_share_checks_and_copy_declared_images() {
         "the second replica asked the registry:\n{scrape}"
     );
     assert!(
-        sample(&scrape, "image_mirror_images{phase=\"Present\"}") >= 1.0,
+        common::sample(&scrape, "image_mirror_images{phase=\"Present\"}") >= 1.0,
         "{scrape}"
     );
 
@@ -1505,7 +1472,7 @@ async fn mirrored_images_record_copies_share_checks_and_copy_declared_images() {
     };
     let before = version(c);
     for _ in 0..3 {
-        review_at(&second, &ns, &source).await;
+        second.review(&ns, &source).await;
     }
     common::quiet_period(
         Duration::from_secs(2),
@@ -1628,22 +1595,12 @@ async fn without_rights_on_mirrored_images_admission_is_as_before() {
         &format!("--serviceaccount={subject}"),
     ]);
     let kubeconfig = c.token_kubeconfig(SYSTEM, &sa);
-    let hook = Hook::start(&table(PULL, None), &kubeconfig).await;
-    let log = hook.log();
-    assert_eq!(
-        log.matches("no rights on mirroredimages.image-mirror.dev")
-            .count(),
-        1,
-        "{log}"
-    );
-    let (ns, _opted_in) = OptedIn::namespace(c, "norecords");
-    c.docker_secret(&ns, PULL, "ghcr.io");
-    c.register(&unique("mwc"), &hook, &[&ns]);
-    let (pod, _) = run_pod(c, &ns, "p", "nginx:1.27");
-    assert_eq!(
-        image_of(&pod, "containers", 0),
-        "ghcr.io/acme/mirror/docker.io/library/nginx:1.27"
-    );
+    works_without_records(
+        c,
+        &kubeconfig,
+        "no rights on mirroredimages.image-mirror.dev",
+    )
+    .await;
 }
 
 /// Without the CRD, the webhook works as before and says once that the records are off; the
@@ -1660,15 +1617,22 @@ async fn without_the_mirrored_image_crd_admission_is_as_before() {
         "--wait=true",
     ]);
     let kubeconfig = c.token_kubeconfig(SYSTEM, "image-mirror-webhook");
-    let hook = Hook::start(&table(PULL, None), &kubeconfig).await;
+    works_without_records(
+        c,
+        &kubeconfig,
+        "the MirroredImage resource is not installed",
+    )
+    .await;
+    install_crd(c);
+}
+
+/// A webhook as `kubeconfig` that says `warning` once at start and sends Pods to the mirror as
+/// it always did.
+async fn works_without_records(c: &'static Cluster, kubeconfig: &std::path::Path, warning: &str) {
+    let hook = Hook::start(&table(PULL, None), kubeconfig).await;
     let log = hook.log();
-    assert_eq!(
-        log.matches("the MirroredImage resource is not installed")
-            .count(),
-        1,
-        "{log}"
-    );
-    let (ns, _opted_in) = OptedIn::namespace(c, "nocrd");
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+    let (ns, _opted_in) = OptedIn::namespace(c, "norecords");
     c.docker_secret(&ns, PULL, "ghcr.io");
     c.register(&unique("mwc"), &hook, &[&ns]);
     let (pod, _) = run_pod(c, &ns, "p", "nginx:1.27");
@@ -1676,6 +1640,4 @@ async fn without_the_mirrored_image_crd_admission_is_as_before() {
         image_of(&pod, "containers", 0),
         "ghcr.io/acme/mirror/docker.io/library/nginx:1.27"
     );
-    drop(hook);
-    install_crd(c);
 }

@@ -553,6 +553,47 @@ impl Hook {
         self.log.lock().unwrap().clone()
     }
 
+    /// A client that trusts this webhook's certificate, for `https://localhost:PORT`.
+    pub fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap())
+            .resolve("localhost", self.addr)
+            .build()
+            .unwrap()
+    }
+
+    /// A review of a Pod named `p-<uid>` running `image` in `ns`, straight to `/mutate` over
+    /// `client` (from [`Hook::client`]); the response AdmissionReview.
+    pub async fn review_with(
+        &self,
+        client: &reqwest::Client,
+        ns: &str,
+        uid: &str,
+        image: &str,
+    ) -> Value {
+        let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": ns, "operation": "CREATE", "userInfo": {"username": "test"},
+                "object": {"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": format!("p-{uid}"), "namespace": ns},
+                    "spec": {"containers": [{"name": "c", "image": image}]}}}});
+        client
+            .post(format!("https://localhost:{}/mutate", self.addr.port()))
+            .json(&review)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// [`Hook::review_with`] on a client of its own.
+    pub async fn review(&self, ns: &str, image: &str) -> Value {
+        self.review_with(&self.client(), ns, "direct", image).await
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -88,6 +88,43 @@ pub async fn start_serve(
     (child, addr, metrics_addr)
 }
 
+/// One sample of a Prometheus scrape (0 when absent); `series` as written, labels included.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{series} ")))
+        .map_or(0.0, |v| v.trim().parse().unwrap_or(0.0))
+}
+
+/// The resident memory of process `pid`, in MiB (0 when it cannot be read).
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Waits for an event: polls `f` every 20 ms until it gives something, and fails after `secs`
+/// saying `what` did not happen. The one polling loop of the tests that run without envtest
+/// (`envtest::Hook::eventually` adds the webhook's log to the failure).
+pub async fn until<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {secs} s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits out `d` to show that something did *not* happen: the one fixed pause the tests take,
 /// used only where no event (a metric, a log line, a watch, a registry's count) can show an
 /// absence, or where the product itself waits a set time. `why` names what is waited out.

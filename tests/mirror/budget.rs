@@ -26,11 +26,10 @@ async fn copies_wait_while_the_pull_budget_is_down_to_its_reserve() {
         "{warnings:?}"
     );
     let labels = format!("registry=\"{}\"", hub.host());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while hook.metric("image_mirror_copies_paused", &labels) != 1.0 {
-        assert!(Instant::now() < deadline, "copies never paused");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::until(20, "copies paused", || {
+        (hook.metric("image_mirror_copies_paused", &labels) == 1.0).then_some(())
+    })
+    .await;
     assert_eq!(
         hook.metric("image_mirror_registry_ratelimit_remaining", &labels),
         3.0
@@ -41,11 +40,10 @@ async fn copies_wait_while_the_pull_budget_is_down_to_its_reserve() {
     );
     // Paused across several re-reads of the budget: nothing pulled, no attempt spent.
     let heads = hub.manifest_heads();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while hub.manifest_heads() < heads + 2 {
-        assert!(Instant::now() < deadline, "the budget is not read again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::until(10, "the budget read again", || {
+        (hub.manifest_heads() >= heads + 2).then_some(())
+    })
+    .await;
     assert_eq!(hook.service().pending_copies(), 1);
     assert!(mirror.skopeo_raw("mirror/app", "1.0").is_none());
     assert_eq!(

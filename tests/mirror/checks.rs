@@ -195,11 +195,10 @@ async fn registry_faults_keep_admission_in_budget_and_copies_recover() {
         warnings.iter().any(|w| w.contains("copy queued")),
         "{warnings:?}"
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while hook.metric("image_mirror_copies_total", "result=\"failure\"") < 1.0 {
-        assert!(Instant::now() < deadline, "the copy never failed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::until(20, "a failed copy", || {
+        (hook.metric("image_mirror_copies_total", "result=\"failure\"") >= 1.0).then_some(())
+    })
+    .await;
     assert_eq!(hook.service().pending_copies(), 1);
     upstream.resume();
     hook.wait_copied().await;
@@ -216,7 +215,11 @@ async fn registry_faults_keep_admission_in_budget_and_copies_recover() {
     proxy.set(Fault::Status(429));
     let healer = proxy.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        common::quiet_period(
+            Duration::from_millis(1500),
+            "the registry answers 429 meanwhile",
+        )
+        .await;
         healer.set(Fault::Pass);
     });
     let registries = registries_for(&format!("registries:\n{access}"));
@@ -331,15 +334,18 @@ async fn a_hanging_mirror_is_asked_once_then_its_circuit_opens_and_heals() {
     assert!(took < Duration::from_millis(500), "{took:?}");
     assert_eq!((checks("timeout"), cache("hit")), (1.0, 1.0));
     // Once that has expired, the old answer is given at once while it is asked again behind.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    common::quiet_period(
+        Duration::from_millis(400),
+        "the remembered unknown answer expires (unknownTtl)",
+    )
+    .await;
     let (_, _, took) = hook.review(&image("a"), false).await;
     assert!(took < Duration::from_millis(500), "{took:?}");
     assert_eq!(cache("stale"), 1.0);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while checks("timeout") < 2.0 {
-        assert!(Instant::now() < deadline, "no second check");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::until(5, "a second check", || {
+        (checks("timeout") >= 2.0).then_some(())
+    })
+    .await;
     // Two in a row: the circuit is open.
     assert_eq!(circuit("image_mirror_registry_circuit_open", ""), 1.0);
     assert_eq!(
@@ -358,7 +364,11 @@ async fn a_hanging_mirror_is_asked_once_then_its_circuit_opens_and_heals() {
 
     // The mirror heals; after the back-off one probe goes through and closes the circuit.
     proxy.set(Fault::Pass);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    common::quiet_period(
+        Duration::from_millis(1100),
+        "the circuit's back-off passes before its probe",
+    )
+    .await;
     let (_, warnings, _) = hook.review(&image("d"), true).await;
     assert!(
         warnings.iter().any(|w| w.contains("mirror lacks")),

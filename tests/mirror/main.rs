@@ -275,11 +275,10 @@ impl Webhook {
     }
 
     async fn wait_copied(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.service().pending_copies() > 0 {
-            assert!(Instant::now() < deadline, "copy did not finish");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        common::until(60, "the copy finished", || {
+            (self.service().pending_copies() == 0).then_some(())
+        })
+        .await;
     }
 }
 
