@@ -1,3 +1,4 @@
+use super::read::cut;
 use super::*;
 use serde_json::{json, Map, Value};
 
