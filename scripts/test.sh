@@ -4,6 +4,9 @@
 #   docker-registry, skopeo, htpasswd         real OCI registries for registry tests
 #   kubectl                                   renders deploy/ offline (already on the machine)
 #   curl                                      an independent HTTP/1.1 and HTTP/2 client
+#   python3, python3-venv                     the tests pip-install their pinned Python tools
+#                                             (helm-python-sdk: Helm's own SDK) into a venv
+#                                             under target/tmp/pyenv on first use
 # The Kubernetes end-to-end tests (tests/kube.rs) run when KUBEBUILDER_ASSETS names a directory
 # with kube-apiserver and etcd, as envtest users expect; .ci/run sets it from
 # ../shared/envtest/setup.sh. Without it they are skipped, and this script says so, once, at
@@ -17,6 +20,8 @@ command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   sudo_cmd=""

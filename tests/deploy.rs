@@ -687,7 +687,7 @@ fn self_signed_overlay_with_generated_certificates() {
     // Render a copy with certificates from the binary itself, as the README's steps do.
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("deploy");
-    copy_tree(&root().join("deploy"), &copy);
+    common::copy_tree(&root().join("deploy"), &copy);
     let status = Command::new(env!("CARGO_BIN_EXE_image-mirror-webhook"))
         .args(["certs", "--out"])
         .arg(copy.join("components/self-signed"))
@@ -729,7 +729,7 @@ fn copy_jobs_component_grants_jobs_in_its_own_namespace_only() {
     // The ghcr overlay with the component added, as the README says to.
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("deploy");
-    copy_tree(&root().join("deploy"), &copy);
+    common::copy_tree(&root().join("deploy"), &copy);
     let overlay = copy.join("overlays/ghcr/kustomization.yaml");
     let text = std::fs::read_to_string(&overlay).unwrap();
     let with = text.replace(
@@ -795,22 +795,6 @@ fn copy_jobs_component_grants_jobs_in_its_own_namespace_only() {
         namespace.metadata.labels.unwrap()["pod-security.kubernetes.io/enforce"],
         "restricted"
     );
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        let meta = std::fs::symlink_metadata(entry.path()).unwrap();
-        if meta.file_type().is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(entry.path()).unwrap(), &target).unwrap();
-        } else if meta.is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 #[test]
@@ -1240,7 +1224,7 @@ fn every_alert_fires_on_the_series_the_webhook_exposes_from_start() {
 fn network_policy_settings_are_set_in_one_component() {
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("deploy");
-    copy_tree(&root().join("deploy"), &copy);
+    common::copy_tree(&root().join("deploy"), &copy);
     let rules = copy.join("components/network-policy/rules.yaml");
     let text = std::fs::read_to_string(&rules).unwrap();
     let changed = text

@@ -1641,3 +1641,50 @@ async fn works_without_records(c: &'static Cluster, kubeconfig: &std::path::Path
         "ghcr.io/acme/mirror/docker.io/library/nginx:1.27"
     );
 }
+
+/// The Helm chart's objects, rendered by Helm's own SDK into a namespace of their own, are
+/// taken by the API server (`--dry-run=server`: its schema, validation and admission), for
+/// each flavour and with every switch on. cert-manager's and the Prometheus Operator's kinds
+/// are left out: a bare API server does not serve them (tests/helm.rs compares them with the
+/// overlays instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_helm_chart_applies_to_the_api_server() {
+    let Some(c) = cluster() else { return };
+    let _turn = take_turn().await;
+    let ns = unique("helm");
+    c.namespace(&ns, &[]);
+    let bundle = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, c.ca_pem());
+    for values in [
+        json!({"namespace": {"create": true}, "copyJobs": {"enabled": true}, "mode": "report"}),
+        json!({"mirror": "ecr", "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/image-mirror"}}}),
+        json!({"certificates": {"source": "secret", "caBundle": bundle}, "networkPolicy": {"admissionFrom": [{"ipBlock": {"cidr": "10.0.0.10/32"}}]}}),
+    ] {
+        let objects: Vec<Value> = common::helm::render(&values, &ns)
+            .unwrap()
+            .into_iter()
+            .filter(|o| {
+                let api = o["apiVersion"].as_str().unwrap();
+                !api.starts_with("cert-manager.io/") && !api.starts_with("monitoring.coreos.com/")
+            })
+            .collect();
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+        let out = c.kubectl_as(
+            &c.admin,
+            &["apply", "--dry-run=server", "-f", "-"],
+            Some(&list.to_string()),
+        );
+        assert!(
+            out.status.success(),
+            "{values}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            said.lines()
+                .filter(|l| l.ends_with("(server dry run)"))
+                .count(),
+            objects.len(),
+            "{values}: every object taken\n{said}"
+        );
+    }
+}

@@ -4,6 +4,8 @@
 
 pub mod envtest;
 pub mod header_proxy;
+pub mod helm;
+pub mod python;
 pub mod registry;
 pub mod strategies;
 pub mod webhook;
@@ -253,4 +255,21 @@ pub fn check_json_log(log: &str) {
         }
     }
     assert!(reviews > 0, "no review was logged:\n{log}");
+}
+
+/// A copy of the directory tree `from` at `to`, symlinks as symlinks (a test edits the copy).
+pub fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+        if meta.file_type().is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path()).unwrap(), &target).unwrap();
+        } else if meta.is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }
