@@ -1644,7 +1644,7 @@ async fn works_without_records(c: &'static Cluster, kubeconfig: &std::path::Path
 
 /// The Helm chart's objects, rendered by Helm's own SDK into a namespace of their own, are
 /// taken by the API server (`--dry-run=server`: its schema, validation and admission), for
-/// each flavour and with every switch on. cert-manager's and the Prometheus Operator's kinds
+/// each flavour and with every switch on (the exported MutatingAdmissionPolicy too). cert-manager's and the Prometheus Operator's kinds
 /// are left out: a bare API server does not serve them (tests/helm.rs compares them with the
 /// overlays instead).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1654,10 +1654,14 @@ async fn the_helm_chart_applies_to_the_api_server() {
     let ns = unique("helm");
     c.namespace(&ns, &[]);
     let bundle = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, c.ca_pem());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (policy, _) = export_policy(&root.join("deploy/config/ghcr.yaml"));
     for values in [
         json!({"namespace": {"create": true}, "copyJobs": {"enabled": true}, "mode": "report"}),
         json!({"mirror": "ecr", "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/image-mirror"}}}),
-        json!({"certificates": {"source": "secret", "caBundle": bundle}, "networkPolicy": {"admissionFrom": [{"ipBlock": {"cidr": "10.0.0.10/32"}}]}}),
+        json!({"certificates": {"source": "secret", "caBundle": bundle},
+            "networkPolicy": {"admissionFrom": [{"ipBlock": {"cidr": "10.0.0.10/32"}}]},
+            "admissionPolicy": {"manifest": policy}}),
     ] {
         let objects: Vec<Value> = common::helm::render(&values, &ns)
             .unwrap()
