@@ -168,6 +168,19 @@ pub async fn start_with(
         Mirrors::Off => None,
         Mirrors::Registries(options) => {
             let settings = config.current().settings.clone();
+            // A pull-through prefix without its cache rule fails every Pod sent there: say so
+            // at start (it needs AWS, so in the background).
+            let (current, m) = (config.current(), metrics.clone());
+            if current.table.mirrors().iter().any(|m| m.is_pull_through()) {
+                tokio::spawn(async move {
+                    for p in
+                        crate::aws::cache_rule_problems(&current.table, &current.settings, Some(&m))
+                            .await
+                    {
+                        tracing::warn!(problem = %p, "pull-through cache rules");
+                    }
+                });
+            }
             let registries = Arc::new(Registries::new(settings, options, Some(metrics.clone())));
             Some(Arc::new(MirrorService::start(
                 config.clone(),

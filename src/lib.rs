@@ -11,6 +11,7 @@
 
 pub mod admission;
 pub mod app;
+pub mod aws;
 pub mod certs;
 pub mod cli;
 pub mod cluster;

@@ -59,6 +59,14 @@ pub struct RegistryLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AwsLabels {
+    /// The AWS API action (`GetAuthorizationToken`, `CreateRepository`, …).
+    pub action: &'static str,
+    /// `ok`, or what went wrong: `no-credentials`, `identity`, `access-denied`, `error`.
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransitionLabels {
     pub registry: String,
     pub state: &'static str,
@@ -109,6 +117,7 @@ pub struct Metrics {
     pub images: Family<PhaseLabels, Gauge>,
     pub image_record_queue: Gauge,
     pub image_record_writes: Family<ResultLabels, Counter>,
+    pub aws_requests: Family<AwsLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -145,6 +154,7 @@ impl Default for Metrics {
             images: Family::default(),
             image_record_queue: Gauge::default(),
             image_record_writes: Family::default(),
+            aws_requests: Family::default(),
         }
     }
 }
@@ -305,6 +315,12 @@ impl Metrics {
             "image_record_writes",
             "Writes of MirroredImage objects to the Kubernetes API, by result",
             m.image_record_writes.clone(),
+        );
+        r.register(
+            "aws_requests",
+            "Calls to AWS APIs with the webhook's own identity (ECR tokens, repositories, cache \
+             rules), by action and result",
+            m.aws_requests.clone(),
         );
         m.build_info
             .get_or_create(&BuildLabels {

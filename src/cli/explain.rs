@@ -32,6 +32,8 @@ pub struct Explanation {
     /// image is not rewritten), and why not.
     pub exportable: Option<bool>,
     pub not_exportable: Option<String>,
+    /// Where the credentials for the target's registry come from (checks, copies).
+    pub credentials: Option<String>,
 }
 
 impl Explanation {
@@ -59,6 +61,7 @@ impl Explanation {
             reason: None,
             exportable: None,
             not_exportable: None,
+            credentials: None,
         };
         if let Some(verdict) = crate::export::explain(export, table, input) {
             e.exportable = Some(verdict.is_ok());
@@ -93,11 +96,20 @@ impl Explanation {
 }
 
 pub(super) fn explain(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
-    let table = crate::config::load(args.config.as_deref())?.table;
-    let export = Export::of(&table);
+    let config = crate::config::load(args.config.as_deref())?;
+    let table = &config.table;
+    let export = Export::of(table);
     let mut out = std::io::stdout().lock();
     for image in &args.images {
-        let e = Explanation::with_export(image, &table, &export);
+        let mut e = Explanation::with_export(image, table, &export);
+        if let Some(target) = e
+            .target
+            .as_deref()
+            .and_then(|t| crate::reference::Reference::parse(t).ok())
+        {
+            let host = target.registry();
+            e.credentials = Some(credentials_source(host, config.settings.access(host)));
+        }
         match args.output {
             OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(&e)?)?,
             OutputFormat::Text => {
@@ -111,6 +123,9 @@ pub(super) fn explain(args: &ExplainArgs) -> anyhow::Result<ExitCode> {
                         writeln!(out, "  target:     {t}")?;
                         if let Some(m) = m {
                             writeln!(out, "  mirror:     {m}")?;
+                        }
+                        if let Some(c) = &e.credentials {
+                            writeln!(out, "  credentials: {c}")?;
                         }
                     }
                     (None, _) => writeln!(out, "  target:     (unchanged)")?,
@@ -154,6 +169,21 @@ pub(super) fn check_config(args: &CheckConfigArgs) -> anyhow::Result<ExitCode> {
         }
     };
     print!("{}", summary(&config));
+    if args.online {
+        let problems = super::runtime()?.block_on(crate::aws::cache_rule_problems(
+            &config.table,
+            &config.settings,
+            None,
+        ));
+        for p in &problems {
+            eprintln!("error: {p}");
+        }
+        if !problems.is_empty() {
+            eprintln!("{}: {} problem(s) online", file.display(), problems.len());
+            return Ok(ExitCode::FAILURE);
+        }
+        println!("online: every pull-through prefix has its cache rule");
+    }
     let warnings = config.table.warnings();
     for w in warnings {
         eprintln!("warning: {w}");
@@ -183,7 +213,7 @@ fn duration(d: std::time::Duration) -> String {
 }
 
 /// Where a registry's credentials come from, as `check-config` and `explain` say it.
-pub fn credentials_source(access: Option<&crate::settings::RegistryAccess>) -> String {
+pub fn credentials_source(host: &str, access: Option<&crate::settings::RegistryAccess>) -> String {
     match access {
         Some(a) if a.docker_config.is_some() => format!(
             "docker config {} (anonymous while it is absent)",
@@ -194,7 +224,13 @@ pub fn credentials_source(access: Option<&crate::settings::RegistryAccess>) -> S
             a.username_env.as_deref().unwrap_or_default(),
             a.password_env.as_deref().unwrap_or_default()
         ),
-        _ => "anonymous".to_string(),
+        _ => match crate::settings::ecr_registry(host, access) {
+            Some(registry) => format!(
+                "AWS: an ECR token for {registry} from the webhook's own identity (here: {})",
+                crate::aws::identity_sources()
+            ),
+            None => "anonymous".to_string(),
+        },
     }
 }
 
@@ -289,7 +325,7 @@ pub fn summary(config: &Config) -> String {
     hosts.dedup();
     for host in hosts {
         let access = settings.access(host);
-        let mut how = vec![format!("credentials: {}", credentials_source(access))];
+        let mut how = vec![format!("credentials: {}", credentials_source(host, access))];
         if let Some(a) = access {
             if a.insecure {
                 how.push("plain HTTP".to_string());

@@ -77,6 +77,10 @@ pub struct CheckConfigArgs {
     /// Refuse a table with warnings too (valid, but probably not what was meant).
     #[arg(long)]
     pub strict: bool,
+    /// Also ask AWS, with this machine's AWS identity, whether every pull-through prefix of
+    /// the table has its cache rule (DescribePullThroughCacheRules).
+    #[arg(long)]
+    pub online: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -84,6 +84,26 @@ pub(crate) fn parse_file(file: &str, yaml: &str) -> Result<(Table, Settings), Ta
         raw.mirrored_images.as_ref(),
         &mut problems,
     );
+    let mut settings = settings;
+    for m in table.mirrors() {
+        let Some(ecr) = &m.ecr else { continue };
+        if crate::settings::ecr_registry(&m.registry, settings.access(&m.registry)).is_none() {
+            if let Some(at) = raw.mirrors.get(&m.name).and_then(|r| r.value.ecr.as_ref()) {
+                problems.add(
+                    at,
+                    format!("mirrors.{}.ecr", m.name),
+                    format!(
+                        "{} is not an ECR endpoint name: say where it is in registries.{}.aws \
+                         (region, registryId)",
+                        m.registry, m.registry
+                    ),
+                );
+            }
+        }
+        settings
+            .ecr_repositories
+            .insert(m.registry.clone(), ecr.clone());
+    }
     let mut table = table;
     table.warnings = std::mem::take(&mut problems.warnings);
     problems.into_result((table, settings))
@@ -453,10 +473,15 @@ fn build_mirror(
             MirrorKind::PullThrough { upstreams: map }
         }
     };
+    let ecr = raw
+        .ecr
+        .as_ref()
+        .and_then(|e| super::ecr::build(e, field, pull_through, problems));
     Some(Mirror {
         name: name.to_string(),
         registry,
         kind,
+        ecr,
         pull_secret: raw.pull_secret.as_ref().map(|s| s.value.clone()),
         pull_secret_from: pull_secret_from(raw, field, problems),
         overrides: overrides(

@@ -15,6 +15,8 @@ pub struct Mirror {
     /// The Secret whose data the webhook copies into every opted-in namespace as
     /// `pull_secret` (`pullSecretFrom: namespace/name`).
     pub pull_secret_from: Option<SecretRef>,
+    /// On ECR (`ecr:`): the repositories a copy needs are created first, with these settings.
+    pub ecr: Option<crate::settings::EcrRepositories>,
     pub(crate) overrides: Overrides,
 }
 

@@ -7,6 +7,7 @@
 
 mod build;
 mod clash;
+mod ecr;
 mod index;
 mod mirrors;
 mod policy;

@@ -52,6 +52,8 @@ pub(super) struct RawMirror {
     pub(super) platforms: Option<Vec<Spanned<String>>>,
     #[serde(default, deserialize_with = "super::policy::referrers_flag")]
     pub(super) referrers: Option<bool>,
+    /// On ECR: how a copy creates the repositories it pushes into.
+    pub(super) ecr: Option<Spanned<super::ecr::RawEcr>>,
 }
 
 #[derive(Deserialize)]

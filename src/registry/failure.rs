@@ -142,6 +142,12 @@ pub enum RegistryError {
         #[source]
         source: CredentialError,
     },
+    #[error("credentials for {host} from AWS")]
+    Aws {
+        host: String,
+        #[source]
+        source: Box<crate::aws::AwsError>,
+    },
     #[error("CA file {path} for {host}")]
     CaFile {
         host: String,
@@ -189,6 +195,7 @@ impl RegistryError {
             RegistryError::Image { .. } => true,
             RegistryError::Request { failure, .. } => *failure == Failure::Invalid,
             RegistryError::Credentials { .. }
+            | RegistryError::Aws { .. }
             | RegistryError::CaFile { .. }
             | RegistryError::NoAnswer { .. } => false,
         }
@@ -206,6 +213,7 @@ impl RegistryError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             RegistryError::Credentials { .. } => "credentials",
+            RegistryError::Aws { .. } => "aws",
             RegistryError::CaFile { .. } => "ca-file",
             RegistryError::Request { failure, .. } => failure.label(),
             RegistryError::NoAnswer { .. } => Failure::Timeout.label(),

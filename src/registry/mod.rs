@@ -32,11 +32,12 @@ pub use failure::{CredentialError, DockerConfigError, Failure, ImageError, Regis
 pub use ratelimit::RateLimit;
 pub use retry::{backoff, parse_retry_after};
 
+use crate::aws::Aws;
 use crate::locks::lock;
 use crate::mapping::Platform;
 use crate::metrics::Metrics;
 use crate::reference::{registry_host, wire_host, Reference};
-use crate::settings::{RegistryAccess, Settings, Timeouts};
+use crate::settings::{ecr_registry, EcrRegistry, RegistryAccess, Settings, Timeouts};
 
 /// Manifest types a copy accepts: Docker schema 2 and OCI, single images and indexes.
 const MANIFEST_TYPES: [&str; 4] = [
@@ -122,6 +123,8 @@ struct HostClient {
     created: Instant,
     /// Plain reqwest client with the same TLS roots, for the `Retry-After` probe.
     probe: reqwest::Client,
+    /// The ECR registry whose token `auth` holds, when it came from AWS.
+    ecr: Option<EcrRegistry>,
 }
 
 /// Clients per registry host; cheap to share.
@@ -230,13 +233,31 @@ impl Registries {
         insecure: bool,
         plain: bool,
     ) -> Result<HostClient, RegistryError> {
+        // Credentials the table names win; an ECR registry's otherwise come from AWS.
+        let named = access.username_env.is_some() || access.docker_config.is_some();
+        let ecr = ecr_registry(host, Some(&access)).filter(|_| !named);
         let auth =
-            credentials(host, &access)
-                .await
-                .map_err(|source| RegistryError::Credentials {
-                    host: host.to_string(),
-                    source,
-                })?;
+            match &ecr {
+                Some(registry) => match Aws::shared()
+                    .registry_credentials(registry, self.metrics.as_ref())
+                    .await
+                {
+                    Ok(Some((user, password))) => RegistryAuth::Basic(user, password),
+                    Ok(None) => RegistryAuth::Anonymous,
+                    Err(source) => {
+                        return Err(RegistryError::Aws {
+                            host: host.to_string(),
+                            source: Box::new(source),
+                        })
+                    }
+                },
+                None => credentials(host, &access).await.map_err(|source| {
+                    RegistryError::Credentials {
+                        host: host.to_string(),
+                        source,
+                    }
+                })?,
+            };
         let ca_error = |source: Box<dyn std::error::Error + Send + Sync>| RegistryError::CaFile {
             host: host.to_string(),
             path: access.ca_file.clone().unwrap_or_default(),
@@ -298,35 +319,74 @@ impl Registries {
             plain,
             created: Instant::now(),
             probe,
+            ecr,
         })
+    }
+
+    /// Runs `op`; when a registry whose token comes from AWS refused it (401/403) and that
+    /// token may be renewed now, runs it once more with a new one.
+    async fn renewing<T, F, Fut>(&self, hosts: &[&str], mut op: F) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        match op().await {
+            Err(e) if e.failure() == Some(Failure::Denied) && self.renew(hosts) => {
+                tracing::info!(hosts = ?hosts, "registry refused the ECR token: trying once more with a new one");
+                op().await
+            }
+            other => other,
+        }
+    }
+
+    /// Marks the AWS tokens of `hosts` for renewal and drops their clients; true when any
+    /// will be renewed.
+    fn renew(&self, hosts: &[&str]) -> bool {
+        let mut renewed = false;
+        for host in hosts {
+            let ecr = lock(&self.clients).get(*host).and_then(|c| c.ecr.clone());
+            if let Some(registry) = ecr {
+                if Aws::shared().refused(&registry) {
+                    lock(&self.clients).remove(*host);
+                    renewed = true;
+                }
+            }
+        }
+        renewed
     }
 
     /// The digest of `reference`'s manifest, by `HEAD` (no retries: checks are on a deadline).
     pub async fn manifest_digest(&self, reference: &Reference) -> Result<String, RegistryError> {
-        let host = self.client(reference.registry()).await?;
-        let oci = to_oci(reference);
-        let name = reference.to_string();
-        self.attempts(&host, "check", &name, 1, retry::Bound::Response, || {
-            host.client.fetch_manifest_digest(&oci, &host.auth)
+        self.renewing(&[reference.registry()], || async {
+            let host = self.client(reference.registry()).await?;
+            let oci = to_oci(reference);
+            let name = reference.to_string();
+            self.attempts(&host, "check", &name, 1, retry::Bound::Response, || {
+                host.client.fetch_manifest_digest(&oci, &host.auth)
+            })
+            .await
         })
         .await
     }
 
     /// Warms a pull-through cache: one manifest fetch through the cache makes it pull the image.
     pub async fn warm_up(&self, target: &Reference) -> Result<CopyReport, RegistryError> {
-        let host = self.client(target.registry()).await?;
-        let oci = to_oci(target);
-        let name = target.to_string();
-        let (_, digest) = self
-            .retry(&host, "warm up", &name, || {
-                host.client
-                    .pull_manifest_raw(&oci, &host.auth, &MANIFEST_TYPES)
+        self.renewing(&[target.registry()], || async {
+            let host = self.client(target.registry()).await?;
+            let oci = to_oci(target);
+            let name = target.to_string();
+            let (_, digest) = self
+                .retry(&host, "warm up", &name, || {
+                    host.client
+                        .pull_manifest_raw(&oci, &host.auth, &MANIFEST_TYPES)
+                })
+                .await?;
+            Ok(CopyReport {
+                digest,
+                ..CopyReport::default()
             })
-            .await?;
-        Ok(CopyReport {
-            digest,
-            ..CopyReport::default()
         })
+        .await
     }
 
     /// Copies `source` to `target`: the index, every selected platform, every blob the target
@@ -352,22 +412,51 @@ impl Registries {
         progress: Option<Progress>,
         referrers: bool,
     ) -> Result<CopyReport, RegistryError> {
-        let src = self.client(source.registry()).await?;
-        let dst = self.client(target.registry()).await?;
-        let job = copy::CopyJob {
-            registries: self,
-            src,
-            dst,
-            source: source.clone(),
-            target: target.clone(),
-            bytes: Arc::new(AtomicU64::new(0)),
-            progress,
-            report: Mutex::new(CopyReport::default()),
-            blobs_seen: Mutex::new(BTreeSet::new()),
-            image_size: AtomicU64::new(0),
-            referrers,
+        self.ensure_repository(target).await?;
+        self.renewing(&[source.registry(), target.registry()], || async {
+            let src = self.client(source.registry()).await?;
+            let dst = self.client(target.registry()).await?;
+            let job = copy::CopyJob {
+                registries: self,
+                src,
+                dst,
+                source: source.clone(),
+                target: target.clone(),
+                bytes: Arc::new(AtomicU64::new(0)),
+                progress: progress.clone(),
+                report: Mutex::new(CopyReport::default()),
+                blobs_seen: Mutex::new(BTreeSet::new()),
+                image_size: AtomicU64::new(0),
+                referrers,
+            };
+            job.run(platforms).await
+        })
+        .await
+    }
+
+    /// ECR has no create-on-push: a mirror with `ecr:` has the target's repository made first.
+    async fn ensure_repository(&self, target: &Reference) -> Result<(), RegistryError> {
+        let settings = self.settings();
+        let host = target.registry();
+        let Some(repositories) = settings.ecr_repositories(host) else {
+            return Ok(());
         };
-        job.run(platforms).await
+        let Some(registry) = ecr_registry(host, settings.access(host)) else {
+            return Ok(());
+        };
+        Aws::shared()
+            .ensure_repository(
+                &registry,
+                target.canonical().path(),
+                repositories,
+                self.metrics.as_ref(),
+            )
+            .await
+            .map(drop)
+            .map_err(|source| RegistryError::Aws {
+                host: host.to_string(),
+                source: Box::new(source),
+            })
     }
 }
 
