@@ -24,7 +24,16 @@ pub enum LogFormat {
 /// Installs the global subscriber: `RUST_LOG` sets the level (default `info`), lines go to
 /// standard error.
 pub fn init(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
+    // The AWS SDK logs each credential failure as a warning with its whole debug dump; the
+    // webhook says the same once, in one line with the identity tried. Its lines come back
+    // when RUST_LOG names its crates.
+    let spec = if spec.contains("aws_") {
+        spec
+    } else {
+        format!("{spec},aws_config=error,aws_runtime=error,aws_smithy_runtime=error")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: a log file or a collector gets plain text.
     let builder = tracing_subscriber::fmt()

@@ -50,9 +50,43 @@ impl AwsError {
     }
 }
 
-/// An error and its causes, on one line.
+/// An error and its causes, on one line: AWS's own code and message when one of them carries
+/// them (the SDK's error types say little else), each cause's words otherwise.
 pub(super) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    DisplayErrorContext(e).to_string()
+    let mut words: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if let Some(answer) = aws_answer(&text) {
+            return format!("AWS answered {answer}");
+        }
+        if !words.iter().any(|w| w.contains(&text)) {
+            words.push(text);
+        }
+        next = err.source();
+    }
+    if words.is_empty() {
+        DisplayErrorContext(e).to_string()
+    } else {
+        words.join(": ")
+    }
+}
+
+/// `CODE: message` from the SDK's `Error { code: "CODE", message: "message" }`.
+fn aws_answer(text: &str) -> Option<String> {
+    let field = |name: &str| {
+        let start = text.find(&format!("{name}: \""))? + name.len() + 3;
+        let len = text[start..].find('"')?;
+        Some(&text[start..start + len])
+    };
+    if !text.starts_with("Error {") {
+        return None;
+    }
+    Some(format!(
+        "{}: {}",
+        field("code")?,
+        field("message").unwrap_or("(no message)")
+    ))
 }
 
 pub(super) fn from_sdk<E, R>(

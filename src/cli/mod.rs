@@ -42,7 +42,8 @@ pub enum Command {
     /// Validate a mapping table: every problem, with file, line and field; warnings; or a
     /// summary of every setting in force.
     CheckConfig(CheckConfigArgs),
-    /// Copy one image (every platform, or those chosen) between registries.
+    /// Copy one image (every platform, or those chosen) between registries; into a pull-through
+    /// cache of the table, warm it up instead (one pull through it).
     Copy(CopyArgs),
     /// Copy every exact entry of the table whose target is missing.
     Sync(SyncArgs),

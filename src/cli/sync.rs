@@ -35,12 +35,22 @@ pub(super) fn copy(args: &CopyArgs) -> anyhow::Result<ExitCode> {
     let parse = |what: &str, s: &str| {
         Reference::parse(s).with_context(|| format!("{what} {s:?} is not an image reference"))
     };
+    let target = parse("target", &args.target)?;
+    // A pull-through cache is not pushed into: one pull through it makes it fetch the image.
+    let warm_up = config
+        .table
+        .mirror_of_target(&target)
+        .is_some_and(|m| m.is_pull_through());
     let request = CopyRequest {
         source: parse("source", &args.source)?,
-        target: parse("target", &args.target)?,
+        target,
         platforms: args.platforms.clone(),
         referrers: !args.no_referrers,
-        mode: CopyMode::Copy,
+        mode: if warm_up {
+            CopyMode::WarmUp
+        } else {
+            CopyMode::Copy
+        },
     };
     let registries = registries(config.settings, &args.insecure_registries, &args.timeouts);
     let runtime = runtime()?;
@@ -62,6 +72,11 @@ pub(super) fn copy(args: &CopyArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     let (source, target) = (&request.source, &request.target);
+    if warm_up {
+        println!("warmed up {target} (pull-through cache of {source})");
+        println!("  digest:    {}", report.digest);
+        return Ok(ExitCode::SUCCESS);
+    }
     print_report(
         &mut std::io::stdout().lock(),
         source,

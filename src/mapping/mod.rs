@@ -349,6 +349,12 @@ impl Table {
         }
     }
 
+    /// The mirror under whose root `target` is (its canonical name), if any.
+    pub fn mirror_of_target(&self, target: &Reference) -> Option<&Mirror> {
+        let canonical = target.canonical();
+        self.mirror_owning(&format!("{}/{}", canonical.registry(), canonical.path()))
+    }
+
     fn mirror_owning(&self, name: &str) -> Option<&Mirror> {
         self.roots
             .iter()

@@ -2,6 +2,7 @@
 //! fixtures and a webhook to send them to ([`webhook`]), and a real API server ([`envtest`]).
 #![allow(dead_code)]
 
+pub mod aws;
 pub mod envtest;
 pub mod header_proxy;
 pub mod helm;

@@ -29,6 +29,8 @@ pub fn python(packages: &[&str]) -> PathBuf {
         .copied()
         .filter(|spec| {
             let (name, version) = spec.split_once("==").expect("a pinned package");
+            // `moto[server]`: the distribution is `moto`.
+            let name = name.split('[').next().unwrap_or(name);
             let out = Command::new(&python)
                 .args([
                     "-c",

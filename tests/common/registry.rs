@@ -151,6 +151,21 @@ impl Registry {
         }
     }
 
+    /// Takes `user` and `password` from now on (and no other), restarting the registry so
+    /// that it reads them; what it stores stays.
+    pub fn set_credentials(&mut self, user: &str, password: &str) {
+        assert!(self.auth.is_some(), "a registry started with auth");
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, password])
+            .output()
+            .expect("htpasswd (apache2-utils) is installed");
+        assert!(out.status.success());
+        std::fs::write(self._dir.path().join("htpasswd"), &out.stdout).unwrap();
+        self.auth = Some((user.to_string(), password.to_string()));
+        self.stop();
+        self.resume();
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod aws;
 mod budget;
 mod checks;
 mod copies;
