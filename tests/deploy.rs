@@ -1337,3 +1337,70 @@ fn the_mirrored_image_crd_is_the_types_and_its_rights_are_narrow() {
             .any(|v| v == "*" || v == "update" || v == "deletecollection"));
     }
 }
+
+/// The IAM policies of `deploy/` are valid JSON policy documents that grant no wildcard action
+/// and only actions the webhook calls (its SDK calls, and what ECR authorises its registry
+/// requests as); every SDK call is granted by some policy; and the ecr overlay's ServiceAccount
+/// carries the IRSA role annotation.
+#[test]
+fn iam_policies_grant_only_what_the_webhook_calls() {
+    use image_mirror_webhook::aws::{REGISTRY_PULL_ACTIONS, REGISTRY_PUSH_ACTIONS, SDK_ACTIONS};
+    let known: Vec<&str> = SDK_ACTIONS
+        .iter()
+        .chain(&REGISTRY_PULL_ACTIONS)
+        .chain(&REGISTRY_PUSH_ACTIONS)
+        .copied()
+        .collect();
+    // AWS does not scope these to a repository.
+    let unscoped = [
+        "ecr:GetAuthorizationToken",
+        "ecr:DescribePullThroughCacheRules",
+    ];
+    let mut granted = std::collections::BTreeSet::new();
+    for file in [
+        "deploy/iam/pull-through.json",
+        "deploy/iam/repository-mirror.json",
+        "deploy/components/ecr/node-iam-policy.json",
+    ] {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        let policy: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{file} is not JSON: {e}"));
+        assert_eq!(policy["Version"], "2012-10-17", "{file}");
+        for statement in policy["Statement"].as_array().unwrap() {
+            assert_eq!(statement["Effect"], "Allow", "{file}");
+            let actions: Vec<&str> = statement["Action"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{file}: Action is a list"))
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            for a in &actions {
+                assert!(!a.contains('*'), "{file}: wildcard action {a}");
+                assert!(
+                    known.contains(a),
+                    "{file}: {a} is not called by the webhook"
+                );
+                granted.insert(a.to_string());
+            }
+            let everywhere = statement["Resource"] == "*";
+            assert_eq!(
+                everywhere,
+                actions.iter().all(|a| unscoped.contains(a)),
+                "{file}: only the token and the cache rules hold on every resource"
+            );
+        }
+    }
+    for a in SDK_ACTIONS {
+        assert!(
+            granted.contains(a),
+            "no policy grants {a}, which the webhook calls"
+        );
+    }
+    let r = Rendered::new(&root().join("deploy/overlays/ecr"));
+    let sa: ServiceAccount = r.one("ServiceAccount");
+    let role = &sa.metadata.annotations.unwrap()["eks.amazonaws.com/role-arn"];
+    assert!(
+        role.starts_with("arn:aws:iam::123456789012:role/"),
+        "{role}"
+    );
+}

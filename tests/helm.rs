@@ -142,7 +142,8 @@ fn the_chart_renders_the_ghcr_and_ecr_overlays() {
     );
     assert_same(
         "ecr",
-        &json!({"mirror": "ecr", "namespace": {"create": true}}),
+        &json!({"mirror": "ecr", "namespace": {"create": true}, "serviceAccount": {"annotations": {
+            "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/image-mirror-webhook"}}}),
         kustomize(&deploy().join("overlays/ecr")),
     );
     // By default Helm's release namespace is made by `helm install --create-namespace`.

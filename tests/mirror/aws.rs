@@ -89,6 +89,7 @@ async fn an_ecr_token_from_irsa_serves_copies_checks_and_warm_ups() {
     // With IRSA: the repository is made, the image copied, the cache warmed.
     let out = run(&["sync", "--config", table], &irsa);
     assert!(out.status.success(), "{}", said(&out));
+    assert!(!said(&out).contains(&aws::moto_token()), "{}", said(&out));
     assert_same_image(&upstream, "team/app", &ecr, "mirror/app", "1.0");
     let repos = moto.repositories();
     let made: Vec<&Value> = repos.as_array().unwrap().iter().collect();
@@ -323,6 +324,13 @@ async fn a_refused_token_is_renewed_on_the_401_and_not_more_often() {
     ecr.set_credentials("AWS", &aws::moto_token());
     assert!(review("d").await, "present again");
     assert_eq!(tokens().await, 2.0);
+    let scrape = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!scrape.contains(&aws::moto_token()));
 }
 
 fn aws_min_renewal() -> Duration {
