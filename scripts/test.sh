@@ -5,7 +5,8 @@
 #   kubectl                                   renders deploy/ offline (already on the machine)
 #   curl                                      an independent HTTP/1.1 and HTTP/2 client
 #   python3, python3-venv                     the tests pip-install their pinned Python tools
-#                                             (helm-python-sdk: Helm's own SDK) into a venv
+#                                             (helm-python-sdk: Helm's own SDK; moto: AWS STS
+#                                             and ECR on loopback) into a venv
 #                                             under target/tmp/pyenv on first use
 # The Kubernetes end-to-end tests (tests/kube.rs) run when KUBEBUILDER_ASSETS names a directory
 # with kube-apiserver and etcd, as envtest users expect; .ci/run sets it from
