@@ -15,3 +15,9 @@ pub fn with_containers(body: &[u8], n: usize) -> Vec<u8> {
     spec["containers"] = serde_json::Value::from(containers);
     serde_json::to_vec(&review).expect("json")
 }
+
+/// `body` as compact JSON, as the API server sends a review.
+pub fn compact(body: &[u8]) -> Vec<u8> {
+    let review: serde_json::Value = serde_json::from_slice(body).expect("fixture");
+    serde_json::to_vec(&review).expect("json")
+}
