@@ -17,6 +17,7 @@ pub fn with_containers(body: &[u8], n: usize) -> Vec<u8> {
 }
 
 /// `body` as compact JSON, as the API server sends a review.
+#[allow(dead_code)] // Not every bench that shares these shapes uses this one.
 pub fn compact(body: &[u8]) -> Vec<u8> {
     let review: serde_json::Value = serde_json::from_slice(body).expect("fixture");
     serde_json::to_vec(&review).expect("json")
