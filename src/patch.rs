@@ -114,7 +114,8 @@ pub fn original_images(pod: &Pod, changes: &[ImageChange]) -> Option<String> {
             .entry(c.slot.record_key())
             .or_insert_with(|| Value::String(c.slot.image.to_string()));
     }
-    Some(Value::Object(record).to_string())
+    // Straight into a string: `Value`'s Display goes through the formatting machinery.
+    serde_json::to_string(&record).ok()
 }
 
 /// Records the original images in the Pod's annotation.

@@ -221,7 +221,44 @@ impl ContainerPlan<'_, '_> {
     /// A warning about this image, as the kubectl user reads it (without the `image-mirror: `
     /// every warning gets when it is sent).
     fn say(&self, what: std::fmt::Arguments<'_>) -> String {
-        format!("{} {:?}: {what}", self.slot.site.noun(), self.slot.name)
+        use std::fmt::Write as _;
+        let mut s = self.said_of(64);
+        let _ = s.write_fmt(what);
+        s
+    }
+
+    /// `<noun> "<name>": <from> -> <to>`, the warning of every rewrite: written piece by piece,
+    /// without the formatting machinery, as it is said for every image of every Pod.
+    fn say_rewrite(&self, prefix: &str, from: &str, to: &str) -> String {
+        let mut s = self.said_of(prefix.len() + from.len() + to.len() + 4);
+        s.push_str(prefix);
+        s.push_str(from);
+        s.push_str(" -> ");
+        s.push_str(to);
+        s
+    }
+
+    /// The start of a warning about this image, with room for `more` bytes: the name quoted as
+    /// `{:?}` quotes it (container names are DNS labels: nothing to escape, as a rule).
+    fn said_of(&self, more: usize) -> String {
+        let noun = self.slot.site.noun();
+        let name: &str = &self.slot.name;
+        let mut s = String::with_capacity(noun.len() + name.len() + 5 + more);
+        s.push_str(noun);
+        s.push(' ');
+        if name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
+            s.push('"');
+            s.push_str(name);
+            s.push('"');
+        } else {
+            use std::fmt::Write as _;
+            let _ = write!(s, "{name:?}");
+        }
+        s.push_str(": ");
+        s
     }
 }
 
@@ -535,7 +572,7 @@ impl<'t, 'p> Plan<'t, 'p> {
                         m.warnings.push(c.say(format_args!(
                             "mirror lacks {}; kept {}{}",
                             rw.target,
-                            c.slot.image,
+                            &c.slot.image,
                             if copying { " (copy queued)" } else { "" }
                         )));
                         continue;
@@ -553,15 +590,13 @@ impl<'t, 'p> Plan<'t, 'p> {
                 mirror: rw.mirror_name().to_string(),
             };
             if mode == Mode::Report {
-                m.warnings.push(c.say(format_args!(
-                    "would rewrite {} -> {}",
-                    c.slot.image, change.target
-                )));
+                m.warnings
+                    .push(c.say_rewrite("would rewrite ", &c.slot.image, &change.target));
                 m.would_rewrite.push(change);
                 continue;
             }
             m.warnings
-                .push(c.say(format_args!("{} -> {}", c.slot.image, change.target)));
+                .push(c.say_rewrite("", &c.slot.image, &change.target));
             m.rewrites.push(change);
             if let Some(secret) = rw.pull_secret() {
                 if !secrets.contains(&secret) {

@@ -51,8 +51,12 @@ struct StatusOut<'a> {
 fn ours<S: serde::Serializer>(warnings: &&[String], s: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeSeq as _;
     let mut seq = s.serialize_seq(Some(warnings.len()))?;
+    let mut said = String::new();
     for w in warnings.iter() {
-        seq.serialize_element(&format_args!("image-mirror: {w}"))?;
+        said.clear();
+        said.push_str("image-mirror: ");
+        said.push_str(w);
+        seq.serialize_element(said.as_str())?;
     }
     seq.end()
 }

@@ -263,29 +263,50 @@ impl Webhook {
         };
         self.count_request(review.operation(), result, started);
         let namespace = self.metric_namespace(review.namespace());
+        // Counted per label set, not per image: a Pod's images mostly share one, and each
+        // lookup of a series builds its labels and hashes them.
         for (family, records) in [
             (&self.metrics.rewrites, &m.rewrites),
             (&self.metrics.would_rewrite, &m.would_rewrite),
         ] {
+            let mut counts: Vec<(&str, &str, &'static str, u64)> = Vec::new();
             for r in records {
+                let key = (
+                    r.source_registry.as_str(),
+                    r.mirror.as_str(),
+                    r.slot.site.label(),
+                );
+                match counts.iter_mut().find(|c| (c.0, c.1, c.2) == key) {
+                    Some(c) => c.3 += 1,
+                    None => counts.push((key.0, key.1, key.2, 1)),
+                }
+            }
+            for (source_registry, mirror, kind, n) in counts {
                 family
                     .get_or_create(&RewriteLabels {
                         namespace: namespace.to_string(),
-                        source_registry: r.source_registry.clone(),
-                        mirror: r.mirror.clone(),
-                        kind: r.slot.site.label(),
+                        source_registry: source_registry.to_string(),
+                        mirror: mirror.to_string(),
+                        kind,
                     })
-                    .inc();
+                    .inc_by(n);
             }
         }
+        let mut skips: Vec<(&'static str, u64)> = Vec::new();
         for s in &m.skips {
-            self.metrics
-                .skips
-                .get_or_create(&ReasonLabels { reason: s.label() })
-                .inc();
+            match skips.iter_mut().find(|(label, _)| *label == s.label()) {
+                Some((_, n)) => *n += 1,
+                None => skips.push((s.label(), 1)),
+            }
             if *s == Skip::Image(KeepReasonKind::Unparsable) {
                 self.metrics.unparsable_images.inc();
             }
+        }
+        for (reason, n) in skips {
+            self.metrics
+                .skips
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(n);
         }
         for secret in &m.pull_secrets_added {
             self.metrics

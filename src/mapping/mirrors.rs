@@ -93,26 +93,47 @@ impl Mirror {
         match &self.kind {
             MirrorKind::Repository { prefix, naming } => {
                 let path = source.path();
-                let tail = match naming {
-                    Naming::Flatten => path.rsplit('/').next().unwrap_or(path).to_string(),
-                    Naming::Preserve => format!("{}/{}", host_as_path(source.registry()), path),
-                    Naming::Rancher => format!("mirrored-{}", path.replace('/', "-")),
-                };
-                Some(format!("{}{}", join_root(&self.registry, prefix), tail))
+                let mut name = root(&self.registry, prefix, path.len() + 16);
+                match naming {
+                    Naming::Flatten => name.push_str(path.rsplit('/').next().unwrap_or(path)),
+                    Naming::Preserve => {
+                        name.push_str(&host_as_path(source.registry()));
+                        name.push('/');
+                        name.push_str(path);
+                    }
+                    Naming::Rancher => {
+                        name.push_str("mirrored-");
+                        name.extend(path.chars().map(|c| if c == '/' { '-' } else { c }));
+                    }
+                }
+                Some(name)
             }
             MirrorKind::PullThrough { upstreams } => upstreams
                 .get(canonical_host(source.registry()))
-                .map(|cache| format!("{}{}", join_root(&self.registry, cache), source.path())),
+                .map(|cache| {
+                    let mut name = root(&self.registry, cache, source.path().len());
+                    name.push_str(source.path());
+                    name
+                }),
         }
     }
 }
 
 fn join_root(registry: &str, prefix: &str) -> String {
-    if prefix.is_empty() {
-        format!("{registry}/")
-    } else {
-        format!("{registry}/{prefix}/")
+    root(registry, prefix, 0)
+}
+
+/// `registry/prefix/` (`registry/` without a prefix), with room for `more` bytes: built by
+/// pushes, as it is built for every rewrite.
+fn root(registry: &str, prefix: &str, more: usize) -> String {
+    let mut s = String::with_capacity(registry.len() + prefix.len() + 2 + more);
+    s.push_str(registry);
+    s.push('/');
+    if !prefix.is_empty() {
+        s.push_str(prefix);
+        s.push('/');
     }
+    s
 }
 
 /// A registry host as one repository path component (`localhost:5000` → `localhost_5000`).
