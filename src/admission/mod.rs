@@ -591,12 +591,12 @@ impl<'t, 'p> Plan<'t, 'p> {
             };
             if mode == Mode::Report {
                 m.warnings
-                    .push(c.say_rewrite("would rewrite ", &c.slot.image, &change.target));
+                    .push(c.say_rewrite("would rewrite ", c.slot.image, &change.target));
                 m.would_rewrite.push(change);
                 continue;
             }
             m.warnings
-                .push(c.say_rewrite("", &c.slot.image, &change.target));
+                .push(c.say_rewrite("", c.slot.image, &change.target));
             m.rewrites.push(change);
             if let Some(secret) = rw.pull_secret() {
                 if !secrets.contains(&secret) {
