@@ -37,10 +37,19 @@ if [ -z "${KUBEBUILDER_ASSETS:-}" ]; then
 elif [ ! -x "$KUBEBUILDER_ASSETS/kube-apiserver" ] || [ ! -x "$KUBEBUILDER_ASSETS/etcd" ]; then
   kube_note="Kubernetes end-to-end tests skipped: KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS has no kube-apiserver and etcd"
 fi
+# The tests' Python tools (tests/tools/requirements.txt), installed while Rust builds; a test
+# that finds them missing installs them itself.
+venv=target/tmp/pyenv
+mkdir -p target/tmp
+( { [ -x "$venv/bin/python" ] || python3 -m venv "$venv"; } \
+  && "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/tools/requirements.txt ) \
+  >target/tmp/pip.log 2>&1 &
+pip_pid=$!
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+wait "$pip_pid" || echo "pip install of tests/tools/requirements.txt failed (target/tmp/pip.log); the tests will try again"
 cargo test --locked 2>&1 | tee "$log"
 # One closing line for the whole run (cargo's last line is the doc-test count).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
