@@ -5,9 +5,7 @@
 #[path = "support/shapes.rs"]
 mod shapes;
 
-use image_mirror_webhook::admission::{Mode, Webhook};
-use image_mirror_webhook::config::{Config, ConfigHandle};
-use image_mirror_webhook::metrics::Metrics;
+use image_mirror_webhook::admission::Mode;
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
@@ -21,14 +19,7 @@ fn main() {
     let read = |name: &str| std::fs::read(format!("{dir}/{name}.json")).expect("fixture");
     let three = read("pod_three_containers");
     let fifty = shapes::with_containers(&three, 50);
-    let yaml = std::fs::read_to_string(format!("{dir}/table.yaml")).expect("table");
-    let config = Config::parse("table.yaml", &yaml).expect("valid table");
-    let (metrics, _registry) = Metrics::new();
-    let webhook = Webhook::new(ConfigHandle::new(config), metrics);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
+    let (webhook, rt) = shapes::webhook();
     let cases = [
         ("3 containers", three.clone()),
         ("50 containers", fifty),

@@ -9,9 +9,7 @@ mod shapes;
 
 use std::process::Command;
 
-use image_mirror_webhook::admission::{Mode, Webhook};
-use image_mirror_webhook::config::{Config, ConfigHandle};
-use image_mirror_webhook::metrics::Metrics;
+use image_mirror_webhook::admission::Mode;
 
 // The same allocator as the binary.
 #[global_allocator]
@@ -47,15 +45,7 @@ fn review_of(shape: &str) -> Vec<u8> {
 
 /// Under cachegrind: one shape, `rounds` reviews after a first one.
 fn run(shape: &str, rounds: u64) {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/admission");
-    let yaml = std::fs::read_to_string(format!("{dir}/table.yaml")).expect("table");
-    let config = Config::parse("table.yaml", &yaml).expect("valid table");
-    let (metrics, _registry) = Metrics::new();
-    let webhook = Webhook::new(ConfigHandle::new(config), metrics);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .expect("runtime");
+    let (webhook, rt) = shapes::webhook();
     let review = review_of(shape);
     rt.block_on(webhook.review(&review, Mode::Enforce));
     for _ in 0..rounds {

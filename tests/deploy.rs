@@ -32,19 +32,7 @@ fn root() -> PathBuf {
 }
 
 fn render(dir: &Path) -> Vec<Value> {
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(dir)
-        .output()
-        .expect("kubectl is on the machine");
-    assert!(
-        out.status.success(),
-        "kustomize {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut objects = serde_saphyr::from_multiple::<Value>(&text).unwrap();
+    let mut objects = common::kustomize(dir);
     for o in &mut objects {
         unwrap_base64(o);
     }

@@ -13,22 +13,6 @@ use serde_json::{json, Value};
 
 const NAMESPACE: &str = "image-mirror-system";
 
-/// `kubectl kustomize` of a directory: its objects.
-fn kustomize(dir: &Path) -> Vec<Value> {
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(dir)
-        .output()
-        .expect("kubectl is on the machine");
-    assert!(
-        out.status.success(),
-        "kustomize {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap()
-}
-
 fn deploy() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
 }
@@ -134,7 +118,7 @@ fn the_chart_lints_clean() {
 
 #[test]
 fn the_chart_renders_the_ghcr_and_ecr_overlays() {
-    let ghcr = kustomize(&deploy().join("overlays/ghcr"));
+    let ghcr = common::kustomize(&deploy().join("overlays/ghcr"));
     assert_same(
         "ghcr",
         &json!({"namespace": {"create": true}}),
@@ -144,7 +128,7 @@ fn the_chart_renders_the_ghcr_and_ecr_overlays() {
         "ecr",
         &json!({"mirror": "ecr", "namespace": {"create": true}, "serviceAccount": {"annotations": {
             "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/image-mirror-webhook"}}}),
-        kustomize(&deploy().join("overlays/ecr")),
+        common::kustomize(&deploy().join("overlays/ecr")),
     );
     // By default Helm's release namespace is made by `helm install --create-namespace`.
     let without: Vec<Value> = ghcr
@@ -153,8 +137,8 @@ fn the_chart_renders_the_ghcr_and_ecr_overlays() {
         .collect();
     assert_same("ghcr, namespace not created", &json!({}), without);
     // Monitoring is deploy/monitoring applied beside the overlay.
-    let mut monitored = kustomize(&deploy().join("overlays/ghcr"));
-    monitored.extend(kustomize(&deploy().join("monitoring")));
+    let mut monitored = common::kustomize(&deploy().join("overlays/ghcr"));
+    monitored.extend(common::kustomize(&deploy().join("monitoring")));
     assert_same(
         "ghcr with monitoring",
         &json!({"namespace": {"create": true}, "monitoring": {"enabled": true}}),
@@ -178,7 +162,7 @@ fn the_chart_renders_the_copy_jobs_component() {
     assert_same(
         "ghcr with copy jobs",
         &json!({"namespace": {"create": true}, "copyJobs": {"enabled": true}}),
-        kustomize(&copy.join("overlays/ghcr")),
+        common::kustomize(&copy.join("overlays/ghcr")),
     );
 }
 
@@ -196,9 +180,10 @@ fn the_chart_renders_the_self_signed_overlay_with_the_secret_its_notes_make() {
     assert!(out.status.success());
     let bundle = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let values = json!({"namespace": {"create": true}, "certificates": {"source": "secret", "caBundle": bundle}});
-    let (secrets, rest): (Vec<Value>, Vec<Value>) = kustomize(&copy.join("overlays/self-signed"))
-        .into_iter()
-        .partition(|o| o["kind"] == "Secret");
+    let (secrets, rest): (Vec<Value>, Vec<Value>) =
+        common::kustomize(&copy.join("overlays/self-signed"))
+            .into_iter()
+            .partition(|o| o["kind"] == "Secret");
     assert_same("self-signed", &values, rest);
     // The chart holds no key: the Secret is the one NOTES.txt tells the user to create, and
     // that command makes the overlay's very Secret.

@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use super::{free_port, random_secret};
 
@@ -39,11 +38,7 @@ impl Moto {
             .stderr(Stdio::null())
             .spawn()
             .expect("moto_server in the venv");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        super::wait_for_port(port, 60, "moto_server");
         Moto {
             port,
             child,

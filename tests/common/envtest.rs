@@ -439,18 +439,7 @@ impl Cluster {
 
 /// `kubectl kustomize` of `overlay` (a directory of this repository): the rendered YAML.
 pub fn kustomize(overlay: &str) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(root.join(overlay))
-        .output()
-        .expect("kubectl is on the machine");
-    assert!(
-        out.status.success(),
-        "kustomize {overlay}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    super::kustomize_text(&Path::new(env!("CARGO_MANIFEST_DIR")).join(overlay))
 }
 
 /// The webhook binary, serving on loopback with the Kubernetes access of `kubeconfig`.

@@ -274,3 +274,24 @@ pub fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// `kubectl kustomize` of a directory: the rendered YAML (the machine's kubectl, offline).
+pub fn kustomize_text(dir: &std::path::Path) -> String {
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("kubectl is on the machine");
+    assert!(
+        out.status.success(),
+        "kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// [`kustomize_text`] as objects.
+pub fn kustomize(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    serde_saphyr::from_multiple(&kustomize_text(dir)).unwrap()
+}

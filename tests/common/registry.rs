@@ -27,6 +27,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Blocks until a server started a moment ago takes connections on loopback `port` (the event:
+/// its listener is up), failing after `secs` with `what` did not start.
+pub fn wait_for_port(port: u16, secs: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn random_secret() -> String {
     let mut b = [0u8; 18];
     rand::rng().fill_bytes(&mut b);
@@ -144,11 +157,7 @@ impl Registry {
             .spawn()
             .expect("docker-registry is installed");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "registry did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_port(self.port, 15, "docker-registry");
     }
 
     /// Takes `user` and `password` from now on (and no other), restarting the registry so
