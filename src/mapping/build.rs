@@ -85,25 +85,7 @@ pub(crate) fn parse_file(file: &str, yaml: &str) -> Result<(Table, Settings), Ta
         &mut problems,
     );
     let mut settings = settings;
-    for m in table.mirrors() {
-        let Some(ecr) = &m.ecr else { continue };
-        if crate::settings::ecr_registry(&m.registry, settings.access(&m.registry)).is_none() {
-            if let Some(at) = raw.mirrors.get(&m.name).and_then(|r| r.value.ecr.as_ref()) {
-                problems.add(
-                    at,
-                    format!("mirrors.{}.ecr", m.name),
-                    format!(
-                        "{} is not an ECR endpoint name: say where it is in registries.{}.aws \
-                         (region, registryId)",
-                        m.registry, m.registry
-                    ),
-                );
-            }
-        }
-        settings
-            .ecr_repositories
-            .insert(m.registry.clone(), ecr.clone());
-    }
+    super::ecr::place(&raw.mirrors, &table, &mut settings, &mut problems);
     let mut table = table;
     table.warnings = std::mem::take(&mut problems.warnings);
     problems.into_result((table, settings))

@@ -3,8 +3,12 @@
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use std::collections::BTreeMap;
+
+use super::raw::RawMirror;
+use super::Table;
 use crate::problems::ProblemList;
-use crate::settings::EcrRepositories;
+use crate::settings::{ecr_registry, EcrRepositories, Settings};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -93,6 +97,35 @@ pub(super) fn build(
         }
     }
     Some(out)
+}
+
+/// Hands each mirror's `ecr:` to the registry layer (by registry host), once the registries'
+/// settings are known: a mirror whose registry cannot be placed in AWS is reported there.
+pub(super) fn place(
+    raw: &BTreeMap<String, Spanned<RawMirror>>,
+    table: &Table,
+    settings: &mut Settings,
+    problems: &mut ProblemList,
+) {
+    for m in table.mirrors() {
+        let Some(ecr) = &m.ecr else { continue };
+        if ecr_registry(&m.registry, settings.access(&m.registry)).is_none() {
+            if let Some(at) = raw.get(&m.name).and_then(|r| r.value.ecr.as_ref()) {
+                problems.add(
+                    at,
+                    format!("mirrors.{}.ecr", m.name),
+                    format!(
+                        "{} is not an ECR endpoint name: say where it is in registries.{}.aws \
+                         (region, registryId)",
+                        m.registry, m.registry
+                    ),
+                );
+            }
+        }
+        settings
+            .ecr_repositories
+            .insert(m.registry.clone(), ecr.clone());
+    }
 }
 
 #[cfg(test)]
